@@ -1,0 +1,250 @@
+"""The inference core: continuous batching with chunked prefill over the paged KV cache.
+
+Owns the running set of sequences and the device state they touch (model state, KV cache). One
+:meth:`EngineCore.step` admits waiting requests, runs one prefill chunk batch and one decode batch,
+samples, and returns what each request gained. A sequence is ``tokens = prompt + output`` of which
+the first ``num_cached`` are in the cache; every step processes uncached tokens and, once a
+sequence is fully cached, samples its next token. Recompute-preemption (vLLM's) falls out of the
+same rule: a preempted sequence simply has ``num_cached = 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections import deque
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from harli_jax.engine.output import OutputBuilder, RequestOutput
+from harli_jax.engine.sampling import SamplerInputs, SamplingParams
+from harli_jax.engine.steps import bucket, make_forward_step
+from harli_jax.memory.kv_cache import SCRATCH_PAGE, KVCache, PagedBatch
+from harli_jax.memory.page_table import OutOfPages, Owner, PageTable
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 32  # the largest decode batch
+    page_size: int = 16
+    num_pages: int | None = None  # default: every sequence can reach max_model_len
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    prefill_chunk: int = 256  # the longest prompt piece one sequence prefills per step
+    max_prefill_tokens: int = 1024  # rows x chunk of one prefill batch
+
+
+@dataclasses.dataclass
+class _Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output: OutputBuilder
+    seed: int
+    num_cached: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_token_ids + self.output.token_ids
+
+    @property
+    def pending(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output.token_ids) - self.num_cached
+
+
+class EngineCore:
+    """Inference over one model on one device (or one mesh)."""
+
+    def __init__(self, model: nnx.Module, tokenizer=None, config: EngineConfig = EngineConfig()):
+        mc = model.config
+        self.model_config = mc
+        self.tokenizer = tokenizer
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        self.config = config
+        self.pages_per_seq = math.ceil(self.max_model_len / config.page_size)
+        num_pages = config.num_pages or config.max_num_seqs * self.pages_per_seq + 1
+        self.graphdef, self.state = nnx.split(model)
+        dtype = model.embed_tokens.value.dtype
+        self.cache = KVCache.zeros(
+            mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim, dtype
+        )
+        self.pages = PageTable(num_pages, reserved=SCRATCH_PAGE + 1)
+        self._forward = make_forward_step(self.graphdef)
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._ids = itertools.count()
+        self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        """Queues a request; raises ValueError for one that can never fit."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+                f"{self.max_model_len}, and at least one token must be generated"
+            )
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        request_id = request_id or f"req-{next(self._ids)}"
+        seed = params.seed if params.seed is not None else np.random.randint(0, 2**31)
+        output = OutputBuilder(self.tokenizer, params, self.eos_token_ids)
+        self._waiting.append(_Sequence(request_id, list(prompt_token_ids), params, output, seed))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drops a request and frees its pages at once (a client went away)."""
+        self._waiting = deque(s for s in self._waiting if s.request_id != request_id)
+        for seq in [s for s in self._running if s.request_id == request_id]:
+            self._running.remove(seq)
+            self._release(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One prefill batch and one decode batch; returns the requests that gained tokens."""
+        self._admit()
+        outputs = []
+        prefill = [s for s in self._running if s.pending > 1]
+        if prefill:
+            outputs += self._run(self._prefill_batch(prefill), self.config.prefill_chunk)
+        decode = [s for s in self._running if s.pending == 1]
+        decode = self._reserve_decode_pages(decode)
+        if decode:
+            outputs += self._run(decode, 1)
+        return outputs
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.config.max_num_seqs:
+            seq = self._waiting[0]
+            first_chunk = min(seq.pending, self.config.prefill_chunk)
+            if not self._ensure_pages(seq, first_chunk):
+                break
+            self._running.append(self._waiting.popleft())
+
+    def _prefill_batch(self, candidates: list[_Sequence]) -> list[_Sequence]:
+        rows = max(1, self.config.max_prefill_tokens // self.config.prefill_chunk)
+        chosen = []
+        for seq in candidates[:rows]:
+            if self._ensure_pages(seq, min(seq.pending, self.config.prefill_chunk)):
+                chosen.append(seq)
+        return chosen
+
+    def _reserve_decode_pages(self, decode: list[_Sequence]) -> list[_Sequence]:
+        """Gives each decoding sequence room for one token, preempting the youngest if needed."""
+        ready = []
+        for seq in decode:
+            if seq not in self._running:  # preempted for an earlier sequence of this batch
+                continue
+            while not self._ensure_pages(seq, 1):
+                victim = self._running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+                if victim in ready:
+                    ready.remove(victim)
+            else:
+                ready.append(seq)
+        return ready
+
+    def _ensure_pages(self, seq: _Sequence, new_tokens: int) -> bool:
+        owner = Owner("kv", seq.request_id)
+        have = len(self.pages.pages(owner)) if owner in self.pages else 0
+        need = math.ceil((seq.num_cached + new_tokens) / self.config.page_size) - have
+        if need <= 0:
+            return True
+        try:
+            self.pages.allocate(owner, need)
+        except OutOfPages:
+            return False
+        return True
+
+    def _preempt(self, seq: _Sequence) -> None:
+        self._running.remove(seq)
+        self._release(seq)
+        seq.num_cached = 0
+        self._waiting.appendleft(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        owner = Owner("kv", seq.request_id)
+        if owner in self.pages:
+            self.pages.free(owner)
+
+    def _run(self, seqs: list[_Sequence], max_chunk: int) -> list[RequestOutput]:
+        """Processes up to ``max_chunk`` uncached tokens of each sequence in one device call."""
+        chunks = [min(s.pending, max_chunk) for s in seqs]
+        rows, width = bucket(len(seqs)), bucket(max(chunks), smallest=min(max_chunk, 16))
+        tokens = np.zeros((rows, width), np.int32)
+        positions = np.zeros((rows, width), np.int32)
+        slots = np.full((rows, width), SCRATCH_PAGE * self.config.page_size, np.int32)
+        page_rows = [self.pages.pages(Owner("kv", s.request_id)) for s in seqs]
+        table = np.full((rows, bucket(max(len(p) for p in page_rows))), SCRATCH_PAGE, np.int32)
+        last = np.zeros(rows, np.int32)
+        for row, (seq, chunk, pages) in enumerate(zip(seqs, chunks, page_rows)):
+            start = seq.num_cached
+            pos = np.arange(start, start + chunk)
+            tokens[row, :chunk] = seq.tokens[start : start + chunk]
+            positions[row, :chunk] = pos
+            slots[row, :chunk] = (
+                np.asarray(pages)[pos // self.config.page_size] * (self.config.page_size)
+                + pos % self.config.page_size
+            )
+            table[row, : len(pages)] = pages
+            last[row] = chunk - 1
+        sampler = SamplerInputs.build(
+            [s.params for s in seqs],
+            [s.seed for s in seqs],
+            [len(s.output.token_ids) for s in seqs],
+            rows,
+        )
+        self.cache, sampled = self._forward(
+            self.state,
+            self.cache,
+            jnp.asarray(tokens),
+            jnp.asarray(positions),
+            PagedBatch(jnp.asarray(slots), jnp.asarray(table)),
+            jnp.asarray(last),
+            sampler,
+        )
+        sampled = [np.asarray(x) for x in sampled]
+        outputs = []
+        for row, (seq, chunk) in enumerate(zip(seqs, chunks)):
+            seq.num_cached += chunk
+            if seq.pending == 0:
+                outputs.append(self._emit(seq, *(x[row] for x in sampled)))
+        return outputs
+
+    def _emit(self, seq: _Sequence, token, logprob, top_ids, top_logprobs) -> RequestOutput:
+        n_top = seq.params.logprobs or 0
+        top = {int(i): float(lp) for i, lp in zip(top_ids[:n_top], top_logprobs[:n_top])}
+        at_limit = len(seq.tokens) + 1 >= self.max_model_len
+        delta, finish = seq.output.append(int(token), float(logprob), top, at_limit)
+        if finish is not None:
+            self._running.remove(seq)
+            self._release(seq)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output.token_ids,
+            text=seq.output.text,
+            new_token_ids=[int(token)],
+            text_delta=delta,
+            logprobs=seq.output.logprobs,
+            finish_reason=finish,
+        )

@@ -1,0 +1,89 @@
+"""What a request gets back: the text assembled from its tokens, stop handling, finish reasons.
+
+Owns the rules a user of the OpenAI API expects: a stop string ends the output and is not part of
+it; text is streamed only once it can no longer turn out to be the start of a stop string or half
+of a multi-byte character; EOS and ``stop_token_ids`` end with reason ``"stop"``, ``max_tokens``
+or the context limit with ``"length"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from harli_jax.engine.sampling import SamplingParams
+
+_REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float]  # the requested number of alternatives, best first
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's output so far; ``text_delta``/``new_token_ids`` are what this step added."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    text_delta: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class OutputBuilder:
+    """Accumulates one request's tokens into text and decides when it stops."""
+
+    def __init__(self, tokenizer, params: SamplingParams, eos_token_ids: tuple[int, ...]):
+        self._tokenizer = tokenizer
+        self._params = params
+        self._stop_ids = set(params.stop_token_ids) | (
+            set() if params.ignore_eos else set(eos_token_ids)
+        )
+        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.text = ""
+        self._emitted = 0
+        self.finish_reason: str | None = None
+
+    def append(self, token_id: int, logprob: float, top: dict[int, float], at_context_limit: bool):
+        """Adds one sampled token; returns (new text safe to stream, finish reason or None)."""
+        self.token_ids.append(token_id)
+        if self.logprobs is not None:
+            self.logprobs.append(TokenLogprob(token_id, logprob, top))
+        if token_id in self._stop_ids:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self._params.max_tokens or at_context_limit:
+            self.finish_reason = "length"
+        if self._tokenizer is not None:
+            # EOS/stop-id tokens are not part of the text (as in vLLM, skip_special_tokens=True).
+            self.text = self._tokenizer.decode(self.token_ids)
+            self._apply_stop_strings()
+        return self._release(), self.finish_reason
+
+    def _apply_stop_strings(self) -> None:
+        search_from = max(0, self._emitted - self._holdback)
+        hits = [(i, s) for s in self._params.stop if (i := self.text.find(s, search_from)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)[0]]
+            self.finish_reason = "stop"
+
+    def _release(self) -> str:
+        if self.finish_reason is not None:
+            safe = len(self.text)
+        else:
+            safe = len(self.text.rstrip(_REPLACEMENT)) - self._holdback
+        if safe <= self._emitted:
+            return ""
+        delta, self._emitted = self.text[self._emitted : safe], safe
+        return delta

@@ -1,0 +1,107 @@
+"""The public offline API: ``LLM(dir).generate(...)`` and ``LLM(dir).logits(...)``.
+
+Owns turning user inputs (strings or token ids, one or many) into engine requests and engine
+outputs back into results in the caller's order. Everything device-side lives in the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from harli_jax.engine.core import EngineConfig, EngineCore
+from harli_jax.engine.output import RequestOutput
+from harli_jax.engine.sampling import SamplingParams
+from harli_jax.engine.steps import bucket, make_score
+from harli_jax.models.loading import from_pretrained
+from harli_jax.models.tokenizer import Tokenizer
+
+DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """A model loaded from a HF checkpoint directory, ready to generate and score."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        dtype: str = "bfloat16",
+        *,
+        max_num_seqs: int = 32,
+        max_model_len: int | None = None,
+        page_size: int = 16,
+        num_pages: int | None = None,
+    ):
+        self.model_dir = Path(model)
+        self.dtype = jnp.dtype(dtype)
+        self.model = from_pretrained(self.model_dir, self.dtype)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.engine = EngineCore(
+            self.model,
+            self.tokenizer,
+            EngineConfig(
+                max_num_seqs=max_num_seqs,
+                page_size=page_size,
+                num_pages=num_pages,
+                max_model_len=max_model_len,
+            ),
+        )
+        self._score = make_score(self.engine.graphdef)
+
+    @classmethod
+    def demo(cls, **kwargs) -> LLM:
+        """The tiny model that ships with the package (see ``harli_jax/assets/demo/README.md``)."""
+        kwargs.setdefault("dtype", "float32")
+        return cls(DEMO_DIR, **kwargs)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_dir} has no tokenizer.json: pass token ids")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt (batched continuously); results in the prompts' order."""
+        prompts = _as_prompt_list(prompts)
+        params = params or SamplingParams()
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        ids = [self.engine.add_request(self.encode(p), sp) for p, sp in zip(prompts, params_list)]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def logits(self, sequences: Sequence[Sequence[int]], adapter: str | None = None) -> list:
+        """Full-sequence scoring: a float32 [T, vocab] numpy array per sequence of token ids."""
+        if adapter is not None:
+            raise NotImplementedError("adapters are not supported yet")
+        lengths = [len(s) for s in sequences]
+        width = bucket(max(lengths), smallest=16)
+        tokens = np.zeros((bucket(len(sequences)), width), np.int32)
+        for row, seq in enumerate(sequences):
+            tokens[row, : len(seq)] = seq
+        positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
+        logits = np.asarray(self._score(self.engine.state, tokens, positions))
+        return [logits[row, :n] for row, n in enumerate(lengths)]
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if len(prompts) and isinstance(prompts[0], (int, np.integer)):
+        return [prompts]
+    return list(prompts)

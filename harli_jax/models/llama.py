@@ -1,0 +1,188 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as Flax NNX modules.
+
+Module and parameter names mirror the HF checkpoint (``layers[3].self_attn.q_proj.weight`` is
+``model.layers.3.self_attn.q_proj.weight``), and projection weights keep HF's ``[out, in]``
+layout, so loading is a rename and LoRA targets are HF module names. The model knows nothing of
+LoRA or of paging policy: it attends either to its own tokens (training, full-sequence scoring)
+or through a :class:`KVCache` with a :class:`PagedBatch` saying where this step's tokens go.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from harli_jax.memory.kv_cache import KVCache, PagedBatch
+from harli_jax.models.config import ModelConfig
+from harli_jax.models.rope import apply_rope, inverse_frequencies
+
+_MASKED = -1e30  # finite, so a fully masked (padded) row gives a uniform softmax, not NaN
+
+
+class Linear(nnx.Module):
+    """``x @ weight.T + bias`` with the weight in HF's ``[out, in]`` layout."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.weight = nnx.Param(init(rngs.params(), (out_features, in_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention: q [B, T, H, D], keys/values [B, S, KH, D], mask [B, T, S]."""
+    batch, tokens, heads, head_dim = q.shape
+    kv_heads = keys.shape[2]
+    q = q.reshape(batch, tokens, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * head_dim**-0.5, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
+    return out.reshape(batch, tokens, heads * head_dim)
+
+
+def causal_mask(query_pos: jax.Array, key_pos: jax.Array, window: int | None) -> jax.Array:
+    """[B, T, S] mask: key at or before the query, and inside the sliding window if any."""
+    q, k = query_pos[:, :, None], key_pos[:, None, :]
+    mask = k <= q
+    return mask if window is None else mask & (k > q - window)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = Linear(hidden, heads * head_dim, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(
+            hidden, kv_heads * head_dim, bias=config.qkv_bias, dtype=dtype, rngs=rngs
+        )
+        self.v_proj = Linear(
+            hidden, kv_heads * head_dim, bias=config.qkv_bias, dtype=dtype, rngs=rngs
+        )
+        self.o_proj = Linear(heads * head_dim, hidden, bias=config.o_bias, dtype=dtype, rngs=rngs)
+        self.config = config
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        inv_freq: jax.Array,
+        layer: int,
+        cache: KVCache | None,
+        paged: PagedBatch | None,
+        segment_ids: jax.Array | None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.config
+        batch, tokens, _ = x.shape
+        q = self.q_proj(x).reshape(batch, tokens, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is None:
+            # Self-attention over this batch's tokens; packed rows attend within their segment.
+            index = jnp.broadcast_to(jnp.arange(tokens), (batch, tokens))
+            mask = causal_mask(index, index, cfg.sliding_window)
+            if segment_ids is not None:
+                mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            keys, values = k, v
+        else:
+            cache = cache.write(layer, paged.slots, k, v)
+            keys, values = cache.read(layer, paged.page_table)
+            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (batch, keys.shape[1]))
+            mask = causal_mask(positions, key_pos, cfg.sliding_window)
+        return self.o_proj(attend(q, keys, values, mask)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear(hidden, inner, bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(hidden, inner, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(inner, hidden, bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def __call__(self, x, positions, inv_freq, layer, cache, paged, segment_ids):
+        attn_out, cache = self.self_attn(
+            self.input_layernorm(x), positions, inv_freq, layer, cache, paged, segment_ids
+        )
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Llama(nnx.Module):
+    """The decoder. ``__call__`` returns final hidden states; ``logits`` applies the LM head, so
+    callers choose which positions pay for the vocabulary projection."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = nnx.Param(
+            nnx.initializers.normal(0.02)(
+                rngs.params(), (config.vocab_size, config.hidden_size), dtype
+            )
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        paged: PagedBatch | None = None,
+        segment_ids: jax.Array | None = None,
+        layers: slice = slice(None),
+        hidden: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Runs ``layers`` (all by default) on ``tokens`` [B, T] at ``positions`` [B, T].
+
+        A span that does not start at layer 0 takes its input ``hidden`` from the span before it
+        (the LoRA micro-steps cut training this way); the last span applies the final norm.
+        """
+        inv_freq = jnp.asarray(inverse_frequencies(self.config))
+        x = self.embed_tokens[...][tokens] if hidden is None else hidden
+        first, last, _ = layers.indices(len(self.layers))
+        for index in range(first, last):
+            x, cache = self.layers[index](x, positions, inv_freq, index, cache, paged, segment_ids)
+        if last == len(self.layers):
+            x = self.norm(x)
+        return x, cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., hidden] -> [..., vocab] in float32."""
+        if self.lm_head is None:
+            out = jnp.einsum("...h,vh->...v", hidden, self.embed_tokens[...])
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
