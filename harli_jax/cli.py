@@ -1,0 +1,87 @@
+"""The ``harli-jax`` command line: one sub-command per job, each a thin shell over the library.
+
+Owns argument parsing and turning library errors into one-line messages that name the bad flag
+or file (exit status 2), never a traceback for a user mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from harli_jax.models.config import CheckpointError
+
+
+class UsageError(Exception):
+    """A user mistake the CLI reports in one line."""
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="HF checkpoint directory (default: the embedded demo model)"
+    )
+    parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32")
+
+
+def _load_llm(args: argparse.Namespace):
+    from harli_jax import LLM
+
+    if args.model is None:
+        return LLM.demo(**({"dtype": args.dtype} if args.dtype else {}))
+    return LLM(args.model, dtype=args.dtype or "bfloat16")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from harli_jax import SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        raise UsageError(str(err).replace("SamplingParams.", "--").replace("_", "-")) from None
+    llm = _load_llm(args)
+    for out in llm.generate(args.prompt, params):
+        print(out.text)
+
+
+def _generate_parser(sub) -> Callable:
+    p = sub.add_parser("generate", help="generate text for one or more prompts")
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    return _generate
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
+    parser = argparse.ArgumentParser(
+        prog="harli-jax",
+        description="Co-located LLM serving and LoRA fine-tuning on one accelerator.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers = {"generate": _generate_parser(sub)}
+    return parser, handlers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        handlers[args.command](args)
+    except (UsageError, CheckpointError, FileNotFoundError) as err:
+        print(f"harli-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

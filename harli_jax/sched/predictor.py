@@ -1,0 +1,326 @@
+"""Harli's two-stage latency predictor for compiled XLA programs.
+
+Stage 1 prices a program from XLA's own cost model: the roofline max(flops / peak rate,
+bytes / HBM bandwidth), with both rates measured on the device at hand. The roofline ranks programs
+well but misses launch overheads, imperfect kernels and the like, so stage 2 corrects it per program
+family ("decode", "prefill", "train", ...) with an online ridge regression on measured times:
+
+    measured_s ~ w . [1, roofline_s, *family features (batch, context tokens, ...)]
+
+refitted on a bounded window of recent samples. The fit minimises *relative* error, because the
+scheduler applies its safety margin multiplicatively, and the ridge pulls towards the prior
+"measured = factor * roofline" so that few or collinear samples (one bucket seen so far) still give
+sane weights. Until a family has enough samples to fit, it predicts factor * roofline, the factor
+being the median measured/roofline ratio seen so far.
+
+Every observation is scored against the prediction made just before it; `error_stats` and
+`quantile_margin` summarise those scores for metrics and for the scheduler's SLO margin.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CostAnalysis = Mapping[str, float] | Sequence[Mapping[str, float]]
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """Achievable rates of one device: flop/s of a bf16 matmul, bytes/s of HBM traffic."""
+
+    peak_flops: float
+    hbm_bytes_per_s: float
+
+
+def _cost_dict(cost: CostAnalysis) -> Mapping[str, float]:
+    # Some jax versions return cost_analysis() as a one-element list of dicts.
+    if isinstance(cost, Mapping):
+        return cost
+    if len(cost) != 1:
+        raise ValueError(f"expected one cost-analysis dict, got {len(cost)}")
+    return cost[0]
+
+
+def roofline_seconds(cost: CostAnalysis, peak_flops: float, hbm_bytes_per_s: float) -> float:
+    """Stage 1: the time a program needs at the device's rates, from `compiled.cost_analysis()`.
+
+    XLA's numbers are only as good as its cost model: on GPU a program that is a single library call
+    (a bare cuBLAS matmul) reports -1 (unknown), and a while loop (`lax.scan`) has its body counted
+    once, not once per trip. Stage 2 absorbs a consistent undercount within a family; where a
+    program is priced as unknown, pass an analytic {"flops", "bytes accessed"} dict instead.
+    """
+    cost = _cost_dict(cost)
+    # XLA marks unknown quantities with negative values; they contribute nothing.
+    flops = max(0.0, float(cost.get("flops", 0.0)))
+    bytes_accessed = max(0.0, float(cost.get("bytes accessed", 0.0)))
+    return max(flops / peak_flops, bytes_accessed / hbm_bytes_per_s)
+
+
+def _best_seconds_per_call(fn: Callable[..., jax.Array], *args: jax.Array) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up outside the timed region
+    best, reps = math.inf, 5
+    for _ in range(3):
+        start = time.perf_counter()
+        # Back-to-back dispatch amortises launch latency, which is not what we measure.
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best
+
+
+@functools.cache
+def measure_device_rates() -> DeviceRates:
+    """Measures peak bf16 matmul flop/s and HBM bandwidth of the default device, once a process.
+
+    On an accelerator this allocates a little over 2 GiB transiently: call it before the arena
+    claims device memory. The CPU sizes keep it well under a second.
+    """
+    on_cpu = jax.default_backend() == "cpu"
+    # The copy must be far larger than the last-level cache to measure HBM, not cache.
+    # On an H100 a 512 MiB copy still measured 7% below this 1 GiB one (launch and tail effects).
+    n, copy_elems = (1024, 1 << 22) if on_cpu else (8192, 1 << 28)
+    a = jnp.ones((n, n), jnp.bfloat16)
+    matmul_s = _best_seconds_per_call(jax.jit(jnp.matmul), a, a)
+    x = jnp.zeros((copy_elems,), jnp.float32)
+    # An elementwise op is a copy that XLA cannot elide: it reads x once and writes it once.
+    copy_s = _best_seconds_per_call(jax.jit(lambda v: v + 1), x)
+    return DeviceRates(peak_flops=2 * n**3 / matmul_s, hbm_bytes_per_s=2 * x.nbytes / copy_s)
+
+
+@dataclass(frozen=True)
+class _Program:
+    family: str
+    flops: float
+    bytes_accessed: float
+    roofline_s: float
+
+
+class _Family:
+    """Stage-2 state of one program family: its samples, its fit and its error record."""
+
+    def __init__(self, window: int, history: int):
+        self.feature_names: tuple[str, ...] | None = None
+        self.samples: deque[tuple[tuple[float, ...], float]] = deque(maxlen=window)
+        self.errors: deque[tuple[float, float]] = deque(maxlen=history)
+        self._fit: tuple[np.ndarray | None, float, float] | None = None
+
+    def row(self, roofline_s: float, features: Mapping[str, float]) -> tuple[float, ...]:
+        names = tuple(sorted(features))
+        if self.feature_names is None:
+            self.feature_names = names
+        elif names != self.feature_names:
+            raise ValueError(f"features {names} differ from this family's {self.feature_names}")
+        return (1.0, roofline_s, *(float(features[name]) for name in names))
+
+    def add(self, row: tuple[float, ...], measured_s: float, predicted_s: float) -> None:
+        self.samples.append((row, measured_s))
+        self.errors.append((predicted_s, measured_s))
+        self._fit = None
+
+    def fit(self, prior_factor: float, ridge: float) -> tuple[np.ndarray | None, float, float]:
+        """(weights or None while too few samples, prior factor, floor ratio); cached."""
+        if self._fit is not None:
+            return self._fit
+        if not self.samples:
+            self._fit = (None, prior_factor, 0.0)
+            return self._fit
+        x = np.array([row for row, _ in self.samples])
+        y = np.array([measured for _, measured in self.samples])
+        ratios = y / x[:, 1]
+        factor = float(np.median(ratios))
+        weights = None
+        if len(y) >= x.shape[1] + 2:
+            weights = _relative_ridge(x, y, prior=factor, ridge=ridge)
+        self._fit = (weights, factor, float(ratios.min()))
+        return self._fit
+
+
+def _relative_ridge(x: np.ndarray, y: np.ndarray, prior: float, ridge: float) -> np.ndarray:
+    """argmin_w sum(((y - x w) / y)^2) + ridge * |D (w - w0)|^2, w0 = prior * roofline.
+
+    D holds the column norms of the relative design, so `ridge` is scale-free: features measured in
+    seconds and in tokens are shrunk alike.
+    """
+    a = x / y[:, None]
+    gram, rhs = a.T @ a, a.sum(axis=0)
+    scale = np.sqrt(np.diag(gram))
+    scale[scale == 0] = 1.0  # a feature that is always zero carries no information
+    w0 = np.zeros(x.shape[1])
+    w0[1] = prior
+    lhs = gram / np.outer(scale, scale) + ridge * np.eye(len(scale))
+    v = np.linalg.solve(lhs, rhs / scale + ridge * scale * w0)
+    return v / scale
+
+
+class Predictor:
+    """Predicts the run time of registered compiled programs and learns from measured times."""
+
+    def __init__(
+        self,
+        rates: DeviceRates,
+        *,
+        window: int = 256,
+        history: int = 1024,
+        ridge: float = 1e-3,
+        prior_factor: float = 1.0,
+    ):
+        """`window` samples feed the stage-2 fit per family; `history` scored observations feed
+        the error statistics; `prior_factor` scales the roofline before a family has samples."""
+        self._rates = rates
+        self._window = window
+        self._history = history
+        self._ridge = ridge
+        self._prior_factor = prior_factor
+        self._programs: dict[str, _Program] = {}
+        self._families: dict[str, _Family] = {}
+
+    @property
+    def rates(self) -> DeviceRates:
+        return self._rates
+
+    def register(self, key: str, family: str, cost: CostAnalysis) -> None:
+        """Registers (or re-registers, after a recompile) program `key` with its cost analysis."""
+        cost = _cost_dict(cost)
+        flops = float(cost.get("flops", 0.0))
+        bytes_accessed = float(cost.get("bytes accessed", 0.0))
+        self._add_program(key, family, flops, bytes_accessed)
+
+    def _add_program(self, key: str, family: str, flops: float, bytes_accessed: float) -> None:
+        cost = {"flops": flops, "bytes accessed": bytes_accessed}
+        roofline_s = roofline_seconds(cost, self._rates.peak_flops, self._rates.hbm_bytes_per_s)
+        if not roofline_s > 0:
+            raise ValueError(
+                f"cost of {key!r} has neither flops nor bytes ({cost}); XLA reports -1 for programs"
+                " it cannot price, so register an analytic cost instead"
+            )
+        self._programs[key] = _Program(family, flops, bytes_accessed, roofline_s)
+        self._families.setdefault(family, _Family(self._window, self._history))
+
+    def roofline(self, key: str) -> float:
+        """Stage-1 seconds of program `key`."""
+        return self._programs[key].roofline_s
+
+    def predict(self, key: str, **features: float) -> float:
+        """Predicted seconds of one run of program `key`.
+
+        A family takes the same feature names on every call (e.g. batch=..., context=...).
+        """
+        program = self._programs[key]
+        family = self._families[program.family]
+        return self._predict(family, family.row(program.roofline_s, features))
+
+    def _predict(self, family: _Family, row: tuple[float, ...]) -> float:
+        weights, factor, floor_ratio = family.fit(self._prior_factor, self._ridge)
+        roofline_s = row[1]
+        if weights is None:
+            return factor * roofline_s
+        # A linear fit can extrapolate below anything ever measured, even below zero, for a bucket
+        # outside the window; no run was ever faster, relative to its roofline, than the fastest.
+        return max(float(np.dot(weights, row)), floor_ratio * roofline_s)
+
+    def observe(self, key: str, measured_s: float, **features: float) -> float:
+        """Records a measured run of `key`, scores the prediction made just before it, and
+        updates stage 2. Returns that prediction, so the caller can log both."""
+        if not measured_s > 0:
+            raise ValueError(f"a measured time must be positive, got {measured_s}")
+        program = self._programs[key]
+        family = self._families[program.family]
+        row = family.row(program.roofline_s, features)
+        predicted_s = self._predict(family, row)
+        family.add(row, float(measured_s), predicted_s)
+        return predicted_s
+
+    def _relative_errors(self, family: str) -> np.ndarray:
+        state = self._families.get(family)
+        if state is None or not state.errors:
+            return np.zeros(0)
+        predicted, measured = np.array(state.errors).T
+        return (measured - predicted) / predicted
+
+    def error_stats(self, family: str) -> dict[str, float]:
+        """Relative errors (measured - predicted) / predicted over the last `history` observations.
+
+        `mape` is their mean magnitude, `p99_rel_error` their signed 99th percentile (positive
+        means slower than predicted, the side that breaks an SLO), `bias` their mean; NaN if n = 0.
+        """
+        rel = self._relative_errors(family)
+        if rel.size == 0:
+            return {"n": 0, "mape": math.nan, "p99_rel_error": math.nan, "bias": math.nan}
+        return {
+            "n": int(rel.size),
+            "mape": float(np.mean(np.abs(rel))),
+            "p99_rel_error": float(np.quantile(rel, 0.99)),
+            "bias": float(np.mean(rel)),
+        }
+
+    def quantile_margin(self, family: str, q: float = 0.99) -> float:
+        """Smallest m with measured <= m * predicted for a fraction q of recent observations.
+
+        Below 1 when the family is predicted pessimistically; 1.0 before any observation.
+        """
+        rel = self._relative_errors(family)
+        return 1.0 if rel.size == 0 else float(1.0 + np.quantile(rel, q))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the calibration (rates, programs, stage-2 samples, error record) as JSON."""
+        state: dict[str, Any] = {
+            "version": _FORMAT_VERSION,
+            "rates": asdict(self._rates),
+            "config": {
+                "window": self._window,
+                "history": self._history,
+                "ridge": self._ridge,
+                "prior_factor": self._prior_factor,
+            },
+            "programs": {
+                key: {"family": p.family, "flops": p.flops, "bytes_accessed": p.bytes_accessed}
+                for key, p in self._programs.items()
+            },
+            "families": {
+                name: {
+                    "feature_names": None if f.feature_names is None else list(f.feature_names),
+                    "samples": [[*row, measured] for row, measured in f.samples],
+                    "errors": [list(pair) for pair in f.errors],
+                }
+                for name, f in self._families.items()
+            },
+        }
+        # Write then rename, so a crash never leaves a truncated calibration behind.
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(state, fh)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Predictor:
+        """Restores a predictor written by `save`; it predicts exactly as the saved one did."""
+        with open(path) as fh:
+            state = json.load(fh)
+        if state.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported predictor format {state.get('version')!r}")
+        predictor = cls(DeviceRates(**state["rates"]), **state["config"])
+        for key, p in state["programs"].items():
+            predictor._add_program(key, p["family"], p["flops"], p["bytes_accessed"])
+        for name, saved in state["families"].items():
+            family = predictor._families.setdefault(
+                name, _Family(predictor._window, predictor._history)
+            )
+            if saved["feature_names"] is not None:
+                family.feature_names = tuple(saved["feature_names"])
+            family.samples.extend((tuple(s[:-1]), s[-1]) for s in saved["samples"])
+            family.errors.extend(tuple(e) for e in saved["errors"])
+        return predictor

@@ -1,0 +1,162 @@
+"""Specification of the two-stage latency predictor (harli_jax.sched.predictor)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from harli_jax.sched.predictor import (
+    DeviceRates,
+    Predictor,
+    measure_device_rates,
+    roofline_seconds,
+)
+
+# Round numbers, so a cost dict's bytes translate to seconds by eye.
+RATES = DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)
+BATCHES = (1, 2, 4, 8, 16, 32)
+CONTEXTS = (256, 512, 1024, 2048)
+
+
+def decode_cost(batch, context):
+    """A memory-bound decode step: weights plus KV bytes, roofline 2.5 ms to 30 ms."""
+    return {"flops": 2e9 * batch, "bytes accessed": 2.5e9 + 4e5 * batch * context}
+
+
+def decode_predictor(**kwargs):
+    predictor = Predictor(RATES, **kwargs)
+    for b in BATCHES:
+        for c in CONTEXTS:
+            predictor.register(f"decode/b{b}/c{c}", "decode", decode_cost(b, c))
+    return predictor
+
+
+def synthetic_runs(predictor, n, seed, noise=0.01):
+    """(key, batch, context, measured) with measured = 1.3 * roofline + 2 ms * batch + noise."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        b, c = int(rng.choice(BATCHES)), int(rng.choice(CONTEXTS))
+        key = f"decode/b{b}/c{c}"
+        truth = 1.3 * predictor.roofline(key) + 0.002 * b
+        yield key, b, c, truth * (1 + noise * rng.standard_normal())
+
+
+def test_roofline_is_the_slower_of_compute_and_memory():
+    compute_bound = {"flops": 1e12, "bytes accessed": 2e9}
+    memory_bound = {"flops": 1e10, "bytes accessed": 5e9}
+    assert roofline_seconds(compute_bound, 1e14, 1e12) == pytest.approx(1e12 / 1e14)
+    assert roofline_seconds(memory_bound, 1e14, 1e12) == pytest.approx(5e9 / 1e12)
+
+
+def test_roofline_accepts_a_one_element_list():
+    cost = {"flops": 3e11, "bytes accessed": 1e9}
+    assert roofline_seconds([cost], 1e14, 1e12) == roofline_seconds(cost, 1e14, 1e12)
+
+
+def test_roofline_reads_matmul_flops_from_xla_cost_analysis():
+    # XLA:GPU prices a bare cuBLAS call as unknown (-1), so this pins the CPU backend.
+    cpu = jax.devices("cpu")[0]
+    m, k, n = 64, 128, 32
+    a = jax.device_put(jnp.ones((m, k), jnp.float32), cpu)
+    b = jax.device_put(jnp.ones((k, n), jnp.float32), cpu)
+    cost = jax.jit(jnp.matmul).lower(a, b).compile().cost_analysis()
+    # With unit peak rate and unbounded bandwidth, the roofline is the flop count.
+    assert roofline_seconds(cost, 1.0, math.inf) == 2 * m * n * k
+
+
+def test_measured_device_rates_are_positive_and_cached():
+    rates = measure_device_rates()
+    assert rates.peak_flops > 0 and math.isfinite(rates.peak_flops)
+    assert rates.hbm_bytes_per_s > 0 and math.isfinite(rates.hbm_bytes_per_s)
+    assert measure_device_rates() is rates
+
+
+def test_register_rejects_a_program_without_cost():
+    with pytest.raises(ValueError):
+        Predictor(RATES).register("empty", "decode", {"flops": 0.0, "bytes accessed": -1.0})
+
+
+def test_unfitted_family_predicts_roofline_times_prior_factor():
+    predictor = decode_predictor(prior_factor=1.2)
+    key = "decode/b8/c1024"
+    assert predictor.predict(key, batch=8, context=1024) == 1.2 * predictor.roofline(key)
+
+
+def test_prior_factor_is_fit_from_the_first_samples():
+    predictor = decode_predictor()
+    predictor.observe(
+        "decode/b1/c256", 1.5 * predictor.roofline("decode/b1/c256"), batch=1, context=256
+    )
+    key = "decode/b32/c2048"
+    assert predictor.predict(key, batch=32, context=2048) == pytest.approx(
+        1.5 * predictor.roofline(key)
+    )
+
+
+def test_stage_two_learns_the_correction_and_beats_the_roofline():
+    predictor = decode_predictor()
+    for key, b, c, measured in synthetic_runs(predictor, 50, seed=0):
+        predictor.observe(key, measured, batch=b, context=c)
+
+    held_out = list(synthetic_runs(predictor, 200, seed=1))
+    measured = np.array([m for *_, m in held_out])
+    predicted = np.array([predictor.predict(k, batch=b, context=c) for k, b, c, _ in held_out])
+    roofline = np.array([predictor.roofline(k) for k, *_ in held_out])
+    mape = np.mean(np.abs(measured - predicted) / measured)
+    roofline_mape = np.mean(np.abs(measured - roofline) / measured)
+    assert mape < 0.02
+    assert mape < roofline_mape
+
+
+def test_a_family_keeps_its_feature_names():
+    predictor = decode_predictor()
+    predictor.observe("decode/b1/c256", 0.01, batch=1, context=256)
+    with pytest.raises(ValueError):
+        predictor.predict("decode/b1/c256", batch=1)
+
+
+def test_error_stats_and_margin_match_numpy_over_the_last_observations():
+    history = 40
+    predictor = decode_predictor(history=history)
+    predicted, measured = [], []
+    for key, b, c, m in synthetic_runs(predictor, 70, seed=2, noise=0.05):
+        predicted.append(predictor.predict(key, batch=b, context=c))
+        measured.append(m)
+        predictor.observe(key, m, batch=b, context=c)
+
+    p, m = np.array(predicted[-history:]), np.array(measured[-history:])
+    rel = (m - p) / p
+    stats = predictor.error_stats("decode")
+    assert stats["n"] == history
+    assert stats["mape"] == pytest.approx(np.mean(np.abs(rel)))
+    assert stats["p99_rel_error"] == pytest.approx(np.quantile(rel, 0.99))
+    assert stats["bias"] == pytest.approx(np.mean(rel))
+    assert predictor.quantile_margin("decode", 0.9) == pytest.approx(1 + np.quantile(rel, 0.9))
+    assert np.mean(m <= predictor.quantile_margin("decode", 0.9) * p) >= 0.9
+
+
+def test_error_stats_of_an_unobserved_family_are_empty():
+    stats = Predictor(RATES).error_stats("train")
+    assert stats["n"] == 0 and math.isnan(stats["mape"])
+    assert Predictor(RATES).quantile_margin("train") == 1.0
+
+
+def test_save_and_load_round_trip_predictions_exactly(tmp_path):
+    original = decode_predictor(window=32)
+    runs = list(synthetic_runs(original, 80, seed=3))
+    for key, b, c, m in runs[:60]:
+        original.observe(key, m, batch=b, context=c)
+
+    path = tmp_path / "calibration.json"
+    original.save(path)
+    loaded = Predictor.load(path)
+
+    assert loaded.rates == original.rates
+    assert loaded.error_stats("decode") == original.error_stats("decode")
+    # Further observations must evolve both alike: the sample window survived the trip.
+    for key, b, c, m in runs[60:]:
+        assert loaded.predict(key, batch=b, context=c) == original.predict(key, batch=b, context=c)
+        loaded.observe(key, m, batch=b, context=c)
+        original.observe(key, m, batch=b, context=c)
