@@ -15,6 +15,7 @@ import itertools
 import math
 from collections import deque
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -57,7 +58,14 @@ class _Sequence:
 class EngineCore:
     """Inference over one model on one device (or one mesh)."""
 
-    def __init__(self, model: nnx.Module, tokenizer=None, config: EngineConfig = EngineConfig()):
+    def __init__(
+        self,
+        model: nnx.Module,
+        tokenizer=None,
+        config: EngineConfig = EngineConfig(),
+        cache_sharding: jax.sharding.Sharding | None = None,
+    ):
+        """``cache_sharding`` places the KV cache (on a mesh, beside a model sharded to match)."""
         mc = model.config
         self.model_config = mc
         self.tokenizer = tokenizer
@@ -66,9 +74,15 @@ class EngineCore:
         self.pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         num_pages = config.num_pages or config.max_num_seqs * self.pages_per_seq + 1
         self.graphdef, self.state = nnx.split(model)
-        dtype = model.embed_tokens.value.dtype
+        dtype = model.embed_tokens[...].dtype
         self.cache = KVCache.zeros(
-            mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim, dtype
+            mc.num_layers,
+            num_pages,
+            config.page_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            dtype,
+            sharding=cache_sharding,
         )
         self.pages = PageTable(num_pages, reserved=SCRATCH_PAGE + 1)
         self._forward = make_forward_step(self.graphdef)
@@ -78,10 +92,8 @@ class EngineCore:
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> str:
-        """Queues a request; raises ValueError for one that can never fit."""
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError for a request that can never run here."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -92,7 +104,16 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        request_id = request_id or f"req-{next(self._ids)}"
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        """Queues a request; raises ValueError for one that can never fit."""
+        self.validate(prompt_token_ids, params)
+        request_id = request_id or self.new_request_id()
         seed = params.seed if params.seed is not None else np.random.randint(0, 2**31)
         output = OutputBuilder(self.tokenizer, params, self.eos_token_ids)
         self._waiting.append(_Sequence(request_id, list(prompt_token_ids), params, output, seed))

@@ -1,0 +1,170 @@
+"""The one loop that owns the device, and the thread-safe doors into it.
+
+Callers on any thread (the HTTP server, the CLI, tests) :meth:`Engine.submit` requests and get a
+:class:`RequestStream` of outputs back; the loop thread alone calls into the device: it drains the
+inbox, runs one inference step, then lets the :class:`Colocator` (if any) fill the slack before
+the next token's deadline with fine-tune work. A full inbox is refused at once (the server's
+429), never blocked on; an accepted request always ends in a finished output or an abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Protocol
+
+from harli_jax.engine.core import EngineCore
+from harli_jax.engine.metrics import EngineMetrics
+from harli_jax.engine.output import RequestOutput
+from harli_jax.engine.sampling import SamplingParams
+
+
+class QueueFull(Exception):
+    """The engine has as many requests as it may queue; retry later."""
+
+
+class Colocator(Protocol):
+    """What the loop asks between inference steps (implemented by the co-location scheduler)."""
+
+    def after_step(self, step_seconds: float, busy: bool) -> bool:
+        """Runs fine-tune work in the slack the inference step left; True if it ran any."""
+
+
+_END = object()
+
+
+class RequestStream:
+    """The outputs of one request, consumable from a thread or from asyncio."""
+
+    def __init__(self, request_id: str, engine: Engine):
+        self.request_id = request_id
+        self._engine = engine
+        self._outputs: queue.SimpleQueue = queue.SimpleQueue()
+        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
+        self._lock = threading.Lock()
+
+    def _put(self, item) -> None:
+        with self._lock:
+            if self._async is not None:
+                loop, q = self._async
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            else:
+                self._outputs.put(item)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while (item := self._outputs.get()) is not _END:
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:  # move anything already delivered, then deliver straight to asyncio
+            while not self._outputs.empty():
+                q.put_nowait(self._outputs.get())
+            self._async = (asyncio.get_running_loop(), q)
+        while (item := await q.get()) is not _END:
+            yield item
+
+    def result(self) -> RequestOutput | None:
+        """Blocks until the request ends; its final output (None if it was aborted first)."""
+        outputs = list(self)
+        return outputs[-1] if outputs else None
+
+    def abort(self) -> None:
+        """Frees the request's sequence at once (the loop ends the stream)."""
+        self._engine._inbox.put(("abort", self.request_id))
+
+
+class Engine:
+    """Continuous-batching inference on a background thread, optionally co-located."""
+
+    def __init__(
+        self,
+        core: EngineCore,
+        colocator: Colocator | None = None,
+        max_queued: int = 256,
+        metrics: EngineMetrics | None = None,
+    ):
+        self.core = core
+        self.metrics = metrics or EngineMetrics()
+        self.colocator = colocator
+        self.max_queued = max_queued
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._pending = 0  # accepted but not finished; guarded by _count_lock
+        self._count_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- any thread -------------------------------------------------------------------------
+    def submit(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream:
+        """Queues a request; raises QueueFull when the engine is at capacity, ValueError for a
+        request that can never run (it is checked here, on the caller's thread)."""
+        self.core.validate(prompt_token_ids, params)
+        with self._count_lock:
+            if self._pending >= self.max_queued:
+                raise QueueFull(f"{self._pending} requests in flight (limit {self.max_queued})")
+            self._pending += 1
+        request_id = request_id or self.core.new_request_id()
+        stream = RequestStream(request_id, self)
+        self.metrics.on_submit(request_id)
+        self._inbox.put(("request", (stream, prompt_token_ids, params)))
+        self._wake.set()
+        return stream
+
+    @property
+    def num_pending(self) -> int:
+        return self._pending
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="harli-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- the loop thread --------------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        while not self._inbox.empty():
+            kind, payload = self._inbox.get()
+            if kind == "request":
+                stream, prompt, params = payload
+                self._streams[stream.request_id] = stream
+                self.core.add_request(prompt, params, stream.request_id)
+            elif payload in self._streams:
+                self.core.abort(payload)
+                self.metrics.on_abort(payload)
+                self._finish(payload)
+
+    def _finish(self, request_id: str) -> None:
+        self._streams.pop(request_id)._put(_END)
+        with self._count_lock:
+            self._pending -= 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            busy = self.core.has_unfinished()
+            step_seconds = 0.0
+            if busy:
+                start = time.perf_counter()
+                outputs = self.core.step()
+                step_seconds = time.perf_counter() - start
+                for out in outputs:
+                    self.metrics.on_tokens(out.request_id, len(out.new_token_ids), out.finished)
+                    self._streams[out.request_id]._put(out)
+                    if out.finished:
+                        self._finish(out.request_id)
+            trained = self.colocator is not None and self.colocator.after_step(step_seconds, busy)
+            if not busy and not trained:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()

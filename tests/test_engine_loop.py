@@ -1,0 +1,71 @@
+"""The device-owning loop: what callers on other threads see."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from harli_jax import LLM, SamplingParams
+from harli_jax.engine.loop import Engine, QueueFull
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPTS = [[5, 6, 7], [8, 9], list(range(10, 30))]
+
+
+@pytest.fixture
+def llm(checkpoint):
+    return LLM(checkpoint("llama"), dtype="float32")
+
+
+def test_streamed_requests_equal_offline_generation(llm):
+    offline = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    engine = Engine(llm.engine).start()
+    try:
+        streams = [engine.submit(p, GREEDY) for p in PROMPTS]
+        deltas = [[t for out in s for t in out.new_token_ids] for s in streams]
+    finally:
+        engine.stop()
+    assert deltas == offline
+    assert engine.metrics.summary()["requests_finished"] == len(PROMPTS)
+
+
+def test_async_iteration_gets_every_delta(llm):
+    engine = Engine(llm.engine).start()
+
+    async def collect():
+        return [t async for out in engine.submit(PROMPTS[0], GREEDY) for t in out.new_token_ids]
+
+    try:
+        tokens = asyncio.run(collect())
+    finally:
+        engine.stop()
+    assert tokens == llm.generate([PROMPTS[0]], GREEDY)[0].token_ids
+
+
+def test_full_queue_refuses_instead_of_blocking(llm):
+    engine = Engine(llm.engine, max_queued=2)  # not started: nothing drains
+    engine.submit(PROMPTS[0], GREEDY)
+    engine.submit(PROMPTS[1], GREEDY)
+    with pytest.raises(QueueFull):
+        engine.submit(PROMPTS[2], GREEDY)
+
+
+def test_invalid_request_is_refused_on_the_callers_thread(llm):
+    engine = Engine(llm.engine)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        engine.submit([10**9], GREEDY)
+    assert engine.num_pending == 0
+
+
+def test_abort_frees_the_sequence_pages_at_once(llm):
+    engine = Engine(llm.engine).start()
+    try:
+        stream = engine.submit(PROMPTS[2], SamplingParams(max_tokens=200, ignore_eos=True))
+        next(iter(stream))  # it is running
+        stream.abort()
+        assert list(stream) == [] or all(not o.finished for o in stream)
+    finally:
+        engine.stop()
+    assert llm.engine.pages.used_by("kv") == 0
+    assert engine.num_pending == 0
