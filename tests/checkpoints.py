@@ -148,7 +148,7 @@ def save_checkpoint(
     `sharded` splits the weights into several safetensors files plus model.safetensors.index.json.
     `config_format` "hub" writes RoPE settings as `rope_theta` and `rope_scaling`, as nearly every
     checkpoint on the Hub has them; "transformers5" keeps the `rope_parameters` dict that
-    transformers 5 writes. `config_overrides` go to the transformers config (num_hidden_layers=3).
+    transformers 5 writes. `config_overrides` (such as num_hidden_layers=3) go to the config.
     The vocabulary is the tokenizer's even when `with_tokenizer` is False.
     """
     if family not in _FAMILY_CONFIGS:
