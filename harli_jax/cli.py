@@ -7,8 +7,10 @@ or file (exit status 2), never a traceback for a user mistake.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from harli_jax.models.config import CheckpointError
 
@@ -62,13 +64,50 @@ def _generate_parser(sub) -> Callable:
     return _generate
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from harli_jax.engine.loop import Engine
+    from harli_jax.serve import create_app
+
+    if args.max_queued < 1:
+        raise UsageError(f"--max-queued={args.max_queued} must be at least 1")
+    llm = _load_llm(args)
+    name = args.served_model_name or (Path(args.model).name if args.model else "harli-demo")
+    engine = Engine(llm.engine, max_queued=args.max_queued).start()
+    app = create_app(engine, name, api_key=args.api_key, tpot_slo_ms=args.tpot_slo_ms)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port)
+    finally:
+        engine.stop()
+
+
+def _serve_parser(sub) -> Callable:
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("HARLI_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health "
+        "(default: $HARLI_API_KEY)",
+    )
+    p.add_argument(
+        "--served-model-name", help="the `model` clients ask for (default: the directory's name)"
+    )
+    p.add_argument("--max-queued", type=int, default=256, help="requests in flight before 429")
+    p.add_argument("--tpot-slo-ms", type=float, default=None, help="TPOT SLO /metrics reports on")
+    return _serve
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = argparse.ArgumentParser(
         prog="harli-jax",
         description="Co-located LLM serving and LoRA fine-tuning on one accelerator.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    handlers = {"generate": _generate_parser(sub)}
+    handlers = {"generate": _generate_parser(sub), "serve": _serve_parser(sub)}
     return parser, handlers
 
 

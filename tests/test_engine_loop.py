@@ -64,7 +64,7 @@ def test_abort_frees_the_sequence_pages_at_once(llm):
         stream = engine.submit(PROMPTS[2], SamplingParams(max_tokens=200, ignore_eos=True))
         next(iter(stream))  # it is running
         stream.abort()
-        assert list(stream) == [] or all(not o.finished for o in stream)
+        assert not any(out.finished for out in stream)  # the stream ends without finishing
     finally:
         engine.stop()
     assert llm.engine.pages.used_by("kv") == 0

@@ -1,0 +1,398 @@
+"""The wire format of the OpenAI-compatible API, and the contracts the server codes against.
+
+Request models are strict (``"5"`` is not an int, ``true`` is not a number), as OpenAI's API is,
+and ignore fields they do not know, as OpenAI-compatible servers do. Response models carry what
+the official ``openai`` client reads. The :class:`typing.Protocol` s at the end are what the app
+needs from the engine (`ServingEngine`, `EngineSnapshot`) and from the fine-tuning job manager
+(`JobService`, `JobInfo`, `JobEvent`); any object with those attributes fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from harli_jax.engine.loop import RequestStream
+from harli_jax.engine.sampling import TOP_LOGPROBS, SamplingParams
+
+FinishReason = Literal["stop", "length"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# -- completions and chat --------------------------------------------------------------------
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Request):
+    """The fields that completions and chat share; they map onto `SamplingParams`."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1, description="default: what the context has left")
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16, description="choices per prompt")
+    seed: int | None = Field(None, description="choice i of a prompt samples with seed + i")
+    stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="extension (as vLLM's): generate past EOS")
+    user: str | None = None
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return tuple(s for s in stops if s)  # an empty stop string would match at once
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplingRequest):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"model": "demo", "prompt": "Hello", "max_tokens": 4}]}
+    )
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="text, a batch of texts, token ids, or a batch of token id lists"
+    )
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS, description="top alternatives")
+
+
+class ContentPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def for_template(self) -> dict[str, str]:
+        """The message as chat templates expect it: a "system" role and plain-text content."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+            ]
+        }
+    )
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="wins over max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+# -- models ----------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- files and fine-tuning -------------------------------------------------------------------
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: Literal["fine-tune"] = "fine-tune"
+    status: Literal["processed"] = "processed"  # a stored file has passed validation
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class Hyperparameters(_Request):
+    """OpenAI's three, plus the LoRA shape; "auto" (or leaving one out) takes the job's default."""
+
+    n_epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    lora_r: int | None = Field(None, ge=1)
+    lora_alpha: float | None = Field(None, gt=0)
+    lora_target_modules: list[str] | None = Field(None, min_length=1)
+
+    def chosen(self) -> dict[str, Any]:
+        """The values the user set, for the job manager to fill in around."""
+        return {k: v for k, v in self.model_dump().items() if v not in (None, "auto")}
+
+
+class FineTuningJobRequest(_Request):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"model": "demo", "training_file": "file-abc"}]}
+    )
+
+    model: str
+    training_file: str
+    hyperparameters: Hyperparameters | None = None
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = Field(None, ge=0, lt=2**31)
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str = "harli-jax"
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    hyperparameters: dict[str, Any]
+    training_file: str
+    validation_file: str | None = None
+    result_files: list[str] = []
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+
+
+class FineTuningJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class FineTuningJobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: Literal["message"] = "message"
+
+
+class FineTuningJobEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobEvent]
+    has_more: bool
+
+
+# -- contracts -------------------------------------------------------------------------------
+
+
+class ServedCore(Protocol):
+    """The parts of `EngineCore` the server reads."""
+
+    tokenizer: Any  # models.tokenizer.Tokenizer, or None for a checkpoint driven by ids alone
+    max_model_len: int
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+
+
+class EngineSnapshot(Protocol):
+    """The engine-side numbers `/metrics` exports, read once per scrape."""
+
+    num_running: int
+    num_waiting: int
+    queue_wait_seconds: Sequence[float]  # arrival -> first scheduled, of admissions since the last
+    finetune_tokens: int  # cumulative
+    arena_pages: Mapping[str, int]  # pages by owner: "kv", "finetune", "free", "reserved"
+    predictor_errors: Mapping[str, Mapping[str, float]]  # family -> Predictor.error_stats()
+
+
+class ServingEngine(Protocol):
+    """What the app needs from `harli_jax.engine.loop.Engine`."""
+
+    core: ServedCore
+    max_queued: int  # the most requests in flight; more get 429
+
+    def submit(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream: ...
+
+    def adapters(self) -> list[str]:
+        """Names of the adapters requests may name in `SamplingParams.adapter`."""
+
+    def metrics_snapshot(self) -> EngineSnapshot: ...
+
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobInfo(Protocol):
+    id: str
+    status: JobStatus
+    created_at: int  # unix seconds
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None  # "ft:<base>:<job id>" once succeeded
+    training_file: Path
+    trained_tokens: int | None
+    hyperparameters: dict[str, Any]  # resolved: n_epochs, learning_rate_multiplier, batch_size,
+    # lora_r, lora_alpha, lora_target_modules (and seed)
+    error: str | None
+
+
+class JobEvent(Protocol):
+    id: str
+    created_at: int
+    level: str  # "info" | "warn" | "error"
+    message: str
+
+
+class JobService(Protocol):
+    """The fine-tuning job manager (harli_jax.engine.jobs) as the routes use it."""
+
+    def create(
+        self, training_file: Path, model: str, hyperparameters: dict[str, Any], suffix: str | None
+    ) -> JobInfo:
+        """Queues a job; ValueError for hyperparameters it cannot run."""
+
+    def get(self, job_id: str) -> JobInfo:
+        """KeyError if unknown."""
+
+    def list(self) -> list[JobInfo]:
+        """Every job, oldest first."""
+
+    def cancel(self, job_id: str) -> JobInfo:
+        """KeyError if unknown; ValueError if the job has already finished."""
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        """Oldest first; KeyError if unknown."""
