@@ -6,6 +6,7 @@ outputs back into results in the caller's order. Everything device-side lives in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from harli_jax.engine.core import EngineConfig, EngineCore
 from harli_jax.engine.output import RequestOutput
 from harli_jax.engine.sampling import SamplingParams
 from harli_jax.engine.steps import bucket, make_score
+from harli_jax.models.config import ModelConfig
 from harli_jax.models.loading import from_pretrained
+from harli_jax.models.sharding import cache_sharding, make_mesh, param_sharding
 from harli_jax.models.tokenizer import Tokenizer
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
@@ -36,10 +39,19 @@ class LLM:
         max_model_len: int | None = None,
         page_size: int = 16,
         num_pages: int | None = None,
+        prefill_chunk: int = 256,
+        tensor_parallel: int = 1,
     ):
+        """``tensor_parallel=N`` shards the model and the KV cache over the first N devices."""
         self.model_dir = Path(model)
         self.dtype = jnp.dtype(dtype)
-        self.model = from_pretrained(self.model_dir, self.dtype)
+        shard_param = shard_cache = None
+        if tensor_parallel > 1:
+            config = ModelConfig.from_dir(self.model_dir)
+            mesh = make_mesh(tensor_parallel, config)
+            shard_param = functools.partial(param_sharding, mesh=mesh, config=config)
+            shard_cache = cache_sharding(mesh)
+        self.model = from_pretrained(self.model_dir, self.dtype, sharding_for=shard_param)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.engine = EngineCore(
             self.model,
@@ -49,7 +61,9 @@ class LLM:
                 page_size=page_size,
                 num_pages=num_pages,
                 max_model_len=max_model_len,
+                prefill_chunk=prefill_chunk,
             ),
+            cache_sharding=shard_cache,
         )
         self._score = make_score(self.engine.graphdef)
 

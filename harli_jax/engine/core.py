@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import time
 from collections import deque
 
 import jax
@@ -25,6 +26,7 @@ from harli_jax.engine.sampling import SamplerInputs, SamplingParams
 from harli_jax.engine.steps import bucket, make_forward_step
 from harli_jax.memory.kv_cache import SCRATCH_PAGE, KVCache, PagedBatch
 from harli_jax.memory.page_table import OutOfPages, Owner, PageTable
+from harli_jax.sched.costs import StepReport, compiled_cost, forward_cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +88,9 @@ class EngineCore:
         )
         self.pages = PageTable(num_pages, reserved=SCRATCH_PAGE + 1)
         self._forward = make_forward_step(self.graphdef)
+        self._programs: dict[str, jax.stages.Compiled] = {}
+        self.program_costs: dict[str, dict[str, float]] = {}
+        self.last_report: StepReport | None = None
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._ids = itertools.count()
@@ -139,16 +144,29 @@ class EngineCore:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One prefill batch and one decode batch; returns the requests that gained tokens."""
+        """One prefill batch and one decode batch; returns the requests that gained tokens.
+
+        Leaves ``last_report``: the programs it ran, their summed cost and its wall time.
+        """
+        start = time.perf_counter()
         self._admit()
-        outputs = []
+        outputs, keys = [], []
         prefill = [s for s in self._running if s.pending > 1]
         if prefill:
-            outputs += self._run(self._prefill_batch(prefill), self.config.prefill_chunk)
+            outputs += self._run(self._prefill_batch(prefill), self.config.prefill_chunk, keys)
         decode = [s for s in self._running if s.pending == 1]
         decode = self._reserve_decode_pages(decode)
         if decode:
-            outputs += self._run(decode, 1)
+            outputs += self._run(decode, 1, keys)
+        self.last_report = None
+        if keys:
+            costs = [self.program_costs[k] for k in keys]
+            self.last_report = StepReport(
+                key="+".join(keys),
+                cost={name: sum(c[name] for c in costs) for name in costs[0]},
+                features={"rows": float(len(decode))},
+                seconds=time.perf_counter() - start,
+            )
         return outputs
 
     def _admit(self) -> None:
@@ -207,8 +225,9 @@ class EngineCore:
         if owner in self.pages:
             self.pages.free(owner)
 
-    def _run(self, seqs: list[_Sequence], max_chunk: int) -> list[RequestOutput]:
-        """Processes up to ``max_chunk`` uncached tokens of each sequence in one device call."""
+    def _run(self, seqs: list[_Sequence], max_chunk: int, keys: list[str]) -> list[RequestOutput]:
+        """Processes up to ``max_chunk`` uncached tokens of each sequence in one device call;
+        appends the program's key to ``keys``."""
         chunks = [min(s.pending, max_chunk) for s in seqs]
         rows, width = bucket(len(seqs)), bucket(max(chunks), smallest=min(max_chunk, 16))
         tokens = np.zeros((rows, width), np.int32)
@@ -250,6 +269,19 @@ class EngineCore:
             if seq.pending == 0:
                 outputs.append(self._emit(seq, *(x[row] for x in sampled)))
         return outputs
+
+    def _program(self, key: str, args: tuple) -> jax.stages.Compiled:
+        """The compiled program for ``key`` (compiled now if it is new) and its cost."""
+        if key not in self._programs:
+            compiled = self._forward.lower(*args).compile()
+            rows, width = args[2].shape
+            context = args[4].page_table.shape[1] * self.config.page_size
+            fallback = forward_cost(
+                self.model_config, rows, width, context, self.cache.k.dtype.itemsize
+            )
+            self._programs[key] = compiled
+            self.program_costs[key] = compiled_cost(compiled, fallback)
+        return self._programs[key]
 
     def _emit(self, seq: _Sequence, token, logprob, top_ids, top_logprobs) -> RequestOutput:
         n_top = seq.params.logprobs or 0

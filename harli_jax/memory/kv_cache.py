@@ -38,9 +38,13 @@ class KVCache(NamedTuple):
         num_kv_heads: int,
         head_dim: int,
         dtype: jnp.dtype = jnp.bfloat16,
+        sharding: jax.sharding.Sharding | None = None,
     ) -> KVCache:
+        """An empty cache, created in place on ``sharding``'s devices (default: the default one)."""
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return cls(
+            jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
+        )
 
     @property
     def page_size(self) -> int:

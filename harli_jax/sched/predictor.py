@@ -192,6 +192,10 @@ class Predictor:
     def rates(self) -> DeviceRates:
         return self._rates
 
+    def __contains__(self, key: str) -> bool:
+        """Whether program `key` is registered."""
+        return key in self._programs
+
     def register(self, key: str, family: str, cost: CostAnalysis) -> None:
         """Registers (or re-registers, after a recompile) program `key` with its cost analysis."""
         cost = _cost_dict(cost)

@@ -1,0 +1,196 @@
+"""A fine-tune job: its data, its LoRA trainer over the shared base weights, its checkpoints, and
+its adapter when done; advanced a whole step or one micro-step at a time.
+
+A job never loses an accepted step: a step counts once its optimiser update has run; a checkpoint
+(adapter, optimiser state, step, data position) is written every ``checkpoint_every`` steps and at
+the end, atomically; a job built over an existing output directory resumes from its last
+checkpoint. A step cut short (:meth:`FineTuneJob.abandon`, when the scheduler needs the device or
+memory back) is dropped whole and its batch is trained again later, never half-applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from harli_jax.lora.checkpoint import JobCheckpointer
+from harli_jax.lora.config import LoraConfig
+from harli_jax.lora.data import PackedBatches, load_jsonl
+from harli_jax.lora.inject import adapter_weights, inject_lora
+from harli_jax.lora.optim import make_optimizer
+from harli_jax.lora.peft_io import save_adapter
+from harli_jax.lora.train import MicroStep, Trainer, TrainPlan
+
+Granularity = tuple[int, list[tuple[int, int]]]  # (token chunks, layer spans)
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneConfig:
+    data: Path
+    out_dir: Path
+    lora: LoraConfig = LoraConfig()
+    steps: int = 100
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    batch_size: int = 4
+    seq_len: int = 256
+    checkpoint_every: int = 50
+    seed: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def granularities(num_layers: int, rows: int) -> list[Granularity]:
+    """Ways to cut one train step, coarsest first: whole, then layer spans halving down to one
+    layer, then the rows split in halves down to one row per chunk (with one-layer spans)."""
+    options: list[Granularity] = []
+    span = num_layers
+    while True:
+        options.append((1, [(a, min(a + span, num_layers)) for a in range(0, num_layers, span)]))
+        if span == 1:
+            break
+        span = max(1, span // 2)
+    chunks = 2
+    while chunks <= rows and rows % chunks == 0:
+        options.append((chunks, options[-1][1]))
+        chunks *= 2
+    return options
+
+
+class FineTuneJob:
+    """One LoRA fine-tune over ``base`` (whose weights it shares, never copies)."""
+
+    def __init__(self, name: str, config: FineTuneConfig, base: nnx.Module, tokenizer):
+        if tokenizer is None:
+            raise ValueError("fine-tuning needs a checkpoint with tokenizer.json")
+        self.name = name
+        self.config = config
+        examples = load_jsonl(config.data)  # a bad file stops the job before it starts
+        model = nnx.merge(*nnx.split(base))  # a new module tree over the same arrays
+        inject_lora(model, config.lora, slots=1, rngs=nnx.Rngs(config.seed))
+        optimizer = make_optimizer(
+            config.lr,
+            config.steps,
+            config.warmup_steps,
+            config.weight_decay,
+            config.max_grad_norm,
+        )
+        self.trainer = Trainer(model, optimizer, seed=config.seed)
+        self._batching = dict(batch_size=config.batch_size, seq_len=config.seq_len)
+        self._examples, self._tokenizer = examples, tokenizer
+        self.batches = PackedBatches(examples, tokenizer, seed=config.seed, **self._batching)
+        self.checkpointer = JobCheckpointer(Path(config.out_dir) / "checkpoints")
+        self.losses: list[float] = []
+        self.tokens_trained = 0
+        self._plan: TrainPlan | None = None
+        self._data_before_plan: dict | None = None
+        if self.checkpointer.latest_step() is not None:
+            self._restore()
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.trainer.step
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.config.steps
+
+    @property
+    def adapter_dir(self) -> Path:
+        return Path(self.config.out_dir) / "adapter"
+
+    def _state(self) -> dict:
+        return {
+            "lora": self.trainer.lora,
+            "opt_state": self.trainer.opt_state,
+            "step": self.step,
+            "data": self.batches.state(),
+            "progress": {"tokens_trained": self.tokens_trained, "losses": self.losses},
+        }
+
+    def _restore(self) -> None:
+        state = self.checkpointer.restore(like=self._state())
+        self.trainer.lora, self.trainer.opt_state = state["lora"], state["opt_state"]
+        self.trainer.step = state["step"]
+        self.batches = PackedBatches.from_state(
+            state["data"], self._examples, self._tokenizer, **self._batching
+        )
+        self.tokens_trained = state["progress"]["tokens_trained"]
+        self.losses = list(state["progress"]["losses"])
+
+    def checkpoint(self) -> None:
+        self.checkpointer.save(self.step, self._state())
+
+    def save_adapter(self) -> Path:
+        weights = adapter_weights(self.trainer.model)
+        save_adapter(self.adapter_dir, weights, self.config.lora)
+        return self.adapter_dir
+
+    # -- whole steps ----------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """One whole step as one program (plain fine-tuning); returns its metrics."""
+        metrics = self.trainer.train_step(next(self.batches))
+        return self._finish_step(metrics)
+
+    def _finish_step(self, metrics: dict) -> dict:
+        loss = float(metrics["loss"])
+        self.losses.append(loss)
+        self.tokens_trained += int(metrics["tokens"])
+        if self.step % self.config.checkpoint_every == 0 or self.done:
+            self.checkpoint()
+        if self.done:
+            self.save_adapter()
+            (Path(self.config.out_dir) / "job.json").write_text(
+                json.dumps(
+                    {
+                        "name": self.name,
+                        "steps": self.step,
+                        "tokens_trained": self.tokens_trained,
+                        "final_loss": loss,
+                        "finished_at": time.time(),
+                    },
+                    indent=2,
+                )
+            )
+        return {"loss": loss, "tokens": int(metrics["tokens"]), "step": self.step}
+
+    # -- micro-steps ------------------------------------------------------------------------
+    def next_micro_step(self, granularity: Granularity) -> MicroStep:
+        """The next piece of work; starts a new step, cut as ``granularity``, if none is open."""
+        if self._plan is None:
+            self._data_before_plan = self.batches.state()
+            self._plan = self.trainer.plan(next(self.batches), *granularity)
+        return self._plan.steps[self._plan._next]
+
+    @property
+    def in_step(self) -> bool:
+        return self._plan is not None
+
+    def run(self, micro: MicroStep) -> dict | None:
+        """Runs ``micro`` (blocking on its result); the step's metrics if it completed a step."""
+        jax.block_until_ready(micro.run())  # the caller is timing this
+        if micro.kind != "update":
+            return None
+        metrics, self._plan = self._plan.metrics, None
+        return self._finish_step(metrics)
+
+    def abandon(self) -> None:
+        """Drops the open step (its batch comes again); the trainer clears its sums on replan."""
+        if self._plan is not None:
+            self.batches = PackedBatches.from_state(
+                self._data_before_plan, self._examples, self._tokenizer, **self._batching
+            )
+            self._plan = None

@@ -1,0 +1,62 @@
+"""Stage-1 costs of programs, and the report an inference step leaves for the scheduler.
+
+A program's cost is XLA's own ``compiled.cost_analysis()`` where XLA can price it. Where it
+cannot (it reports -1, or nothing, e.g. for a program that is one library call on GPU), the
+analytic count below stands in: matmul flops of the weights each token meets, attention flops,
+and the bytes of the weights and KV pages read once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from harli_jax.models.config import ModelConfig
+
+Cost = dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """One inference step as the predictor sees it: program key, cost, features, measured time."""
+
+    key: str
+    cost: Cost
+    features: dict[str, float]
+    seconds: float
+
+
+def compiled_cost(compiled: jax.stages.Compiled, fallback: Cost) -> Cost:
+    """XLA's cost analysis of ``compiled``, or ``fallback`` where XLA could not price it."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    flops = float((analysis or {}).get("flops", -1))
+    bytes_accessed = float((analysis or {}).get("bytes accessed", -1))
+    if flops <= 0 or bytes_accessed <= 0:
+        return fallback
+    return {"flops": flops, "bytes accessed": bytes_accessed}
+
+
+def weight_count(config: ModelConfig) -> int:
+    """Parameters every token's forward pass multiplies by (embedding gather excluded)."""
+    c = config
+    attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    return c.num_layers * (attention + mlp) + c.hidden_size * c.vocab_size
+
+
+def forward_cost(
+    config: ModelConfig, rows: int, tokens: int, context: int, dtype_bytes: int
+) -> Cost:
+    """A forward pass of ``rows`` x ``tokens`` new tokens attending to ``context`` keys each."""
+    c = config
+    weights = weight_count(c)
+    attention_flops = 4 * rows * tokens * context * c.num_heads * c.head_dim * c.num_layers
+    kv_bytes = 2 * rows * context * c.num_kv_heads * c.head_dim * c.num_layers * dtype_bytes
+    activation_bytes = 4 * rows * tokens * c.hidden_size * c.num_layers * dtype_bytes
+    return {
+        "flops": float(2 * weights * rows * tokens + attention_flops),
+        "bytes accessed": float(weights * dtype_bytes + kv_bytes + activation_bytes),
+    }

@@ -1,0 +1,173 @@
+"""The co-location scheduler: after every inference step, decide how much fine-tune work fits
+before the next token is due, and run it.
+
+The decode loop emits one token per running request per iteration, so an iteration's length is a
+TPOT sample: the inference step plus whatever fine-tune work follows it. ``harli`` (ours, after
+the paper) predicts the next inference step with the two-stage predictor, leaves the rest of the
+TPOT SLO (less a safety margin that tracks the predictor's observed error) to fine-tuning, and
+fills it greedily with micro-steps whose predicted time still fits; it cuts each train step as
+coarsely as the slack it usually sees allows, since coarser micro-steps waste less. The baselines
+share all the machinery and differ only in that decision:
+
+- ``serve-only``: no fine-tuning at all;
+- ``naive``: a whole train step after every inference step, no prediction;
+- ``static``: a fixed fine-tune budget per iteration (``static_budget_s`` of micro-steps, counted
+  by their measured times, at a fixed granularity), as FlexLLM's token budget does;
+- ``harli``: as above.
+
+With no inference work at all, every policy but ``serve-only`` trains in whole steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+
+from harli_jax.engine.finetune import FineTuneJob, Granularity, granularities
+from harli_jax.engine.metrics import EngineMetrics
+from harli_jax.sched.costs import StepReport
+from harli_jax.sched.predictor import Predictor
+
+POLICIES = ("serve-only", "naive", "static", "harli")
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    policy: str = "harli"
+    tpot_slo_s: float = 0.05
+    static_budget_s: float = 0.0  # for "static": fine-tune seconds per iteration
+    static_granularity: int = -1  # index into granularities(); -1: the finest
+    min_margin: float = 1.05  # never plan closer than this to the SLO
+    loop_overhead_s: float = 0.0005  # host time between steps the predictor does not see
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.tpot_slo_s <= 0:
+            raise ValueError(f"the TPOT SLO must be positive, got {self.tpot_slo_s}")
+
+
+class ColocationScheduler:
+    """Implements the engine loop's ``Colocator``: runs fine-tune jobs in inference slack."""
+
+    def __init__(self, config: SchedulerConfig, predictor: Predictor, metrics: EngineMetrics):
+        self.config = config
+        self.predictor = predictor
+        self.metrics = metrics
+        self.jobs: deque[FineTuneJob] = deque()
+        self.finished: list[FineTuneJob] = []
+        self._slack = deque(maxlen=64)  # recent fine-tune budgets, for choosing granularity
+        self.on_job_done = lambda job: None  # the engine hands the adapter to serving
+
+    def add_job(self, job: FineTuneJob) -> None:
+        self.jobs.append(job)
+
+    # -- the loop's hook ------------------------------------------------------------------------
+    def after_step(self, report: StepReport | None) -> bool:
+        """Runs fine-tune work after an inference step (``report``; None if the loop was idle).
+        Returns whether it ran any."""
+        if report is not None:
+            self._observe_inference(report)
+        if self.config.policy == "serve-only" or not self.jobs:
+            return False
+        job = self.jobs[0]
+        if report is None or self.config.policy == "naive":
+            ran = self._run_whole_step(job)
+        elif self.config.policy == "static":
+            ran = self._fill(
+                job, self.config.static_budget_s, self._static_granularity(job), predicted=False
+            )
+        else:
+            budget = self._harli_budget(report)
+            self._slack.append(budget)
+            ran = self._fill(job, budget, self._harli_granularity(job), predicted=True)
+        if job.done:
+            self.jobs.popleft()
+            self.finished.append(job)
+            self.on_job_done(job)
+        return ran
+
+    # -- decisions --------------------------------------------------------------------------
+    def _harli_budget(self, report: StepReport) -> float:
+        """The SLO minus the predicted next inference step (with margin) and loop overhead."""
+        margin = max(self.config.min_margin, self.predictor.quantile_margin("inference", 0.99))
+        next_step = self.predictor.predict(report.key, **report.features) * margin
+        return self.config.tpot_slo_s - next_step - self.config.loop_overhead_s
+
+    def _options(self, job: FineTuneJob) -> list[Granularity]:
+        return granularities(job.trainer.num_layers, job.config.batch_size)
+
+    def _static_granularity(self, job: FineTuneJob) -> Granularity:
+        return self._options(job)[self.config.static_granularity]
+
+    def _harli_granularity(self, job: FineTuneJob) -> Granularity:
+        """The coarsest cut whose largest micro-step fits the median recent budget."""
+        options = self._options(job)
+        if not self._slack:
+            return options[-1]
+        typical = sorted(self._slack)[len(self._slack) // 2]
+        for option in options:
+            if self._largest_micro_step(job, option) <= typical:
+                return option
+        return options[-1]
+
+    def _largest_micro_step(self, job: FineTuneJob, option: Granularity) -> float:
+        keys = job.trainer.program_keys(job.config.batch_size, job.config.seq_len, *option)
+        known = [self._predict_train(job, key) for key in keys]
+        return max((t for t in known if t is not None), default=float("inf"))
+
+    # -- running ----------------------------------------------------------------------------
+    def _fill(self, job: FineTuneJob, budget: float, granularity: Granularity, predicted: bool):
+        ran = False
+        while budget > 0 and not job.done:
+            micro = job.next_micro_step(granularity)
+            margin = max(self.config.min_margin, self.predictor.quantile_margin("train", 0.99))
+            estimate = self._predict_train(job, micro.key)
+            if predicted and (estimate is None or estimate * margin > budget):
+                # Unknown programs are measured once when there is time to spare (idle loop).
+                break
+            budget -= self._run_micro(job, micro)
+            ran = True
+        return ran
+
+    def _run_whole_step(self, job: FineTuneJob) -> bool:
+        """Finishes the open step (whatever its cut) or runs a new one uncut."""
+        coarsest = self._options(job)[0]
+        self._run_micro(job, job.next_micro_step(coarsest))
+        while job.in_step:
+            self._run_micro(job, job.next_micro_step(coarsest))
+        return True
+
+    def _run_micro(self, job: FineTuneJob, micro) -> float:
+        key = _key(micro.key)
+        self._register_train(job, micro.key)
+        start = time.perf_counter()
+        metrics = job.run(micro)
+        seconds = time.perf_counter() - start
+        self.predictor.observe(key, seconds)
+        if metrics is not None:
+            self.metrics.on_finetune_tokens(metrics["tokens"])
+        return seconds
+
+    # -- predictor plumbing -----------------------------------------------------------------
+    def _observe_inference(self, report: StepReport) -> None:
+        if report.key not in self.predictor:
+            self.predictor.register(report.key, "inference", report.cost)
+        self.predictor.observe(report.key, report.seconds, **report.features)
+
+    def _register_train(self, job: FineTuneJob, program_key: tuple) -> None:
+        key = _key(program_key)
+        if key not in self.predictor and program_key in job.trainer.executables:
+            cost = job.trainer.program_cost(program_key)
+            self.predictor.register(key, "train", cost)
+
+    def _predict_train(self, job: FineTuneJob, program_key: tuple) -> float | None:
+        key = _key(program_key)
+        if key not in self.predictor:
+            return None
+        return self.predictor.predict(key)
+
+
+def _key(program_key: tuple) -> str:
+    return "train/" + "/".join(str(part) for part in program_key)
