@@ -17,6 +17,7 @@ from harli_jax.engine.core import EngineConfig, EngineCore
 from harli_jax.engine.output import RequestOutput
 from harli_jax.engine.sampling import SamplingParams
 from harli_jax.engine.steps import bucket, make_score
+from harli_jax.lora.peft_io import load_adapter
 from harli_jax.models.config import ModelConfig
 from harli_jax.models.loading import from_pretrained
 from harli_jax.models.sharding import cache_sharding, make_mesh, param_sharding
@@ -40,9 +41,13 @@ class LLM:
         page_size: int = 16,
         num_pages: int | None = None,
         prefill_chunk: int = 256,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
         tensor_parallel: int = 1,
     ):
-        """``tensor_parallel=N`` shards the model and the KV cache over the first N devices."""
+        """``max_loras`` adapters of rank <= ``max_lora_rank`` can be served at once (0 serves
+        the base model alone, a little faster); ``tensor_parallel=N`` shards the model and the
+        KV cache over the first N devices."""
         self.model_dir = Path(model)
         self.dtype = jnp.dtype(dtype)
         shard_param = shard_cache = None
@@ -62,6 +67,8 @@ class LLM:
                 num_pages=num_pages,
                 max_model_len=max_model_len,
                 prefill_chunk=prefill_chunk,
+                max_loras=max_loras,
+                max_lora_rank=max_lora_rank,
             ),
             cache_sharding=shard_cache,
         )
@@ -72,6 +79,12 @@ class LLM:
         """The tiny model that ships with the package (see ``harli_jax/assets/demo/README.md``)."""
         kwargs.setdefault("dtype", "float32")
         return cls(DEMO_DIR, **kwargs)
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Serves the HF PEFT adapter in ``path`` as ``name``: ``SamplingParams(adapter=name)``.
+        Loading again under the same name replaces it; nothing is recompiled."""
+        weights, config = load_adapter(path)
+        self.engine.load_adapter(name, weights, config)
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -100,16 +113,17 @@ class LLM:
         return [final[i] for i in ids]
 
     def logits(self, sequences: Sequence[Sequence[int]], adapter: str | None = None) -> list:
-        """Full-sequence scoring: a float32 [T, vocab] numpy array per sequence of token ids."""
-        if adapter is not None:
-            raise NotImplementedError("adapters are not supported yet")
+        """Full-sequence scoring: a float32 [T, vocab] numpy array per sequence of token ids,
+        through adapter ``adapter`` if given (see :meth:`load_adapter`)."""
+        slot = self.engine.adapter_slot(adapter)
         lengths = [len(s) for s in sequences]
         width = bucket(max(lengths), smallest=16)
         tokens = np.zeros((bucket(len(sequences)), width), np.int32)
         for row, seq in enumerate(sequences):
             tokens[row, : len(seq)] = seq
         positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
-        logits = np.asarray(self._score(self.engine.state, tokens, positions))
+        slot_ids = None if self.engine.adapters is None else np.full(len(tokens), slot, np.int32)
+        logits = np.asarray(self._score(self.engine.state, tokens, positions, slot_ids))
         return [logits[row, :n] for row, n in enumerate(lengths)]
 
 

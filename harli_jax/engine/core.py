@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from harli_jax.engine.adapters import AdapterBank
 from harli_jax.engine.output import OutputBuilder, RequestOutput
 from harli_jax.engine.sampling import SamplerInputs, SamplingParams
 from harli_jax.engine.steps import bucket, make_forward_step
@@ -37,6 +38,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     prefill_chunk: int = 256  # the longest prompt piece one sequence prefills per step
     max_prefill_tokens: int = 1024  # rows x chunk of one prefill batch
+    max_loras: int = 0  # adapters servable at once (0: no LoRA bank, the plain base model)
+    max_lora_rank: int = 16
 
 
 @dataclasses.dataclass
@@ -46,6 +49,7 @@ class _Sequence:
     params: SamplingParams
     output: OutputBuilder
     seed: int
+    adapter_slot: int = 0
     num_cached: int = 0
 
     @property
@@ -75,6 +79,10 @@ class EngineCore:
         self.config = config
         self.pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         num_pages = config.num_pages or config.max_num_seqs * self.pages_per_seq + 1
+        self.adapters = None
+        if config.max_loras:
+            self.adapters = AdapterBank(config.max_loras, config.max_lora_rank)
+            model = self.adapters.inject(model)
         self.graphdef, self.state = nnx.split(model)
         dtype = model.embed_tokens[...].dtype
         self.cache = KVCache.zeros(
@@ -109,6 +117,26 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        self.adapter_slot(params.adapter)
+
+    def adapter_slot(self, name: str | None) -> int:
+        """The bank slot serving adapter ``name``; ValueError if it is not loaded."""
+        if name is None:
+            return 0
+        if self.adapters is None:
+            raise ValueError(f"adapter {name!r} requested, but this engine serves no adapters")
+        try:
+            return self.adapters.slot(name)
+        except KeyError as err:
+            raise ValueError(err.args[0]) from None
+
+    def load_adapter(self, name: str, weights, config) -> None:
+        """Serves adapter ``name`` from the next step on (replacing one of that name)."""
+        if self.adapters is None:
+            raise ValueError("this engine was built with max_loras=0: it serves no adapters")
+        model = nnx.merge(self.graphdef, self.state)
+        self.adapters.load(model, name, weights, config)
+        _, self.state = nnx.split(model)
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
@@ -121,7 +149,10 @@ class EngineCore:
         request_id = request_id or self.new_request_id()
         seed = params.seed if params.seed is not None else np.random.randint(0, 2**31)
         output = OutputBuilder(self.tokenizer, params, self.eos_token_ids)
-        self._waiting.append(_Sequence(request_id, list(prompt_token_ids), params, output, seed))
+        slot = self.adapter_slot(params.adapter)
+        self._waiting.append(
+            _Sequence(request_id, list(prompt_token_ids), params, output, seed, slot)
+        )
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -253,7 +284,11 @@ class EngineCore:
             [len(s.output.token_ids) for s in seqs],
             rows,
         )
-        self.cache, sampled = self._forward(
+        slot_ids = None
+        if self.adapters is not None:
+            slot_ids = np.zeros(rows, np.int32)
+            slot_ids[: len(seqs)] = [s.adapter_slot for s in seqs]
+        args = (
             self.state,
             self.cache,
             jnp.asarray(tokens),
@@ -261,7 +296,11 @@ class EngineCore:
             PagedBatch(jnp.asarray(slots), jnp.asarray(table)),
             jnp.asarray(last),
             sampler,
+            slot_ids,
         )
+        key = f"forward/r{rows}/t{width}/p{table.shape[1]}"
+        keys.append(key)
+        self.cache, sampled = self._program(key, args)(*args)
         sampled = [np.asarray(x) for x in sampled]
         outputs = []
         for row, (seq, chunk) in enumerate(zip(seqs, chunks)):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
@@ -20,6 +19,7 @@ from harli_jax.engine.core import EngineCore
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.engine.output import RequestOutput
 from harli_jax.engine.sampling import SamplingParams
+from harli_jax.sched.costs import StepReport
 
 
 class QueueFull(Exception):
@@ -29,8 +29,9 @@ class QueueFull(Exception):
 class Colocator(Protocol):
     """What the loop asks between inference steps (implemented by the co-location scheduler)."""
 
-    def after_step(self, step_seconds: float, busy: bool) -> bool:
-        """Runs fine-tune work in the slack the inference step left; True if it ran any."""
+    def after_step(self, report: StepReport | None) -> bool:
+        """Runs fine-tune work after the inference step ``report`` describes (None: the loop
+        had no inference work); True if it ran any."""
 
 
 _END = object()
@@ -154,17 +155,15 @@ class Engine:
         while not self._stop.is_set():
             self._drain_inbox()
             busy = self.core.has_unfinished()
-            step_seconds = 0.0
             if busy:
-                start = time.perf_counter()
                 outputs = self.core.step()
-                step_seconds = time.perf_counter() - start
                 for out in outputs:
                     self.metrics.on_tokens(out.request_id, len(out.new_token_ids), out.finished)
                     self._streams[out.request_id]._put(out)
                     if out.finished:
                         self._finish(out.request_id)
-            trained = self.colocator is not None and self.colocator.after_step(step_seconds, busy)
+            report = self.core.last_report if busy else None
+            trained = self.colocator is not None and self.colocator.after_step(report)
             if not busy and not trained:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()

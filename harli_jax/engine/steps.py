@@ -3,7 +3,8 @@
 One program, :func:`make_forward_step`, serves both chunked prefill ([rows, chunk] tokens) and
 decode ([rows, 1]): it writes the new tokens' K/V into the donated cache, attends through the page
 table, and samples one token per row at that row's last real position. Shapes are rounded up to
-buckets so that steady state never recompiles.
+buckets so that steady state never recompiles. :func:`make_decode_steps` runs several decode
+steps in one program (each feeds its sampled token to the next), so one host dispatch covers them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from harli_jax.engine.sampling import Sampled, SamplerInputs, sample
+from harli_jax.lora.inject import set_slots
 from harli_jax.memory.kv_cache import KVCache, PagedBatch
 
 
@@ -30,13 +32,17 @@ ForwardStep = Callable[..., tuple[KVCache, Sampled]]
 
 
 def make_forward_step(graphdef: nnx.GraphDef) -> ForwardStep:
-    """``step(state, cache, tokens, positions, paged, last, sampler) -> (cache, Sampled)``.
+    """``step(state, cache, tokens, positions, paged, last, sampler, slot_ids)``
+    ``-> (cache, Sampled)``.
 
-    ``last`` [rows] is the index of each row's last real token; the cache argument is donated.
+    ``last`` [rows] is the index of each row's last real token; ``slot_ids`` [rows] each row's
+    adapter slot (None for a model without a LoRA bank); the cache argument is donated.
     """
 
-    def step(state, cache, tokens, positions, paged: PagedBatch, last, sampler: SamplerInputs):
+    def step(state, cache, tokens, positions, paged: PagedBatch, last, sampler, slot_ids):
         model = nnx.merge(graphdef, state)
+        if slot_ids is not None:
+            set_slots(model, slot_ids)
         hidden, cache = model(tokens, positions, cache, paged)
         rows = jnp.arange(tokens.shape[0])
         return cache, sample(model.logits(hidden[rows, last]), sampler)
@@ -44,11 +50,44 @@ def make_forward_step(graphdef: nnx.GraphDef) -> ForwardStep:
     return jax.jit(step, donate_argnums=(1,))
 
 
-def make_score(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
-    """``score(state, tokens, positions) -> logits [rows, tokens, vocab]``, no cache."""
+def make_decode_steps(graphdef: nnx.GraphDef, num_steps: int) -> Callable[..., tuple]:
+    """``run(state, cache, tokens, positions, page_table, sampler) -> (cache, Sampled)``.
 
-    def score(state, tokens, positions):
+    Decodes ``num_steps`` tokens per row from ``tokens`` [rows] at ``positions`` [rows]; each
+    step's token comes from the one before. ``page_table`` [rows, pages] must already hold every
+    position reached; ``sampler.step`` is the first step's index and advances by one per step.
+    The outputs stack along a new leading axis of ``num_steps``; the cache is donated. A row that
+    finishes early (a stop token) decodes on to the end: the host drops what follows.
+    """
+
+    def run(state, cache, tokens, positions, page_table, sampler: SamplerInputs):
         model = nnx.merge(graphdef, state)
+        page_size = cache.page_size
+        rows = jnp.arange(tokens.shape[0])
+
+        def one_step(carry, _):
+            cache, tokens, positions, step = carry
+            slots = page_table[rows, positions // page_size] * page_size + positions % page_size
+            paged = PagedBatch(slots[:, None], page_table)
+            hidden, cache = model(tokens[:, None], positions[:, None], cache, paged)
+            sampled = sample(model.logits(hidden[:, 0]), sampler._replace(step=step))
+            return (cache, sampled.tokens, positions + 1, step + 1), sampled
+
+        carry = (cache, tokens, positions, sampler.step)
+        (cache, *_), sampled = jax.lax.scan(one_step, carry, length=num_steps)
+        return cache, sampled
+
+    return jax.jit(run, donate_argnums=(1,))
+
+
+def make_score(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
+    """``score(state, tokens, positions, slot_ids) -> logits [rows, tokens, vocab]``, no cache;
+    ``slot_ids`` as in :func:`make_forward_step`."""
+
+    def score(state, tokens, positions, slot_ids):
+        model = nnx.merge(graphdef, state)
+        if slot_ids is not None:
+            set_slots(model, slot_ids)
         hidden, _ = model(tokens, positions)
         return model.logits(hidden)
 

@@ -68,7 +68,7 @@ class ColocationScheduler:
         """Runs fine-tune work after an inference step (``report``; None if the loop was idle).
         Returns whether it ran any."""
         if report is not None:
-            self._observe_inference(report)
+            self.observe_inference(report)
         if self.config.policy == "serve-only" or not self.jobs:
             return False
         job = self.jobs[0]
@@ -127,46 +127,50 @@ class ColocationScheduler:
             if predicted and (estimate is None or estimate * margin > budget):
                 # Unknown programs are measured once when there is time to spare (idle loop).
                 break
-            budget -= self._run_micro(job, micro)
+            budget -= self.run_micro_step(job, micro)
             ran = True
         return ran
 
     def _run_whole_step(self, job: FineTuneJob) -> bool:
         """Finishes the open step (whatever its cut) or runs a new one uncut."""
         coarsest = self._options(job)[0]
-        self._run_micro(job, job.next_micro_step(coarsest))
+        self.run_micro_step(job, job.next_micro_step(coarsest))
         while job.in_step:
-            self._run_micro(job, job.next_micro_step(coarsest))
+            self.run_micro_step(job, job.next_micro_step(coarsest))
         return True
 
-    def _run_micro(self, job: FineTuneJob, micro) -> float:
-        key = _key(micro.key)
-        self._register_train(job, micro.key)
+    def run_micro_step(self, job: FineTuneJob, micro) -> float:
+        """Runs one micro-step, feeds its time to the predictor; returns the seconds it took."""
         start = time.perf_counter()
         metrics = job.run(micro)
         seconds = time.perf_counter() - start
-        self.predictor.observe(key, seconds)
+        key = _key(micro.key)
+        if key in self.predictor:
+            self.predictor.observe(key, seconds)
+        else:  # the first run compiled the program: register it, but do not learn from it
+            self.predictor.register(key, "train", job.trainer.program_cost(micro.key))
         if metrics is not None:
             self.metrics.on_finetune_tokens(metrics["tokens"])
         return seconds
 
-    # -- predictor plumbing -----------------------------------------------------------------
-    def _observe_inference(self, report: StepReport) -> None:
-        if report.key not in self.predictor:
-            self.predictor.register(report.key, "inference", report.cost)
-        self.predictor.observe(report.key, report.seconds, **report.features)
+    def calibrate(self, job: FineTuneJob) -> None:
+        """Compiles and measures every cut of ``job``'s train step (one real step at each, then
+        one more so that each program has a measured, compile-free run)."""
+        for option in [*self._options(job), *self._options(job)]:
+            self.run_micro_step(job, job.next_micro_step(option))
+            while job.in_step:
+                self.run_micro_step(job, job.next_micro_step(option))
 
-    def _register_train(self, job: FineTuneJob, program_key: tuple) -> None:
-        key = _key(program_key)
-        if key not in self.predictor and program_key in job.trainer.executables:
-            cost = job.trainer.program_cost(program_key)
-            self.predictor.register(key, "train", cost)
+    # -- predictor plumbing -----------------------------------------------------------------
+    def observe_inference(self, report: StepReport) -> None:
+        if report.key in self.predictor:
+            self.predictor.observe(report.key, report.seconds, **report.features)
+        else:  # first sighting: its time includes compilation
+            self.predictor.register(report.key, "inference", report.cost)
 
     def _predict_train(self, job: FineTuneJob, program_key: tuple) -> float | None:
         key = _key(program_key)
-        if key not in self.predictor:
-            return None
-        return self.predictor.predict(key)
+        return self.predictor.predict(key) if key in self.predictor else None
 
 
 def _key(program_key: tuple) -> str:

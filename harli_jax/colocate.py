@@ -1,0 +1,173 @@
+"""``harli-jax train-colocated``: serve a request trace while fine-tuning, and report both sides.
+
+Owns the experiment around the engine: building engine + scheduler + job, compiling and
+calibrating before the clock starts, replaying the trace's arrivals in real time from a driver
+thread, the live progress line, and the final report (JSON and a PNG of TPOT and fine-tune
+throughput over time). The engine loop does the real work; nothing here touches the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from harli_jax.engine.finetune import FineTuneJob
+from harli_jax.engine.loop import Engine, QueueFull, RequestStream
+from harli_jax.engine.metrics import EngineMetrics
+from harli_jax.engine.sampling import SamplingParams
+from harli_jax.llm import LLM
+from harli_jax.sched.predictor import Predictor, measure_device_rates
+from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
+from harli_jax.sched.trace import TracedRequest
+
+
+@dataclasses.dataclass
+class ReplayResult:
+    submitted: int = 0
+    refused: int = 0  # 429s: the engine's queue was full
+    finished: int = 0
+
+
+def calibrate(llm: LLM, scheduler: ColocationScheduler, job: FineTuneJob, progress=print) -> float:
+    """Compiles and measures every program the run will use before the clock starts: each cut of
+    the train step, and inference at each decode batch bucket. Returns the seconds it took."""
+    start = time.perf_counter()
+    progress("compiling and calibrating the train step's micro-steps ...")
+    scheduler.calibrate(job)
+    core, rows = llm.engine, 1
+    while rows <= core.config.max_num_seqs:
+        progress(f"compiling and calibrating decode at batch {rows} ...")
+        for i in range(rows):
+            core.add_request([1 + i % 7] * 4, SamplingParams(max_tokens=8, ignore_eos=True))
+        while core.has_unfinished():
+            core.step()
+            scheduler.observe_inference(core.last_report)
+        rows *= 2
+    return time.perf_counter() - start
+
+
+def replay(
+    engine: Engine, trace: list[TracedRequest], vocab_size: int, seed: int = 0
+) -> ReplayResult:
+    """Submits the trace's requests at their arrival times (random prompt tokens of the traced
+    length, ``ignore_eos`` so outputs have the traced length) and waits for all to finish."""
+    rng = np.random.default_rng(seed)
+    result = ReplayResult()
+    streams: list[RequestStream] = []
+    start = time.perf_counter()
+    for request in trace:
+        delay = request.arrival_s - (time.perf_counter() - start)
+        if delay > 0:
+            time.sleep(delay)
+        prompt = rng.integers(3, vocab_size, size=request.prompt_tokens).tolist()
+        params = SamplingParams(max_tokens=request.output_tokens, temperature=0.0, ignore_eos=True)
+        try:
+            streams.append(engine.submit(prompt, params))
+            result.submitted += 1
+        except QueueFull:
+            result.refused += 1
+    for stream in streams:
+        if stream.result() is not None:
+            result.finished += 1
+    return result
+
+
+def progress_line(metrics: EngineMetrics, job: FineTuneJob) -> str:
+    s = metrics.summary()
+    loss = f"{job.losses[-1]:.3f}" if job.losses else "-"
+    return (
+        f"step {job.step}/{job.config.steps} loss {loss} | ft {s['finetune_tok_s']:.0f} tok/s | "
+        f"TPOT p50 {s['tpot_p50_ms']:.1f} p99 {s['tpot_p99_ms']:.1f} ms | "
+        f"SLO {100 * s['slo_attainment']:.1f}% | done {s['requests_finished']}"
+    )
+
+
+def run_colocated(
+    llm: LLM,
+    job: FineTuneJob,
+    trace: list[TracedRequest],
+    config: SchedulerConfig,
+    *,
+    predictor: Predictor | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Serves ``trace`` while ``job`` trains under ``config``'s policy; returns the report."""
+    predictor = predictor or Predictor(measure_device_rates())
+    metrics = EngineMetrics(tpot_slo_s=config.tpot_slo_s)
+    scheduler = ColocationScheduler(config, predictor, metrics)
+    say = print if show_progress else (lambda *_: None)
+    compile_s = calibrate(llm, scheduler, job, progress=say)
+    say(f"compiled and calibrated in {compile_s:.1f} s")
+    scheduler.add_job(job)
+    metrics.start = metrics.clock()
+    steps_before, tokens_before = job.step, job.tokens_trained
+    engine = Engine(llm.engine, scheduler, metrics=metrics).start()
+    stop = threading.Event()
+
+    def show():
+        while not stop.wait(0.5):
+            say("\r" + progress_line(metrics, job), end="", flush=True)
+
+    ticker = threading.Thread(target=show, daemon=True)
+    ticker.start()
+    try:
+        result = replay(engine, trace, llm.engine.model_config.vocab_size)
+    finally:
+        stop.set()
+        engine.stop()
+    say("\r" + progress_line(metrics, job))
+    summary = metrics.summary()
+    return {
+        "policy": config.policy,
+        "tpot_slo_ms": config.tpot_slo_s * 1e3,
+        "compile_s": compile_s,
+        "requests": dataclasses.asdict(result),
+        "finetune_steps": job.step - steps_before,
+        "finetune_tokens": job.tokens_trained - tokens_before,
+        "predictor": {f: predictor.error_stats(f) for f in ("inference", "train")},
+        **summary,
+        "timeline": {
+            "tpot": [(t - metrics.start, gap) for t, gap in metrics.tpot_s],
+            "finetune": [(t - metrics.start, n) for t, n in metrics.finetune],
+        },
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    """TPOT samples against the SLO (top) and fine-tune tokens/s in 1 s bins (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    tpot = np.array(report["timeline"]["tpot"]).reshape(-1, 2)
+    top.plot(tpot[:, 0], tpot[:, 1] * 1e3, ".", markersize=2, label="TPOT (ms)")
+    top.axhline(report["tpot_slo_ms"], color="red", linestyle="--", label="SLO")
+    top.set_ylabel("ms")
+    top.legend(loc="upper right")
+    ft = np.array(report["timeline"]["finetune"]).reshape(-1, 2)
+    if len(ft):
+        edges = np.arange(0, ft[:, 0].max() + 2)
+        tokens, _ = np.histogram(ft[:, 0], bins=edges, weights=ft[:, 1])
+        bottom.step(edges[:-1], tokens, where="post")
+    bottom.set_ylabel("fine-tune tok/s")
+    bottom.set_xlabel("seconds")
+    fig.suptitle(
+        f"policy {report['policy']}: SLO attainment "
+        f"{100 * report['slo_attainment']:.1f}%, fine-tune {report['finetune_tok_s']:.0f} tok/s"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    plot(report, out_dir / "colocation.png")

@@ -1,0 +1,66 @@
+"""The serving model's adapter bank: which LoRA adapter sits in which slot.
+
+Serving keeps one LoRA bank over every linear layer (`inject_lora` with ``slots = capacity + 1``;
+slot 0 stays zero and means "no adapter"), so requests for different adapters share one decode
+batch and adding or replacing an adapter is a write into the bank's arrays: same shapes, no
+recompilation, the base weights untouched. Adapters of a rank below the bank's are zero-padded.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from harli_jax.lora.config import ALL_LINEAR, LoraConfig
+from harli_jax.lora.inject import clear_slot, inject_lora, load_adapter_weights
+from harli_jax.lora.peft_io import AdapterWeights
+
+
+class AdapterBank:
+    def __init__(self, capacity: int, max_rank: int):
+        if capacity < 1 or max_rank < 1:
+            raise ValueError(f"need capacity >= 1 and max_rank >= 1, got {capacity}, {max_rank}")
+        self.capacity = capacity
+        self.max_rank = max_rank
+        self._slots: dict[str, int] = {}
+
+    def inject(self, base: nnx.Module) -> nnx.Module:
+        """A serving view of ``base`` (sharing its weights) with an empty bank in every linear."""
+        model = nnx.merge(*nnx.split(base))
+        config = LoraConfig(r=self.max_rank, alpha=self.max_rank, target_modules=ALL_LINEAR)
+        dtype = base.embed_tokens[...].dtype
+        return inject_lora(
+            model, config, slots=self.capacity + 1, rngs=nnx.Rngs(0), param_dtype=dtype
+        )
+
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    def slot(self, name: str | None) -> int:
+        """The slot of adapter ``name`` (0 for None); KeyError naming it if it is not loaded."""
+        if name is None:
+            return 0
+        if name not in self._slots:
+            raise KeyError(f"adapter {name!r} is not loaded (loaded: {self.names() or 'none'})")
+        return self._slots[name]
+
+    def load(
+        self, model: nnx.Module, name: str, weights: AdapterWeights, config: LoraConfig
+    ) -> None:
+        """Writes the adapter into ``model``'s bank: into its own slot if ``name`` is loaded
+        (replacing it), else into a free one; ValueError when the bank is full."""
+        if config.r > self.max_rank:
+            raise ValueError(
+                f"adapter {name!r} has rank {config.r}; the bank holds <= {self.max_rank}"
+            )
+        slot = self._slots.get(name)
+        if slot is None:
+            free = sorted(set(range(1, self.capacity + 1)) - set(self._slots.values()))
+            if not free:
+                raise ValueError(f"all {self.capacity} adapter slots are in use")
+            slot = free[0]
+        load_adapter_weights(model, weights, config, slot)
+        self._slots[name] = slot
+
+    def unload(self, model: nnx.Module, name: str) -> None:
+        clear_slot(model, self.slot(name))
+        del self._slots[name]
