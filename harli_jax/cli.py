@@ -12,26 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from harli_jax.cli_common import UsageError, add_model_args, load_llm
+from harli_jax.cli_finetune import PARSERS
 from harli_jax.models.config import CheckpointError
-
-
-class UsageError(Exception):
-    """A user mistake the CLI reports in one line."""
-
-
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", help="HF checkpoint directory (default: the embedded demo model)"
-    )
-    parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32")
-
-
-def _load_llm(args: argparse.Namespace):
-    from harli_jax import LLM
-
-    if args.model is None:
-        return LLM.demo(**({"dtype": args.dtype} if args.dtype else {}))
-    return LLM(args.model, dtype=args.dtype or "bfloat16")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -47,14 +30,14 @@ def _generate(args: argparse.Namespace) -> None:
         )
     except ValueError as err:
         raise UsageError(str(err).replace("SamplingParams.", "--").replace("_", "-")) from None
-    llm = _load_llm(args)
+    llm = load_llm(args)
     for out in llm.generate(args.prompt, params):
         print(out.text)
 
 
 def _generate_parser(sub) -> Callable:
     p = sub.add_parser("generate", help="generate text for one or more prompts")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -72,7 +55,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     if args.max_queued < 1:
         raise UsageError(f"--max-queued={args.max_queued} must be at least 1")
-    llm = _load_llm(args)
+    llm = load_llm(args)
     name = args.served_model_name or (Path(args.model).name if args.model else "harli-demo")
     engine = Engine(llm.engine, max_queued=args.max_queued).start()
     app = create_app(engine, name, api_key=args.api_key, tpot_slo_ms=args.tpot_slo_ms)
@@ -84,7 +67,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _serve_parser(sub) -> Callable:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -108,6 +91,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     handlers = {"generate": _generate_parser(sub), "serve": _serve_parser(sub)}
+    handlers.update({name: make(sub) for name, make in PARSERS.items()})
     return parser, handlers
 
 

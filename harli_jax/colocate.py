@@ -34,14 +34,18 @@ class ReplayResult:
 
 
 def calibrate(llm: LLM, scheduler: ColocationScheduler, job: FineTuneJob, progress=print) -> float:
-    """Compiles and measures every program the run will use before the clock starts: each cut of
-    the train step, and inference at each decode batch bucket. Returns the seconds it took."""
+    """Compiles every program the run can use (each inference shape bucket, each cut of the train
+    step) and measures them, before the clock starts. Returns the seconds it took."""
+    from tqdm import tqdm
+
     start = time.perf_counter()
+    core = llm.engine
+    with tqdm(total=len(core.shape_buckets()), desc="compiling inference", unit="program") as bar:
+        core.compile_all(lambda done, total: bar.update(1))
     progress("compiling and calibrating the train step's micro-steps ...")
     scheduler.calibrate(job)
-    core, rows = llm.engine, 1
+    rows = 1
     while rows <= core.config.max_num_seqs:
-        progress(f"compiling and calibrating decode at batch {rows} ...")
         for i in range(rows):
             core.add_request([1 + i % 7] * 4, SamplingParams(max_tokens=8, ignore_eos=True))
         while core.has_unfinished():

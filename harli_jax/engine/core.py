@@ -51,6 +51,8 @@ class _Sequence:
     seed: int
     adapter_slot: int = 0
     num_cached: int = 0
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    admitted: bool = False
 
     @property
     def tokens(self) -> list[int]:
@@ -79,6 +81,7 @@ class EngineCore:
         self.config = config
         self.pages_per_seq = math.ceil(self.max_model_len / config.page_size)
         num_pages = config.num_pages or config.max_num_seqs * self.pages_per_seq + 1
+        self.base_model = model  # without the serving LoRA bank: what fine-tune jobs build on
         self.adapters = None
         if config.max_loras:
             self.adapters = AdapterBank(config.max_loras, config.max_lora_rank)
@@ -102,6 +105,7 @@ class EngineCore:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._ids = itertools.count()
+        self._queue_waits: list[float] = []
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
 
     # -- requests ---------------------------------------------------------------------------
@@ -162,6 +166,11 @@ class EngineCore:
             self._running.remove(seq)
             self._release(seq)
 
+    def drain_queue_waits(self) -> list[float]:
+        """Arrival-to-admission seconds of the requests admitted since the last call."""
+        waits, self._queue_waits = self._queue_waits, []
+        return waits
+
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
 
@@ -207,11 +216,17 @@ class EngineCore:
             if not self._ensure_pages(seq, first_chunk):
                 break
             self._running.append(self._waiting.popleft())
+            if not seq.admitted:  # re-admission after preemption is not queueing
+                seq.admitted = True
+                self._queue_waits.append(time.perf_counter() - seq.arrival)
+
+    @property
+    def _prefill_rows(self) -> int:
+        return max(1, self.config.max_prefill_tokens // self.config.prefill_chunk)
 
     def _prefill_batch(self, candidates: list[_Sequence]) -> list[_Sequence]:
-        rows = max(1, self.config.max_prefill_tokens // self.config.prefill_chunk)
         chosen = []
-        for seq in candidates[:rows]:
+        for seq in candidates[: self._prefill_rows]:
             if self._ensure_pages(seq, min(seq.pending, self.config.prefill_chunk)):
                 chosen.append(seq)
         return chosen
@@ -260,13 +275,11 @@ class EngineCore:
         """Processes up to ``max_chunk`` uncached tokens of each sequence in one device call;
         appends the program's key to ``keys``."""
         chunks = [min(s.pending, max_chunk) for s in seqs]
-        rows, width = bucket(len(seqs)), bucket(max(chunks), smallest=min(max_chunk, 16))
-        tokens = np.zeros((rows, width), np.int32)
-        positions = np.zeros((rows, width), np.int32)
-        slots = np.full((rows, width), SCRATCH_PAGE * self.config.page_size, np.int32)
         page_rows = [self.pages.pages(Owner("kv", s.request_id)) for s in seqs]
-        table = np.full((rows, bucket(max(len(p) for p in page_rows))), SCRATCH_PAGE, np.int32)
-        last = np.zeros(rows, np.int32)
+        rows, width = bucket(len(seqs)), max_chunk
+        tokens, positions, slots, table, last = self._blank_inputs(
+            rows, width, self._page_bucket(max(len(p) for p in page_rows))
+        )
         for row, (seq, chunk, pages) in enumerate(zip(seqs, chunks, page_rows)):
             start = seq.num_cached
             pos = np.arange(start, start + chunk)
@@ -284,10 +297,58 @@ class EngineCore:
             [len(s.output.token_ids) for s in seqs],
             rows,
         )
+        key, args = self._step_args(
+            tokens, positions, slots, table, last, sampler, [s.adapter_slot for s in seqs]
+        )
+        keys.append(key)
+        self.cache, sampled = self._program(key, args)(*args)
+        sampled = [np.asarray(x) for x in sampled]
+        outputs = []
+        for row, (seq, chunk) in enumerate(zip(seqs, chunks)):
+            seq.num_cached += chunk
+            if seq.pending == 0:
+                outputs.append(self._emit(seq, *(x[row] for x in sampled)))
+        return outputs
+
+    def _page_bucket(self, pages: int) -> int:
+        return min(bucket(pages), self.pages_per_seq)
+
+    def _blank_inputs(self, rows: int, width: int, pages: int) -> tuple[np.ndarray, ...]:
+        """Host arrays of one step, every row padding: tokens, positions, slots, table, last."""
+        return (
+            np.zeros((rows, width), np.int32),
+            np.zeros((rows, width), np.int32),
+            np.full((rows, width), SCRATCH_PAGE * self.config.page_size, np.int32),
+            np.full((rows, pages), SCRATCH_PAGE, np.int32),
+            np.zeros(rows, np.int32),
+        )
+
+    def shape_buckets(self) -> list[tuple[int, int, int]]:
+        """Every (rows, tokens per row, pages per row) a step can run: decode, then prefill."""
+        pages = sorted({self._page_bucket(n) for n in range(1, self.pages_per_seq + 1)})
+        decode_rows = sorted({bucket(n) for n in range(1, self.config.max_num_seqs + 1)})
+        prefill_rows = sorted({bucket(n) for n in range(1, self._prefill_rows + 1)})
+        return [(r, 1, p) for r in decode_rows for p in pages] + [
+            (r, self.config.prefill_chunk, p) for r in prefill_rows for p in pages
+        ]
+
+    def compile_all(self, progress=lambda done, total: None) -> float:
+        """Compiles every program :meth:`shape_buckets` names; returns the seconds it took."""
+        start, shapes = time.perf_counter(), self.shape_buckets()
+        for done, (rows, width, pages) in enumerate(shapes):
+            blank = self._blank_inputs(rows, width, pages)
+            key, args = self._step_args(*blank, SamplerInputs.build([], [], [], rows), [])
+            self._program(key, args)
+            progress(done + 1, len(shapes))
+        return time.perf_counter() - start
+
+    def _step_args(self, tokens, positions, slots, table, last, sampler, adapter_slots):
+        """The program key and device arguments of one step from its host arrays."""
+        rows, width = tokens.shape
         slot_ids = None
         if self.adapters is not None:
             slot_ids = np.zeros(rows, np.int32)
-            slot_ids[: len(seqs)] = [s.adapter_slot for s in seqs]
+            slot_ids[: len(adapter_slots)] = adapter_slots
         args = (
             self.state,
             self.cache,
@@ -298,16 +359,7 @@ class EngineCore:
             sampler,
             slot_ids,
         )
-        key = f"forward/r{rows}/t{width}/p{table.shape[1]}"
-        keys.append(key)
-        self.cache, sampled = self._program(key, args)(*args)
-        sampled = [np.asarray(x) for x in sampled]
-        outputs = []
-        for row, (seq, chunk) in enumerate(zip(seqs, chunks)):
-            seq.num_cached += chunk
-            if seq.pending == 0:
-                outputs.append(self._emit(seq, *(x[row] for x in sampled)))
-        return outputs
+        return f"forward/r{rows}/t{width}/p{table.shape[1]}", args
 
     def _program(self, key: str, args: tuple) -> jax.stages.Compiled:
         """The compiled program for ``key`` (compiled now if it is new) and its cost."""

@@ -25,6 +25,7 @@ from harli_jax.lora.inject import adapter_weights, inject_lora
 from harli_jax.lora.optim import make_optimizer
 from harli_jax.lora.peft_io import save_adapter
 from harli_jax.lora.train import MicroStep, Trainer, TrainPlan
+from harli_jax.sched.costs import Cost, compiled_cost, train_cost
 
 Granularity = tuple[int, list[tuple[int, int]]]  # (token chunks, layer spans)
 
@@ -78,6 +79,8 @@ class FineTuneJob:
         self.name = name
         self.config = config
         examples = load_jsonl(config.data)  # a bad file stops the job before it starts
+        self._model_config = base.config
+        self._dtype_bytes = base.embed_tokens[...].dtype.itemsize
         model = nnx.merge(*nnx.split(base))  # a new module tree over the same arrays
         inject_lora(model, config.lora, slots=1, rngs=nnx.Rngs(config.seed))
         optimizer = make_optimizer(
@@ -130,6 +133,11 @@ class FineTuneJob:
         )
         self.tokens_trained = state["progress"]["tokens_trained"]
         self.losses = list(state["progress"]["losses"])
+
+    def program_cost(self, key: tuple) -> Cost:
+        """Stage-1 cost of the trainer's compiled program ``key`` (XLA's, else analytic)."""
+        fallback = train_cost(self._model_config, key, self._dtype_bytes)
+        return compiled_cost(self.trainer.executable(key), fallback)
 
     def checkpoint(self) -> None:
         self.checkpointer.save(self.step, self._state())

@@ -10,9 +10,10 @@ the next token's deadline with fine-tune work. A full inbox is refused at once (
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Protocol
 
 from harli_jax.engine.core import EngineCore
@@ -29,12 +30,27 @@ class QueueFull(Exception):
 class Colocator(Protocol):
     """What the loop asks between inference steps (implemented by the co-location scheduler)."""
 
+    def predictor_errors(self) -> dict[str, dict[str, float]]:
+        """Latency-predictor error statistics by program family, for metrics."""
+
     def after_step(self, report: StepReport | None) -> bool:
         """Runs fine-tune work after the inference step ``report`` describes (None: the loop
         had no inference work); True if it ran any."""
 
 
 _END = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine-side numbers the server's ``/metrics`` exports."""
+
+    num_running: int
+    num_waiting: int
+    queue_wait_seconds: list[float]  # arrival -> admission, of admissions since the last snapshot
+    finetune_tokens: int
+    arena_pages: dict[str, int]
+    predictor_errors: dict[str, dict[str, float]]
 
 
 class RequestStream:
@@ -122,6 +138,28 @@ class Engine:
     def num_pending(self) -> int:
         return self._pending
 
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` on the loop thread before its next step (for work that touches the
+        device or the engine's state, e.g. loading an adapter or starting a fine-tune job)."""
+        self._inbox.put(("call", fn))
+        self._wake.set()
+
+    def adapters(self) -> list[str]:
+        """Names of the adapters requests may ask for."""
+        bank = self.core.adapters
+        return [] if bank is None else bank.names()
+
+    def metrics_snapshot(self) -> EngineSnapshot:
+        pages = self.core.pages.snapshot()
+        return EngineSnapshot(
+            num_running=self.core.num_running,
+            num_waiting=self.core.num_waiting,
+            queue_wait_seconds=self.core.drain_queue_waits(),
+            finetune_tokens=self.metrics.finetune_tokens,
+            arena_pages={k: pages[k] for k in ("kv", "finetune", "free", "reserved")},
+            predictor_errors={} if self.colocator is None else self.colocator.predictor_errors(),
+        )
+
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._run, name="harli-engine", daemon=True)
         self._thread.start()
@@ -137,7 +175,9 @@ class Engine:
     def _drain_inbox(self) -> None:
         while not self._inbox.empty():
             kind, payload = self._inbox.get()
-            if kind == "request":
+            if kind == "call":
+                payload()
+            elif kind == "request":
                 stream, prompt, params = payload
                 self._streams[stream.request_id] = stream
                 self.core.add_request(prompt, params, stream.request_id)

@@ -60,3 +60,28 @@ def forward_cost(
         "flops": float(2 * weights * rows * tokens + attention_flops),
         "bytes accessed": float(weights * dtype_bytes + kv_bytes + activation_bytes),
     }
+
+
+def train_cost(config: ModelConfig, key: tuple, dtype_bytes: int) -> Cost:
+    """Analytic cost of a LoRA train program named by its ``Trainer`` key: ``("fwd" | "bwd",
+    place, layers, rows, seq_len)``, ``("head" | "step", rows, seq_len)``, or an optimiser
+    program (``("update",)``: a LoRA-sized pass, priced as one layer's bytes)."""
+    kind = key[0]
+    per_layer = dataclasses.replace(config, num_layers=1, vocab_size=0)
+    if kind in ("fwd", "bwd"):
+        _, _, layers, rows, seq_len = key
+        one = forward_cost(per_layer, rows, seq_len, seq_len, dtype_bytes)
+        factor = 1 if kind == "fwd" else 3  # backward recomputes the span, then two matmuls
+        return {name: value * layers * factor for name, value in one.items()}
+    if kind in ("head", "step"):
+        rows, seq_len = key[1], key[2]
+        if kind == "step":
+            whole = forward_cost(config, rows, seq_len, seq_len, dtype_bytes)
+            return {name: 3 * value for name, value in whole.items()}
+        flops = 6 * rows * seq_len * config.hidden_size * config.vocab_size
+        return {
+            "flops": float(flops),
+            "bytes accessed": float(config.hidden_size * config.vocab_size * dtype_bytes),
+        }
+    weights = weight_count(per_layer)
+    return {"flops": float(weights), "bytes accessed": float(weights * dtype_bytes)}

@@ -58,7 +58,12 @@ class ColocationScheduler:
         self.jobs: deque[FineTuneJob] = deque()
         self.finished: list[FineTuneJob] = []
         self._slack = deque(maxlen=64)  # recent fine-tune budgets, for choosing granularity
+        self._option_keys: dict[tuple, set[tuple]] = {}  # the programs each cut runs
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
+        self.on_job_failed = lambda job, error: None
+
+    def predictor_errors(self) -> dict[str, dict[str, float]]:
+        return {family: self.predictor.error_stats(family) for family in ("inference", "train")}
 
     def add_job(self, job: FineTuneJob) -> None:
         self.jobs.append(job)
@@ -72,21 +77,27 @@ class ColocationScheduler:
         if self.config.policy == "serve-only" or not self.jobs:
             return False
         job = self.jobs[0]
-        if report is None or self.config.policy == "naive":
-            ran = self._run_whole_step(job)
-        elif self.config.policy == "static":
-            ran = self._fill(
-                job, self.config.static_budget_s, self._static_granularity(job), predicted=False
-            )
-        else:
-            budget = self._harli_budget(report)
-            self._slack.append(budget)
-            ran = self._fill(job, budget, self._harli_granularity(job), predicted=True)
+        try:
+            ran = self._advance(job, report)
+        except Exception as error:  # a broken job must not take serving down with it
+            self.jobs.popleft()
+            self.on_job_failed(job, error)
+            return True
         if job.done:
             self.jobs.popleft()
             self.finished.append(job)
             self.on_job_done(job)
         return ran
+
+    def _advance(self, job: FineTuneJob, report: StepReport | None) -> bool:
+        if report is None or self.config.policy == "naive":
+            return self._run_whole_step(job)
+        if self.config.policy == "static":
+            granularity = self._static_granularity(job)
+            return self._fill(job, self.config.static_budget_s, granularity, predicted=False)
+        budget = self._harli_budget(report)
+        self._slack.append(budget)
+        return self._fill(job, budget, self._harli_granularity(job), predicted=True)
 
     # -- decisions --------------------------------------------------------------------------
     def _harli_budget(self, report: StepReport) -> float:
@@ -113,9 +124,12 @@ class ColocationScheduler:
         return options[-1]
 
     def _largest_micro_step(self, job: FineTuneJob, option: Granularity) -> float:
-        keys = job.trainer.program_keys(job.config.batch_size, job.config.seq_len, *option)
-        known = [self._predict_train(job, key) for key in keys]
-        return max((t for t in known if t is not None), default=float("inf"))
+        """The predicted time of the longest micro-step of a step cut as ``option`` (infinite
+        for a cut not yet calibrated)."""
+        keys = self._option_keys.get(_option_id(job, option))
+        if not keys:
+            return float("inf")
+        return max(self._predict_train(job, key) or float("inf") for key in keys)
 
     # -- running ----------------------------------------------------------------------------
     def _fill(self, job: FineTuneJob, budget: float, granularity: Granularity, predicted: bool):
@@ -148,7 +162,7 @@ class ColocationScheduler:
         if key in self.predictor:
             self.predictor.observe(key, seconds)
         else:  # the first run compiled the program: register it, but do not learn from it
-            self.predictor.register(key, "train", job.trainer.program_cost(micro.key))
+            self.predictor.register(key, "train", job.program_cost(micro.key))
         if metrics is not None:
             self.metrics.on_finetune_tokens(metrics["tokens"])
         return seconds
@@ -157,9 +171,13 @@ class ColocationScheduler:
         """Compiles and measures every cut of ``job``'s train step (one real step at each, then
         one more so that each program has a measured, compile-free run)."""
         for option in [*self._options(job), *self._options(job)]:
-            self.run_micro_step(job, job.next_micro_step(option))
-            while job.in_step:
-                self.run_micro_step(job, job.next_micro_step(option))
+            keys = self._option_keys.setdefault(_option_id(job, option), set())
+            while True:
+                micro = job.next_micro_step(option)
+                keys.add(micro.key)
+                self.run_micro_step(job, micro)
+                if not job.in_step:
+                    break
 
     # -- predictor plumbing -----------------------------------------------------------------
     def observe_inference(self, report: StepReport) -> None:
@@ -171,6 +189,11 @@ class ColocationScheduler:
     def _predict_train(self, job: FineTuneJob, program_key: tuple) -> float | None:
         key = _key(program_key)
         return self.predictor.predict(key) if key in self.predictor else None
+
+
+def _option_id(job: FineTuneJob, option: Granularity) -> tuple:
+    shape = (job.config.lora, job.config.batch_size, job.config.seq_len)
+    return (shape, option[0], tuple(option[1]))
 
 
 def _key(program_key: tuple) -> str:

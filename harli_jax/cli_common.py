@@ -1,0 +1,24 @@
+"""What every ``harli-jax`` sub-command shares: the user-error type and the model flags."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UsageError(Exception):
+    """A user mistake the CLI reports in one line (exit status 2), naming the flag or file."""
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="HF checkpoint directory (default: the embedded demo model)"
+    )
+    parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32")
+
+
+def load_llm(args: argparse.Namespace, **engine_kwargs):
+    from harli_jax import LLM
+
+    if args.model is None:
+        return LLM.demo(**({"dtype": args.dtype} if args.dtype else {}), **engine_kwargs)
+    return LLM(args.model, dtype=args.dtype or "bfloat16", **engine_kwargs)
