@@ -12,20 +12,22 @@ from harli_jax.cli_common import UsageError, add_model_args, load_llm
 from harli_jax.lora.config import LoraConfig
 
 
-def _add_job_args(p: argparse.ArgumentParser, steps: int, batch_size: int, seq_len: int) -> None:
+def _add_job_args(
+    p: argparse.ArgumentParser, steps: int, batch_size: int, seq_len: int, lr: float, targets: str
+) -> None:
     p.add_argument(
         "--data", type=Path, help="training data, jsonl (text, prompt/completion or chat messages)"
     )
     p.add_argument("--out", type=Path, default=Path("harli-out"), help="output directory")
     p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--seq-len", type=int, default=seq_len)
     p.add_argument("--r", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument(
         "--target-modules",
-        default="q_proj,v_proj",
+        default=targets,
         help="comma-separated HF module names, or all-linear",
     )
     p.add_argument("--checkpoint-every", type=int, default=50)
@@ -110,7 +112,7 @@ def _finetune(args: argparse.Namespace) -> None:
 def _finetune_parser(sub) -> Callable:
     p = sub.add_parser("finetune", help="LoRA fine-tuning alone, with checkpoints")
     add_model_args(p)
-    _add_job_args(p, steps=100, batch_size=4, seq_len=256)
+    _add_job_args(p, steps=100, batch_size=4, seq_len=256, lr=2e-4, targets="q_proj,v_proj")
     p.add_argument("--resume", action="store_true", help="continue the job in --out")
     return _finetune
 
@@ -125,7 +127,13 @@ def _train_colocated(args: argparse.Namespace) -> None:
         config = SchedulerConfig(policy=args.policy, tpot_slo_s=args.tpot_slo_ms / 1e3)
     except ValueError as err:
         raise UsageError(str(err).replace("the TPOT SLO", "--tpot-slo-ms")) from None
-    llm = load_llm(args)
+    llm = load_llm(
+        args,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        page_size=args.page_size,
+        prefill_chunk=args.prefill_chunk,
+    )
     if args.trace is not None:
         try:
             trace = load_trace(args.trace)
@@ -187,15 +195,22 @@ def _train_colocated_parser(sub) -> Callable:
 
     p = sub.add_parser("train-colocated", help="serve a request trace while fine-tuning")
     add_model_args(p)
-    _add_job_args(p, steps=150, batch_size=8, seq_len=64)
+    # Defaults sized for the demo task: its 100 sums are learnt in ~150 steps at this rate.
+    _add_job_args(p, steps=150, batch_size=8, seq_len=64, lr=1e-3, targets="all-linear")
     p.add_argument("--tpot-slo-ms", type=float, default=50.0)
     p.add_argument("--policy", choices=POLICIES, default="harli")
     p.add_argument("--trace", type=Path, help="jsonl of arrival_s, prompt_tokens, output_tokens")
     p.add_argument("--rate", type=float, default=4.0, help="requests/s of a synthetic trace")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of synthetic trace")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of synthetic trace")
     p.add_argument("--bursty", action="store_true", help="Gamma arrivals (CV 2), not Poisson")
     p.add_argument("--mean-prompt", type=float, default=48.0)
     p.add_argument("--mean-output", type=float, default=48.0)
+    # Engine shape: every (batch, context) bucket is compiled before the trace starts, so the
+    # defaults keep the bucket count small enough for a CPU.
+    p.add_argument("--max-num-seqs", type=int, default=16, help="largest decode batch")
+    p.add_argument("--max-model-len", type=int, default=256, help="context per sequence")
+    p.add_argument("--page-size", type=int, default=32)
+    p.add_argument("--prefill-chunk", type=int, default=128)
     return _train_colocated
 
 
