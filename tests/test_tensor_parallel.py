@@ -154,7 +154,8 @@ def _decode_collectives(llm: LLM) -> list[int]:
     )
     last = jnp.zeros(DECODE_ROWS, jnp.int32)
     step = make_forward_step(llm.engine.graphdef)
-    hlo = step.lower(llm.engine.state, llm.engine.cache, ids, ids, paged, last, sampler)
+    slot_ids = None if llm.engine.adapters is None else jnp.zeros(DECODE_ROWS, jnp.int32)
+    hlo = step.lower(llm.engine.state, llm.engine.cache, ids, ids, paged, last, sampler, slot_ids)
     sizes = []
     for match in COLLECTIVE.finditer(hlo.compile().as_text()):
         dims = re.findall(r"\[([\d,]*)\]", match.group(1))
