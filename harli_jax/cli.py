@@ -50,15 +50,34 @@ def _generate_parser(sub) -> Callable:
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from harli_jax.engine.loop import Engine
+    from harli_jax.engine.jobs import JobManager
+    from harli_jax.sched.predictor import Predictor, measure_device_rates
     from harli_jax.serve import create_app
 
     if args.max_queued < 1:
         raise UsageError(f"--max-queued={args.max_queued} must be at least 1")
+    if args.tpot_slo_ms <= 0:
+        raise UsageError(f"--tpot-slo-ms={args.tpot_slo_ms} must be positive")
+    rates = measure_device_rates()  # before the model and its KV cache claim device memory
     llm = load_llm(args)
     name = args.served_model_name or (Path(args.model).name if args.model else "harli-demo")
-    engine = Engine(llm.engine, max_queued=args.max_queued).start()
-    app = create_app(engine, name, api_key=args.api_key, tpot_slo_ms=args.tpot_slo_ms)
+    jobs = JobManager.colocated(
+        llm.engine,
+        name,
+        args.state_dir / "jobs",
+        tpot_slo_s=args.tpot_slo_ms / 1e3,
+        max_queued=args.max_queued,
+        predictor=Predictor(rates),
+    )
+    engine = jobs.engine.start()
+    app = create_app(
+        engine,
+        name,
+        api_key=args.api_key,
+        jobs=jobs,
+        files_dir=args.state_dir / "files",
+        tpot_slo_ms=args.tpot_slo_ms,
+    )
     try:
         uvicorn.run(app, host=args.host, port=args.port)
     finally:
@@ -80,7 +99,18 @@ def _serve_parser(sub) -> Callable:
         "--served-model-name", help="the `model` clients ask for (default: the directory's name)"
     )
     p.add_argument("--max-queued", type=int, default=256, help="requests in flight before 429")
-    p.add_argument("--tpot-slo-ms", type=float, default=None, help="TPOT SLO /metrics reports on")
+    p.add_argument(
+        "--tpot-slo-ms",
+        type=float,
+        default=50.0,
+        help="TPOT SLO: fine-tuning runs in the slack it leaves, and /metrics reports on it",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("harli-state"),
+        help="uploaded files and fine-tuning jobs (files/, jobs/); jobs resume from it",
+    )
     return _serve
 
 

@@ -104,7 +104,7 @@ def run_colocated(
     predictor = predictor or Predictor(measure_device_rates())
     metrics = EngineMetrics(tpot_slo_s=config.tpot_slo_s)
     scheduler = ColocationScheduler(config, predictor, metrics)
-    say = print if show_progress else (lambda *_: None)
+    say = print if show_progress else (lambda *_, **__: None)
     compile_s = calibrate(llm, scheduler, job, progress=say)
     say(f"compiled and calibrated in {compile_s:.1f} s")
     scheduler.add_job(job)

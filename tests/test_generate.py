@@ -141,3 +141,12 @@ def test_prompt_longer_than_the_context_is_refused(checkpoint):
 def test_invalid_sampling_params_name_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+def test_top_k_one_through_the_engine_is_greedy(checkpoint):
+    llm = LLM(checkpoint("llama"), dtype="float32")
+    greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    topk1 = llm.generate(
+        PROMPTS, SamplingParams(max_tokens=8, temperature=1.0, top_k=1, seed=3, ignore_eos=True)
+    )
+    assert [o.token_ids for o in topk1] == [o.token_ids for o in greedy]

@@ -41,9 +41,7 @@ def core(checkpoint):
 
 
 def idle_engine(core, max_queued: int = 8) -> Engine:
-    engine = Engine(core, max_queued=max_queued)  # not started: nothing it accepts ever runs
-    engine.adapters = lambda: []  # until Engine.adapters() lands
-    return engine
+    return Engine(core, max_queued=max_queued)  # not started: nothing it accepts ever runs
 
 
 @pytest.fixture(scope="module")

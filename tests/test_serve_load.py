@@ -7,7 +7,6 @@ import asyncio
 import collections
 import json
 import time
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,22 +18,12 @@ from harli_jax.serve import BackgroundServer, create_app
 MODEL = "tiny-llama"
 CONTEXT = 256
 MAX_QUEUED = 64
-IDLE = SimpleNamespace(
-    num_running=0,
-    num_waiting=0,
-    queue_wait_seconds=[],
-    finetune_tokens=0,
-    arena_pages={},
-    predictor_errors={},
-)
 
 
 @pytest.fixture(scope="module")
 def served(checkpoint):
     llm = LLM(checkpoint("llama"), dtype="float32", page_size=CONTEXT, max_num_seqs=4)
     engine = Engine(llm.engine, max_queued=MAX_QUEUED).start()
-    engine.adapters = lambda: []  # until Engine.adapters() lands
-    engine.metrics_snapshot = lambda: IDLE  # until Engine.metrics_snapshot() lands
     with BackgroundServer(create_app(engine, MODEL)) as server:
         yield server.url, engine
     engine.stop()

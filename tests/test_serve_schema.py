@@ -4,8 +4,6 @@ and invalid, to every route; no answer is a 5xx, and every answer is one the sch
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -29,14 +27,6 @@ CHECKS = [
     response_schema_conformance,
     negative_data_rejection,
 ]
-SNAPSHOT = SimpleNamespace(
-    num_running=0,
-    num_waiting=0,
-    queue_wait_seconds=[0.01],
-    finetune_tokens=0,
-    arena_pages={"kv": 1, "free": 2},
-    predictor_errors={"decode": {"mape": 0.1, "p99_rel_error": 0.2, "bias": 0.0}},
-)
 
 
 class NoJobs:
@@ -59,8 +49,6 @@ def api_schema(checkpoint, tmp_path_factory):
     # A short context keeps every generated request to a few dozen decode steps.
     llm = LLM(checkpoint("llama"), dtype="float32", max_model_len=48, page_size=48, max_num_seqs=2)
     engine = Engine(llm.engine, max_queued=32).start()
-    engine.adapters = lambda: ["ft:demo:ftjob-0"]  # until Engine.adapters() lands
-    engine.metrics_snapshot = lambda: SNAPSHOT  # until Engine.metrics_snapshot() lands
     app = create_app(engine, MODEL, jobs=NoJobs(), files_dir=tmp_path_factory.mktemp("files"))
     yield schemathesis.openapi.from_asgi("/openapi.json", app)
     engine.stop()

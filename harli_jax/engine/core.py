@@ -23,7 +23,7 @@ from flax import nnx
 
 from harli_jax.engine.adapters import AdapterBank
 from harli_jax.engine.output import OutputBuilder, RequestOutput
-from harli_jax.engine.sampling import SamplerInputs, SamplingParams
+from harli_jax.engine.sampling import SamplerInputs, SamplingParams, needs_restriction
 from harli_jax.engine.steps import bucket, make_forward_step
 from harli_jax.memory.kv_cache import SCRATCH_PAGE, KVCache, PagedBatch
 from harli_jax.memory.page_table import OutOfPages, Owner, PageTable
@@ -297,11 +297,13 @@ class EngineCore:
             [len(s.output.token_ids) for s in seqs],
             rows,
         )
+        restrict = needs_restriction([s.params for s in seqs])
         key, args = self._step_args(
             tokens, positions, slots, table, last, sampler, [s.adapter_slot for s in seqs]
         )
+        key += "/topkp" if restrict else ""
         keys.append(key)
-        self.cache, sampled = self._program(key, args)(*args)
+        self.cache, sampled = self._program(key, args, restrict)(*args)
         sampled = [np.asarray(x) for x in sampled]
         outputs = []
         for row, (seq, chunk) in enumerate(zip(seqs, chunks)):
@@ -361,10 +363,11 @@ class EngineCore:
         )
         return f"forward/r{rows}/t{width}/p{table.shape[1]}", args
 
-    def _program(self, key: str, args: tuple) -> jax.stages.Compiled:
-        """The compiled program for ``key`` (compiled now if it is new) and its cost."""
+    def _program(self, key: str, args: tuple, restrict: bool = False) -> jax.stages.Compiled:
+        """The compiled program for ``key`` (compiled now if it is new) and its cost. Programs
+        with top-k/top-p (``restrict``) are not pre-compiled: the first such request pays it."""
         if key not in self._programs:
-            compiled = self._forward.lower(*args).compile()
+            compiled = self._forward.lower(*args, restrict=restrict).compile()
             rows, width = args[2].shape
             context = args[4].page_table.shape[1] * self.config.page_size
             fallback = forward_cost(

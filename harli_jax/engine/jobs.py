@@ -3,30 +3,49 @@
 Owns each job's record (status, events, hyperparameters) and its directory on disk
 (``<state_dir>/<job id>/``: ``record.json``, the job's checkpoints, its adapter), so jobs survive a
 restart: a manager opened on the same directory resumes every job that had not ended, from its
-last checkpoint. Everything that touches the device (building the trainer, training, loading the
-adapter into serving) happens on the engine's loop thread through :meth:`Engine.call_soon`; the
-server's threads only read and write records.
+last checkpoint, and serves every succeeded job's adapter again. Everything that touches the
+device (building the trainer, training, loading the adapter into serving) happens on the engine's
+loop thread through :meth:`Engine.call_soon`; the server's threads only read and write records.
+
+A succeeded job's adapter is served as ``ft:<base>:<job id>`` before the job reads as succeeded.
+When every slot of the engine's adapter bank is taken, the job still succeeds (its adapter is on
+disk) but is not served, with a warning event: evicting a served adapter could pull it from under
+requests already decoding with it. A job that breaks fails alone; serving goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harli_jax.engine.core import EngineCore
 from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob
 from harli_jax.engine.loop import Engine
+from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.config import LoraConfig
-from harli_jax.lora.data import load_jsonl
+from harli_jax.lora.data import PackedBatches, load_jsonl
 from harli_jax.lora.peft_io import load_adapter
-from harli_jax.sched.scheduler import ColocationScheduler
+from harli_jax.sched.predictor import Predictor, measure_device_rates
+from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
 
 BASE_LR = 2e-4  # what learning_rate_multiplier multiplies
+DEFAULTS: dict[str, Any] = {
+    "n_epochs": 3,
+    "batch_size": 4,
+    "learning_rate_multiplier": 1.0,
+    "lora_r": 8,
+    "lora_alpha": 16.0,
+    "lora_target_modules": ["q_proj", "v_proj"],
+    "seed": 0,
+    "seq_len": 256,  # capped at the model's context
+}
 _ENDED = ("succeeded", "failed", "cancelled")
 
 
@@ -57,24 +76,53 @@ class JobManager:
     """Implements the server's ``JobService`` over an :class:`Engine` and its scheduler."""
 
     def __init__(
-        self, engine: Engine, scheduler: ColocationScheduler, base_name: str, state_dir: Path
+        self,
+        engine: Engine,
+        scheduler: ColocationScheduler,
+        base_name: str,
+        state_dir: str | os.PathLike[str],
     ):
+        """Resumes the jobs recorded in ``state_dir``; start ``engine`` afterwards (or before:
+        the work is queued on its loop either way)."""
         self.engine, self.scheduler, self.base_name = engine, scheduler, base_name
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        # Reentrant: a status check and the change it allows are one critical section.
+        self._lock = threading.RLock()
         self._jobs: dict[str, JobInfo] = {}
-        self._running: dict[str, FineTuneJob] = {}
+        self._running: dict[str, FineTuneJob] = {}  # touched on the loop thread only
         scheduler.on_job_done = self._on_done
         scheduler.on_job_failed = lambda job, error: self._fail(self._jobs[job.name], error)
-        for record in sorted(self.state_dir.glob("*/record.json")):
-            info = _load_record(record)
+        records = [_load_record(path) for path in self.state_dir.glob("*/record.json")]
+        for info in sorted(records, key=lambda info: (info.created_at, info.id)):
             self._jobs[info.id] = info
             if info.status not in _ENDED:
                 self._event(info, "info", "Resuming after a restart")
-                self.engine.call_soon(lambda info=info: self._start(info))
+                self._on_loop(info, self._start)
             elif info.status == "succeeded":
-                self.engine.call_soon(lambda info=info: self._serve(info))
+                self._on_loop(info, self._serve)
+
+    @classmethod
+    def colocated(
+        cls,
+        core: EngineCore,
+        base_name: str,
+        state_dir: str | os.PathLike[str],
+        *,
+        tpot_slo_s: float = 0.05,
+        max_queued: int = 256,
+        predictor: Predictor | None = None,
+    ) -> JobManager:
+        """The whole service over ``core``: an :class:`Engine` (not yet started: ``.engine``)
+        whose co-location scheduler runs this manager's jobs in the slack the TPOT SLO leaves."""
+        metrics = EngineMetrics(tpot_slo_s=tpot_slo_s)
+        scheduler = ColocationScheduler(
+            SchedulerConfig(policy="harli", tpot_slo_s=tpot_slo_s),
+            predictor or Predictor(measure_device_rates()),
+            metrics,
+        )
+        engine = Engine(core, scheduler, max_queued=max_queued, metrics=metrics)
+        return cls(engine, scheduler, base_name, state_dir)
 
     # -- JobService -------------------------------------------------------------------------
     def create(
@@ -90,7 +138,7 @@ class JobManager:
         with self._lock:
             self._jobs[job_id] = info
         self._event(info, "info", "Job created")
-        self.engine.call_soon(lambda: self._start(info))
+        self._on_loop(info, self._start)
         return info
 
     def get(self, job_id: str) -> JobInfo:
@@ -99,26 +147,56 @@ class JobManager:
 
     def list(self) -> list[JobInfo]:
         with self._lock:
-            return sorted(self._jobs.values(), key=lambda info: info.created_at)
+            return list(self._jobs.values())  # creation order
 
     def cancel(self, job_id: str) -> JobInfo:
-        info = self.get(job_id)
-        if info.status in _ENDED:
-            raise ValueError(f"job {job_id} has already {info.status}")
-        self._set(info, status="cancelled", finished_at=int(time.time()))
-        self._event(info, "info", "Job cancelled")
-        self.engine.call_soon(lambda: self._drop(job_id))
+        with self._lock:
+            info = self._jobs[job_id]
+            if info.status in _ENDED:
+                raise ValueError(f"job {job_id} has already {info.status}")
+            self._set(info, status="cancelled", finished_at=int(time.time()))
+            self._event(info, "info", "Job cancelled")
+        self._on_loop(info, self._drop)
         return info
 
     def events(self, job_id: str) -> list[JobEvent]:
-        return list(self.get(job_id).events)
+        with self._lock:
+            return list(self._jobs[job_id].events)
 
     # -- the loop thread ----------------------------------------------------------------------
+    def _on_loop(self, info: JobInfo, work: Callable[[JobInfo], None]) -> None:
+        """Runs ``work(info)`` on the loop thread, failing the job, not the loop, if it raises."""
+
+        def guarded() -> None:
+            try:
+                work(info)
+            except Exception as err:  # a broken job must not take serving down with it
+                self._fail(info, err)
+
+        self.engine.call_soon(guarded)
+
     def _start(self, info: JobInfo) -> None:
         if info.status in _ENDED:
             return
+        job = FineTuneJob(
+            info.id,
+            self._config(info),
+            self.engine.core.base_model,
+            self.engine.core.tokenizer,
+        )
+        if job.step:
+            self._event(info, "info", f"Resumed from the checkpoint of step {job.step}")
+        self._running[info.id] = job
+        if job.done:  # the last step was saved, but the job had not been marked done
+            job.save_adapter()
+            self._on_done(job)
+        elif self._transition(info, status="queued" if self.scheduler.jobs else "running"):
+            self._event(info, "info", f"Validated training file; {job.config.steps} steps")
+            self.scheduler.add_job(job)
+
+    def _config(self, info: JobInfo) -> FineTuneConfig:
         hp = info.hyperparameters
-        config = FineTuneConfig(
+        return FineTuneConfig(
             data=info.training_file,
             out_dir=self.state_dir / info.id,
             lora=LoraConfig(
@@ -134,69 +212,105 @@ class JobManager:
             checkpoint_every=max(1, hp["steps"] // 10),
             warmup_steps=min(10, hp["steps"] // 10),
         )
-        try:
-            job = FineTuneJob(
-                info.id, config, self.engine.core.base_model, self.engine.core.tokenizer
-            )
-        except ValueError as err:
-            self._fail(info, err)
-            return
-        self._running[info.id] = job
-        self._set(info, status="running" if not self.scheduler.jobs else "queued")
-        self._event(info, "info", f"Validated training file; {config.steps} steps")
-        self.scheduler.add_job(job)
 
     def _on_done(self, job: FineTuneJob) -> None:
         info = self._jobs[job.name]
         self._running.pop(job.name, None)
-        self._set(info, trained_tokens=job.tokens_trained)
-        self._event(info, "info", f"Trained {job.step} steps; final loss {job.losses[-1]:.4f}")
-        self._serve(info)
-        self._set(info, status="succeeded", finished_at=int(time.time()))
-        self._event(info, "info", f"Job succeeded: serving {info.fine_tuned_model}")
-        for other in self.scheduler.jobs:
-            self._set(self._jobs[other.name], status="running")
-            break
+        try:
+            if info.status in _ENDED:  # cancelled while its last step ran
+                return
+            self._set(info, trained_tokens=job.tokens_trained)
+            self._event(info, "info", f"Trained {job.step} steps; final loss {job.losses[-1]:.4f}")
+            self._serve(info)
+            if self._transition(info, status="succeeded", finished_at=int(time.time())):
+                served = info.fine_tuned_model or "not served"
+                self._event(info, "info", f"Job succeeded: {served}")
+        except Exception as err:  # raised inside the scheduler's step, it would stop the loop
+            self._fail(info, err)
+        finally:
+            self._promote()
 
     def _serve(self, info: JobInfo) -> None:
+        """Serves the job's adapter, or says in a warning event why it cannot."""
         name = f"ft:{self.base_name}:{info.id}"
-        weights, config = load_adapter(self.state_dir / info.id / "adapter")
-        self.engine.core.load_adapter(name, weights, config)
+        try:
+            weights, config = load_adapter(self.state_dir / info.id / "adapter")
+            self.engine.core.load_adapter(name, weights, config)
+        except (OSError, ValueError) as err:  # e.g. a full adapter bank, or no bank at all
+            self._set(info, fine_tuned_model=None)
+            self._event(info, "warn", f"The adapter is saved but not served: {err}")
+            return
         self._set(info, fine_tuned_model=name)
 
-    def _drop(self, job_id: str) -> None:
-        job = self._running.pop(job_id, None)
+    def _drop(self, info: JobInfo) -> None:
+        job = self._running.pop(info.id, None)
         if job is not None and job in self.scheduler.jobs:
             job.abandon()
             self.scheduler.jobs.remove(job)
+        self._promote()
+
+    def _promote(self) -> None:
+        """Marks the job the scheduler runs next as running."""
+        if self.scheduler.jobs:
+            self._transition(self._jobs[self.scheduler.jobs[0].name], status="running")
 
     def _fail(self, info: JobInfo, err: Exception) -> None:
-        self._set(info, status="failed", error=str(err), finished_at=int(time.time()))
-        self._event(info, "error", f"Job failed: {err}")
+        self._running.pop(info.id, None)
+        if self._transition(info, status="failed", error=str(err), finished_at=int(time.time())):
+            self._event(info, "error", f"Job failed: {err}")
+        self._promote()
+
+    def _transition(self, info: JobInfo, **changes: Any) -> bool:
+        """Applies ``changes`` unless the job has ended (say, cancelled from another thread
+        meanwhile); whether it did."""
+        with self._lock:
+            if info.status in _ENDED:
+                return False
+            self._set(info, **changes)
+            return True
 
     # -- records ------------------------------------------------------------------------------
-    def _resolve(self, training_file: Path, hp: dict[str, Any]) -> dict[str, Any]:
-        examples = len(load_jsonl(training_file))
-        batch_size = int(hp.get("batch_size", 4))
-        epochs = float(hp.get("n_epochs", 3))
-        multiplier = float(hp.get("learning_rate_multiplier", 1.0))
-        if batch_size < 1 or epochs <= 0 or multiplier <= 0:
+    def _resolve(self, training_file: Path, chosen: dict[str, Any]) -> dict[str, Any]:
+        """Every hyperparameter, defaults filled in, and the steps ``n_epochs`` takes; raises
+        ValueError (naming the problem) for a job that could not run."""
+        hp = {**DEFAULTS, **chosen}
+        tokenizer = self.engine.core.tokenizer
+        if tokenizer is None:
+            raise ValueError(f"{self.base_name!r} has no tokenizer.json: it cannot be fine-tuned")
+        epochs, batch_size = hp["n_epochs"], hp["batch_size"]
+        if not (isinstance(epochs, int) and isinstance(batch_size, int)):
+            raise ValueError("n_epochs and batch_size must be integers")
+        if batch_size < 1 or epochs < 1 or hp["learning_rate_multiplier"] <= 0:
             raise ValueError("batch_size, n_epochs and learning_rate_multiplier must be positive")
-        targets = hp.get("lora_target_modules", ["q_proj", "v_proj"])
-        LoraConfig(r=int(hp.get("lora_r", 8)), target_modules=tuple(targets))  # validates
-        return {
+        context = self.engine.core.model_config.max_position_embeddings
+        resolved = {
             "n_epochs": epochs,
             "batch_size": batch_size,
-            "learning_rate_multiplier": multiplier,
-            "lora_r": int(hp.get("lora_r", 8)),
-            "lora_alpha": float(hp.get("lora_alpha", 16)),
-            "lora_target_modules": list(targets),
-            "seed": int(hp.get("seed", 0)),
-            "seq_len": int(hp.get("seq_len", 256)),
-            "steps": max(1, math.ceil(epochs * examples / batch_size)),
+            "learning_rate_multiplier": float(hp["learning_rate_multiplier"]),
+            "lora_r": int(hp["lora_r"]),
+            "lora_alpha": float(hp["lora_alpha"]),
+            "lora_target_modules": list(hp["lora_target_modules"]),
+            "seed": int(hp["seed"]),
+            "seq_len": min(int(hp["seq_len"]), context),
         }
+        LoraConfig(  # validates the LoRA shape now, not on the loop thread later
+            r=resolved["lora_r"],
+            alpha=resolved["lora_alpha"],
+            target_modules=tuple(resolved["lora_target_modules"]),
+        )
+        # Examples are packed several to a row, so an epoch's steps are counted, not divided.
+        batches = PackedBatches(
+            load_jsonl(training_file),
+            tokenizer,
+            batch_size=batch_size,
+            seq_len=resolved["seq_len"],
+            seed=resolved["seed"],
+            num_epochs=epochs,
+        )
+        resolved["steps"] = sum(1 for _ in batches)
+        return resolved
 
-    def _set(self, info: JobInfo, **changes) -> None:
+    def _set(self, info: JobInfo, **changes: Any) -> None:
         with self._lock:
             for name, value in changes.items():
                 setattr(info, name, value)

@@ -93,17 +93,24 @@ def _restrict(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Arra
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
-def sample(logits: jax.Array, inputs: SamplerInputs) -> Sampled:
-    """Draws one token per row of ``logits`` [batch, vocab] (float32)."""
+def needs_restriction(params: list[SamplingParams]) -> bool:
+    """Whether any request of a batch asks for top-k or top-p (the sort that costs time)."""
+    return any(p.top_k > 0 or p.top_p < 1 for p in params)
+
+
+def sample(logits: jax.Array, inputs: SamplerInputs, restrict: bool = True) -> Sampled:
+    """Draws one token per row of ``logits`` [batch, vocab] (float32).
+
+    ``restrict`` (static) compiles in the top-k/top-p sort; the engine decides it on the host
+    from the batch's requests, because a device-side branch would stall the host every step.
+    """
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
     greedy = jnp.argmax(logits, axis=-1)
-    temperature = jnp.maximum(inputs.temperature, 1e-6)[:, None]
-    restricted = jax.lax.cond(
-        jnp.any((inputs.top_k > 0) | (inputs.top_p < 1)),
-        lambda x: _restrict(x, inputs.top_k, inputs.top_p),
-        lambda x: x,
-        logits / temperature,
-    )
+    scaled = logits / jnp.maximum(inputs.temperature, 1e-6)[:, None]
+    restricted = scaled
+    if restrict:
+        wants = ((inputs.top_k > 0) | (inputs.top_p < 1))[:, None]
+        restricted = jnp.where(wants, _restrict(scaled, inputs.top_k, inputs.top_p), scaled)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(
         inputs.seed, inputs.step
     )

@@ -36,18 +36,19 @@ def make_forward_step(graphdef: nnx.GraphDef) -> ForwardStep:
     ``-> (cache, Sampled)``.
 
     ``last`` [rows] is the index of each row's last real token; ``slot_ids`` [rows] each row's
-    adapter slot (None for a model without a LoRA bank); the cache argument is donated.
+    adapter slot (None for a model without a LoRA bank); ``restrict`` (static) compiles in
+    top-k/top-p; the cache argument is donated.
     """
 
-    def step(state, cache, tokens, positions, paged: PagedBatch, last, sampler, slot_ids):
+    def step(state, cache, tokens, positions, paged, last, sampler, slot_ids, restrict=True):
         model = nnx.merge(graphdef, state)
         if slot_ids is not None:
             set_slots(model, slot_ids)
         hidden, cache = model(tokens, positions, cache, paged)
         rows = jnp.arange(tokens.shape[0])
-        return cache, sample(model.logits(hidden[rows, last]), sampler)
+        return cache, sample(model.logits(hidden[rows, last]), sampler, restrict)
 
-    return jax.jit(step, donate_argnums=(1,))
+    return jax.jit(step, donate_argnums=(1,), static_argnames=("restrict",))
 
 
 def make_decode_steps(graphdef: nnx.GraphDef, num_steps: int) -> Callable[..., tuple]:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from harli_jax.kernels.paged_attention import paged_decode_attention, use_decode_kernel
 from harli_jax.memory.kv_cache import KVCache, PagedBatch
 from harli_jax.models.config import ModelConfig
 from harli_jax.models.rope import apply_rope, inverse_frequencies
@@ -102,6 +103,20 @@ class Attention(nnx.Module):
             keys, values = k, v
         else:
             cache = cache.write(layer, paged.slots, k, v)
+            if tokens == 1 and use_decode_kernel(
+                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.page_size
+            ):
+                # Decode: read each row's pages in place instead of gathering a copy of them.
+                out = paged_decode_attention(
+                    q[:, 0],
+                    cache.k,
+                    cache.v,
+                    layer,
+                    paged.page_table,
+                    positions[:, 0],
+                    cfg.sliding_window,
+                )
+                return self.o_proj(out.reshape(batch, 1, -1)), cache
             keys, values = cache.read(layer, paged.page_table)
             key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (batch, keys.shape[1]))
             mask = causal_mask(positions, key_pos, cfg.sliding_window)

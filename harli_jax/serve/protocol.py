@@ -362,7 +362,7 @@ class JobInfo(Protocol):
     created_at: int  # unix seconds
     finished_at: int | None
     model: str
-    fine_tuned_model: str | None  # "ft:<base>:<job id>" once succeeded
+    fine_tuned_model: str | None  # "ft:<base>:<job id>" once succeeded and served
     training_file: Path
     trained_tokens: int | None
     hyperparameters: dict[str, Any]  # resolved: n_epochs, learning_rate_multiplier, batch_size,

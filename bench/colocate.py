@@ -1,0 +1,366 @@
+"""Co-location benchmark (issue 6, point 7): fine-tune throughput and decode SLO, four policies.
+
+On one model shape (random weights, token ids only) it replays the same synthetic trace (Poisson
+arrivals, ShareGPT-like log-normal lengths, seed 0) at a light and a heavy load through
+`harli_jax.colocate.run_colocated` under each policy: "serve-only" (no fine-tuning), "naive" (a
+whole train step after every inference step), "static" (a fixed per-iteration budget, as FlexLLM
+tunes offline) and "harli" (ours: predicted slack). Each run gets a fresh fine-tune job (LoRA r=16
+q,v, 4 x 512-token packed batches of pre-tokenized random text), fresh metrics and a fresh
+`Predictor` over the same measured device rates (a shared one would score each new job's first,
+compiling run of a known program as a measurement, and its train margin would block `harli`); the
+`LLM` and its compiled programs are shared, and a persistent compilation cache lets each new job
+find its train programs on disk instead of compiling them again.
+
+Everything is derived from measurements taken first, and recorded in the JSON:
+- the solo decode step (one `EngineCore.step`, host included, ~160-token contexts) per batch;
+- TPOT SLO = 3 x the batch-16 step (FlexLLM's 45 ms for 8B on A100 is ~3x its decode step);
+- loads: co-located policies stretch every iteration towards the SLO, so a load is the arrival
+  rate at which N requests stay in the decode batch when iterations last one SLO: light N=4,
+  heavy N=24 (serve-only then holds ~N/3; a serve-only batch of 16-32 would overload every
+  co-located policy, whose decode capacity is ~3x lower, and its queue would never drain);
+- static budget = SLO - the batch-32 (heavy) solo step - the largest micro-step of the static
+  granularity (the finest cut: one row, one layer), since `static` may overrun its budget by one
+  micro-step: the largest fixed budget that still meets the SLO at the heavy load;
+- limit = fine-tune alone (whole steps, no serving) tokens/s x (1 - the share of wall time that
+  inference steps took under serve-only at that load).
+
+    python3 bench/colocate.py                        # TinyLlama-1.1B shape, ~7-9 min on an H100
+    python3 bench/colocate.py --shapes tiny --quick  # CPU smoke run of every path
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402  (sets the JAX allocator mode before jax loads)
+
+# isort: split
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.train import ensure_checkpoint, save_partial  # noqa: E402
+from harli_jax.colocate import run_colocated  # noqa: E402
+from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob, granularities  # noqa: E402
+from harli_jax.engine.sampling import SamplingParams  # noqa: E402
+from harli_jax.llm import LLM  # noqa: E402
+from harli_jax.lora import LoraConfig  # noqa: E402
+from harli_jax.sched.predictor import Predictor, measure_device_rates  # noqa: E402
+from harli_jax.sched.scheduler import SchedulerConfig  # noqa: E402
+from harli_jax.sched.trace import synthetic_trace  # noqa: E402
+
+SLO_FACTOR, SLO_BATCH = 3.0, 16
+LOADS = {"light": 4, "heavy": 24}  # requests in the decode batch at SLO-long iterations
+EOS = 2
+# The table's columns; each run's other numbers go to the JSON's `runs`.
+ROW_KEYS = ("ft_tok_s", "slo_attainment", "tpot_p99_ms", "decode_mape", "decode_batch", "refused")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Sizes of one benchmark run (`--quick` shrinks them for a CPU smoke run)."""
+
+    max_num_seqs: int = 32
+    max_model_len: int = 1024
+    page_size: int = 64
+    mean_prompt: int = 128
+    mean_output: int = 128
+    duration_s: float = 20.0
+    ft_rows: int = 4
+    ft_seq_len: int = 512
+    decode_steps: int = 32  # timed steps per solo batch size
+    alone_steps: int = 10
+
+
+QUICK = Setup(
+    max_num_seqs=8, max_model_len=256, mean_prompt=32, mean_output=32, duration_s=4.0,
+    ft_seq_len=128, decode_steps=8, alone_steps=2,
+)  # fmt: skip
+
+
+class IdTokenizer:
+    """Pre-tokenized data for `PackedBatches`: an example's text is its token ids, space-separated
+    (the benchmark checkpoints have no tokenizer.json)."""
+
+    eos_token_ids = (EOS,)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [int(token) for token in text.split()]
+
+
+class LoggingPredictor(Predictor):
+    """A `Predictor` that also logs each inference step it learns from: (when, seconds, rows)."""
+
+    def __init__(self, rates) -> None:
+        super().__init__(rates)
+        self._inference_keys: set[str] = set()
+        self.inference_log: list[tuple[float, float, float]] = []
+
+    def register(self, key, family, cost) -> None:
+        super().register(key, family, cost)
+        if family == "inference":
+            self._inference_keys.add(key)
+
+    def observe(self, key, measured_s, **features):
+        if key in self._inference_keys:
+            self.inference_log.append((time.perf_counter(), measured_s, features.get("rows", 0)))
+        return super().observe(key, measured_s, **features)
+
+    def since(self, start: float) -> tuple[float, float]:
+        """Busy seconds of inference steps after `start`, and the mean batch of those decoding."""
+        steps = [(s, rows) for t, s, rows in self.inference_log if t >= start]
+        batches = [rows for _, rows in steps if rows > 0]
+        return sum(s for s, _ in steps), float(np.mean(batches)) if batches else 0.0
+
+
+def write_data(path: Path, vocab_size: int, seq_len: int, examples: int = 400) -> Path:
+    """Random-word "text" examples of 1/8 to 1 1/8 rows, as pre-tokenized ids."""
+    rng = np.random.default_rng(0)
+    with path.open("w") as f:
+        for _ in range(examples):
+            ids = rng.integers(
+                EOS + 1, vocab_size, size=rng.integers(seq_len // 8, seq_len * 9 // 8)
+            )
+            f.write(json.dumps({"text": " ".join(map(str, ids))}) + "\n")
+    return path
+
+
+def make_job(llm: LLM, data: Path, out_dir: Path, setup: Setup) -> FineTuneJob:
+    config = FineTuneConfig(
+        data=data,
+        out_dir=out_dir,
+        lora=LoraConfig(r=16, alpha=32, target_modules=("q_proj", "v_proj")),
+        steps=1_000_000,  # never finishes within a run
+        batch_size=setup.ft_rows,
+        seq_len=setup.ft_seq_len,
+        checkpoint_every=1_000_000,  # no checkpoint writes inside the measured runs
+    )
+    return FineTuneJob(out_dir.name, config, llm.model, IdTokenizer())
+
+
+def solo_decode_ms(llm: LLM, batch: int, setup: Setup) -> float:
+    """Median wall time (ms) of an `EngineCore.step` that only decodes `batch` rows."""
+    core, rng = llm.engine, np.random.default_rng(batch)
+    params = SamplingParams(max_tokens=setup.decode_steps + 1, temperature=0.0, ignore_eos=True)
+    for _ in range(batch):
+        vocab = core.model_config.vocab_size
+        core.add_request(rng.integers(EOS + 1, vocab, size=setup.mean_prompt).tolist(), params)
+    times = []
+    while core.has_unfinished():
+        core.step()
+        report = core.last_report
+        if report and "+" not in report.key and report.features["rows"] == batch:
+            times.append(report.seconds)
+    return float(np.median(times)) * 1e3
+
+
+def finetune_alone(llm: LLM, data: Path, out_dir: Path, setup: Setup) -> tuple[float, float]:
+    """(tokens/s of whole train steps with nothing else running, the largest micro-step in ms of
+    the finest cut, which `static` runs)."""
+    job = make_job(llm, data, out_dir, setup)
+    for _ in range(2):  # compiles
+        job.train_step()
+    start, tokens = time.perf_counter(), 0
+    for _ in range(setup.alone_steps):
+        tokens += job.train_step()["tokens"]
+    tok_s = tokens / (time.perf_counter() - start)
+    finest = granularities(job.trainer.num_layers, setup.ft_rows)[-1]
+    largest = 0.0
+    for measured in (False, True):  # the first pass compiles
+        while True:
+            micro = job.next_micro_step(finest)
+            start = time.perf_counter()
+            job.run(micro)
+            if measured:
+                largest = max(largest, time.perf_counter() - start)
+            if not job.in_step:
+                break
+    return tok_s, largest * 1e3
+
+
+def run_one(llm, data, out_dir, trace, config: SchedulerConfig, rates, setup) -> dict:
+    """One policy over one trace with a fresh job, metrics and predictor; the run's summary."""
+    job = make_job(llm, data, out_dir, setup)
+    predictor = LoggingPredictor(rates)
+    started = time.perf_counter()
+    report = run_colocated(llm, job, trace, config, predictor=predictor, show_progress=False)
+    ended = time.perf_counter()
+    busy_s, decode_batch = predictor.since(ended - report["elapsed_s"])
+    del job
+    gc.collect()
+    # Not report["finetune_tok_s"]: run_colocated's metrics also count the steps calibration
+    # trained before the clock started (the timeline has them at negative times).
+    tokens = sum(n for t, n in report["timeline"]["finetune"] if t >= 0)
+    return dict(
+        ft_tok_s=tokens / report["elapsed_s"],
+        slo_attainment=report["slo_attainment"],
+        tpot_p50_ms=report["tpot_p50_ms"],
+        tpot_p99_ms=report["tpot_p99_ms"],
+        ttft_p99_ms=report["ttft_p99_ms"],
+        decode_mape=report["predictor"]["inference"]["mape"],
+        decode_batch=decode_batch,
+        busy_share=busy_s / report["elapsed_s"],
+        finished=report["requests"]["finished"],
+        refused=report["requests"]["refused"],
+        elapsed_s=report["elapsed_s"],
+        setup_s=ended - started - report["elapsed_s"],
+    )
+
+
+@dataclasses.dataclass
+class Results:
+    """What the JSON holds: table rows, each run's other numbers, and per shape what the runs
+    were derived from. Saved after every run, so a timeout keeps what finished."""
+
+    path: Path
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    runs: list[dict] = dataclasses.field(default_factory=list)
+    measured: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def save(self, **top) -> None:
+        save_partial(self.path, self.rows, runs=self.runs, measured=self.measured, **top)
+
+
+def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Results) -> None:
+    """Measures, then runs every load and policy of one shape; adds it all to `results`."""
+    rates = measure_device_rates()  # before the engine claims memory: it needs ~2 GiB transiently
+    checkpoint = ensure_checkpoint(args.ckpt_root, shape)
+    start = time.perf_counter()
+    llm = LLM(
+        checkpoint,
+        "bfloat16",
+        max_num_seqs=setup.max_num_seqs,
+        max_model_len=setup.max_model_len,
+        page_size=setup.page_size,
+        max_loras=0,
+    )
+    load_s = time.perf_counter() - start
+    compile_s = llm.engine.compile_all()
+    programs = len(llm.engine.shape_buckets())
+    say(f"{shape}: loaded in {load_s:.0f} s; {programs} programs compiled in {compile_s:.0f} s")
+    batches = [b for b in (1, 2, 4, 8, 16, 32) if b <= setup.max_num_seqs]
+    solo = {b: solo_decode_ms(llm, b, setup) for b in batches}
+    say("solo decode ms: " + ", ".join(f"B={b} {ms:.2f}" for b, ms in solo.items()))
+    slo_ms = SLO_FACTOR * solo[min(SLO_BATCH, setup.max_num_seqs)]
+
+    work = Path(tempfile.mkdtemp(prefix=f"harli-colocate-{shape}-"))
+    data = write_data(work / "data.jsonl", llm.engine.model_config.vocab_size, setup.ft_seq_len)
+    alone_tok_s, finest_ms = finetune_alone(llm, data, work / "alone", setup)
+    static_ms = slo_ms - solo[setup.max_num_seqs] - finest_ms
+    say(f"fine-tune alone {alone_tok_s:.0f} tok/s; finest micro-step {finest_ms:.2f} ms")
+    say(f"TPOT SLO {slo_ms:.2f} ms; static budget {static_ms:.2f} ms")
+    if static_ms <= 0:
+        say("no static budget fits the SLO: static trains only while no request is running")
+    loads: dict[str, dict] = {}
+    results.measured[shape] = dict(
+        compile_s=compile_s,
+        solo_decode_ms=solo,
+        tpot_slo_ms=slo_ms,
+        slo_rule=f"{SLO_FACTOR:g} x the solo decode step at batch {SLO_BATCH}",
+        loads=loads,
+        load_rule="rate = N / (mean_output x SLO): N requests decoding at SLO-long iterations",
+        static_budget_ms=static_ms,
+        static_rule=(
+            f"SLO - solo step at batch {setup.max_num_seqs} - largest finest micro-step "
+            f"({finest_ms:.2f} ms); granularity: the finest cut (1 row x 1 layer)"
+        ),
+        finetune_alone_tok_s=alone_tok_s,
+        limit_rule="finetune_alone_tok_s x (1 - serve-only inference busy share)",
+        setup=dataclasses.asdict(setup),
+    )
+
+    for load, busy_rows in LOADS.items():
+        rate = busy_rows / (setup.mean_output * slo_ms * 1e-3)
+        trace = synthetic_trace(
+            rate,
+            setup.duration_s,
+            max_len=setup.max_model_len,
+            seed=0,
+            mean_prompt=setup.mean_prompt,
+            mean_output=setup.mean_output,
+        )
+        loads[load] = dict(rate_rps=rate, batch_at_slo=busy_rows, requests=len(trace))
+        limit = None
+        for policy in args.policies:
+            config = SchedulerConfig(
+                policy, slo_ms * 1e-3, static_budget_s=max(static_ms, 0.0) * 1e-3
+            )
+            result = run_one(llm, data, work / f"{load}-{policy}", trace, config, rates, setup)
+            if policy == "serve-only":
+                limit = alone_tok_s * (1 - result["busy_share"])
+            row = dict(policy=policy, load=load, model=shape)
+            row |= {k: result.pop(k) for k in ROW_KEYS}
+            results.rows.append(_finite(row | {"limit_ft_tok_s": limit}))
+            results.runs.append(_finite(dict(policy=policy, load=load, model=shape, **result)))
+            say(json.dumps(results.rows[-1] | results.runs[-1]))
+            results.save()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _finite(row: dict) -> dict:
+    """NaN (e.g. no TPOT sample) as None, so the JSON is standard."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="tinyllama-1.1b", help="comma-separated SHAPES names")
+    # serve-only first (the limit needs its busy share); naive, whose backlog drains slowest, last.
+    parser.add_argument("--policies", default="serve-only,harli,static,naive")
+    parser.add_argument("--duration", type=float, help="seconds of trace per run (default 20)")
+    parser.add_argument("--quick", action="store_true", help="small engine, short traces")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--ckpt-root", type=Path, default=Path("/tmp/harli-bench-ckpt"))
+    parser.add_argument(
+        "--jax-cache",
+        type=Path,
+        default=Path("/tmp/harli-bench-jax-cache"),
+        help="persistent compilation cache: each run's fresh job compiles the same programs",
+    )
+    args = parser.parse_args()
+    args.policies = [p for p in args.policies.split(",") if p]
+    return args
+
+
+def main() -> None:
+    args = _parse()
+    started = time.perf_counter()
+    # Every run builds a fresh job whose train programs are new jit functions; with the cache
+    # they are identical HLO found on disk instead of compiled again.
+    jax.config.update("jax_compilation_cache_dir", str(args.jax_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    setup = QUICK if args.quick else Setup()
+    if args.duration is not None:
+        setup = dataclasses.replace(setup, duration_s=args.duration)
+    results = Results(args.out / f"colocate-{common.device_name()}.json")
+    for shape in [s for s in args.shapes.split(",") if s]:
+        bench_shape(shape, args, setup, results)
+    common.write_result(
+        results.path,
+        results.rows,
+        shlex.join(["python3", *sys.argv]),
+        runs=results.runs,
+        measured=results.measured,
+        wall_s=time.perf_counter() - started,
+    )
+
+
+if __name__ == "__main__":
+    main()
