@@ -48,10 +48,9 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 from bench import common  # noqa: E402  (sets the JAX allocator mode before jax loads)
 
 # isort: split
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.train import ensure_checkpoint, save_partial  # noqa: E402
+from bench.train import enable_compile_cache, ensure_checkpoint, save_partial  # noqa: E402
 from harli_jax.colocate import run_colocated  # noqa: E402
 from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob, granularities  # noqa: E402
 from harli_jax.engine.sampling import SamplingParams  # noqa: E402
@@ -327,12 +326,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small engine, short traces")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--ckpt-root", type=Path, default=Path("/tmp/harli-bench-ckpt"))
-    parser.add_argument(
-        "--jax-cache",
-        type=Path,
-        default=Path("/tmp/harli-bench-jax-cache"),
-        help="persistent compilation cache: each run's fresh job compiles the same programs",
-    )
+    parser.add_argument("--jax-cache", type=Path, default=Path("/tmp/harli-bench-jax-cache"))
+    parser.add_argument("--page-size", type=int, help="KV page size (default 64)")
     args = parser.parse_args()
     args.policies = [p for p in args.policies.split(",") if p]
     return args
@@ -341,14 +336,14 @@ def _parse() -> argparse.Namespace:
 def main() -> None:
     args = _parse()
     started = time.perf_counter()
-    # Every run builds a fresh job whose train programs are new jit functions; with the cache
-    # they are identical HLO found on disk instead of compiled again.
-    jax.config.update("jax_compilation_cache_dir", str(args.jax_cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # Every run builds a fresh job whose train programs are new jit functions: with the cache,
+    # their identical HLO is loaded from disk instead of compiled again.
+    enable_compile_cache(args.jax_cache)
     setup = QUICK if args.quick else Setup()
     if args.duration is not None:
         setup = dataclasses.replace(setup, duration_s=args.duration)
+    if args.page_size is not None:
+        setup = dataclasses.replace(setup, page_size=args.page_size)
     results = Results(args.out / f"colocate-{common.device_name()}.json")
     for shape in [s for s in args.shapes.split(",") if s]:
         bench_shape(shape, args, setup, results)

@@ -15,7 +15,7 @@ shape and batch (`--micro-shapes`, `--micro-tokens`), every cut that
 on and timed: the `micro_steps` list holds the median per program (kind, key), the `cuts` list
 each cut's whole step (sum of its micro-steps) against the uncut step.
 
-    python3 bench/train.py                                     # TinyLlama-1.1B, ~3 min on an H100
+    python3 bench/train.py                                     # TinyLlama-1.1B, ~3-4 min on an H100
     python3 bench/train.py --shapes tinyllama-1.1b,llama3-8b   # adds Llama-3-8B
     python3 bench/train.py --shapes tiny --quick               # CPU smoke run of every path
 """
@@ -56,6 +56,15 @@ def ensure_checkpoint(root: Path, shape: str) -> Path:
         save_random_checkpoint(directory, shape, "bfloat16")
         print(f"{shape}: wrote checkpoint in {time.perf_counter() - start:.0f} s", flush=True)
     return directory
+
+
+def enable_compile_cache(directory: Path) -> None:
+    """JAX's persistent compilation cache in `directory`, for every program however quick to
+    compile: a program compiled before (by an earlier run, or an identical program of a fresh
+    trainer) is loaded from disk instead of compiled again."""
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def save_partial(path: Path, rows: list[dict], **top) -> None:
@@ -213,7 +222,7 @@ def micro_steps(base, model_name: str, point: Point, repeats: int) -> tuple[list
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="tinyllama-1.1b", help="comma-separated SHAPES names")
-    parser.add_argument("--tokens", default="4x512,16x512", help="rows x seq_len points")
+    parser.add_argument("--tokens", help="rows x seq_len points (default 4x512,16x512)")
     parser.add_argument("--micro-tokens", help="point of the micro-step table (default: first)")
     parser.add_argument(
         "--micro-shapes", help="shapes of the micro-step tables (default: the first; '' for none)"
@@ -225,9 +234,11 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short sequences and few steps")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--ckpt-root", type=Path, default=Path("/tmp/harli-bench-ckpt"))
+    parser.add_argument("--jax-cache", type=Path, default=Path("/tmp/harli-bench-jax-cache"))
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.steps, args.warmup, args.repeats = "4x128,16x128", 3, 1, 1
+        args.steps, args.warmup, args.repeats = 3, 1, 1
+    args.tokens = args.tokens or ("4x128,16x128" if args.quick else "4x512,16x512")
     return args
 
 
@@ -238,6 +249,7 @@ def _points(text: str) -> list[Point]:
 def main() -> None:
     args = _parse()
     started = time.perf_counter()
+    enable_compile_cache(args.jax_cache)
     shapes = [s for s in args.shapes.split(",") if s]
     points = _points(args.tokens)
     micro_point = _points(args.micro_tokens)[0] if args.micro_tokens else points[0]
@@ -278,6 +290,7 @@ def main() -> None:
             micro, cuts = micro_steps(base, shape, micro_point, args.repeats)
             micro_rows += micro
             cut_rows += cuts
+            save_partial(result, rows, notes=notes, micro_steps=micro_rows, cuts=cut_rows)
         del base
         gc.collect()
 

@@ -102,13 +102,13 @@ def run_colocated(
 ) -> dict:
     """Serves ``trace`` while ``job`` trains under ``config``'s policy; returns the report."""
     predictor = predictor or Predictor(measure_device_rates())
-    metrics = EngineMetrics(tpot_slo_s=config.tpot_slo_s)
-    scheduler = ColocationScheduler(config, predictor, metrics)
+    # Calibration trains real steps; they count for the job, not for the measured run.
+    scheduler = ColocationScheduler(config, predictor, EngineMetrics())
     say = print if show_progress else (lambda *_, **__: None)
     compile_s = calibrate(llm, scheduler, job, progress=say)
     say(f"compiled and calibrated in {compile_s:.1f} s")
     scheduler.add_job(job)
-    metrics.start = metrics.clock()
+    metrics = scheduler.metrics = EngineMetrics(tpot_slo_s=config.tpot_slo_s)
     steps_before, tokens_before = job.step, job.tokens_trained
     engine = Engine(llm.engine, scheduler, metrics=metrics).start()
     stop = threading.Event()
