@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from serve_fakes import NoJobs
 
 from harli_jax import LLM, SamplingParams
 from harli_jax.engine.loop import Engine
@@ -17,21 +18,6 @@ MODEL = "tiny-llama"
 CONTEXT = 64
 LIMIT = 16 * 1024  # body bytes, for the 413 tests
 KEY = "sekret"
-
-
-class NoJobs:
-    """A job service that knows no job; creating one is never reached by these tests."""
-
-    def create(self, training_file, model, hyperparameters, suffix):
-        raise AssertionError("the request should have been refused before the job service")
-
-    def get(self, job_id):
-        raise KeyError(job_id)
-
-    cancel = events = get
-
-    def list(self):
-        return []
 
 
 @pytest.fixture(scope="module")

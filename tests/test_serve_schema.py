@@ -14,6 +14,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from serve_fakes import NoJobs
 
 from harli_jax import LLM
 from harli_jax.engine.loop import Engine
@@ -27,21 +28,6 @@ CHECKS = [
     response_schema_conformance,
     negative_data_rejection,
 ]
-
-
-class NoJobs:
-    """A job service with no jobs: requests to create one name files that do not exist."""
-
-    def create(self, training_file, model, hyperparameters, suffix):
-        raise AssertionError("unreachable: the file store holds no valid upload")
-
-    def get(self, job_id):
-        raise KeyError(job_id)
-
-    cancel = events = get
-
-    def list(self):
-        return []
 
 
 @pytest.fixture(scope="module")
