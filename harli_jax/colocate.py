@@ -133,7 +133,7 @@ def run_colocated(
         "requests": dataclasses.asdict(result),
         "finetune_steps": job.step - steps_before,
         "finetune_tokens": job.tokens_trained - tokens_before,
-        "predictor": {f: predictor.error_stats(f) for f in ("inference", "train")},
+        "predictor": scheduler.predictor_errors(),
         **summary,
         "timeline": {
             "tpot": [(t - metrics.start, gap) for t, gap in metrics.tpot_s],

@@ -192,8 +192,11 @@ class EngineCore:
         self._admit()
         outputs, keys = [], []
         prefill = [s for s in self._running if s.pending > 1]
+        prefill_tokens = 0
         if prefill:
-            outputs += self._run(self._prefill_batch(prefill), self.config.prefill_chunk, keys)
+            batch = self._prefill_batch(prefill)
+            prefill_tokens = sum(min(s.pending, self.config.prefill_chunk) for s in batch)
+            outputs += self._run(batch, self.config.prefill_chunk, keys)
         decode = [s for s in self._running if s.pending == 1]
         decode = self._reserve_decode_pages(decode)
         if decode:
@@ -204,7 +207,7 @@ class EngineCore:
             self.last_report = StepReport(
                 key="+".join(keys),
                 cost={name: sum(c[name] for c in costs) for name in costs[0]},
-                features={"rows": float(len(decode))},
+                features={"rows": float(len(decode)), "prefill_tokens": float(prefill_tokens)},
                 seconds=time.perf_counter() - start,
             )
         return outputs

@@ -187,13 +187,17 @@ class FineTuneJob:
     def in_step(self) -> bool:
         return self._plan is not None
 
-    def run(self, micro: MicroStep) -> dict | None:
-        """Runs ``micro`` (blocking on its result); the step's metrics if it completed a step."""
-        jax.block_until_ready(micro.run())  # the caller is timing this
+    def run(self, micro: MicroStep) -> tuple[float, dict | None]:
+        """Runs ``micro`` to completion. Returns the seconds its program took (the latency
+        predictor's sample: the step's bookkeeping and checkpoint writes are not in it) and the
+        step's metrics if it completed a step."""
+        start = time.perf_counter()
+        jax.block_until_ready(micro.run())
+        seconds = time.perf_counter() - start
         if micro.kind != "update":
-            return None
+            return seconds, None
         metrics, self._plan = self._plan.metrics, None
-        return self._finish_step(metrics)
+        return seconds, self._finish_step(metrics)
 
     def abandon(self) -> None:
         """Drops the open step (its batch comes again); the trainer clears its sums on replan."""

@@ -30,6 +30,9 @@ from harli_jax.sched.costs import StepReport
 from harli_jax.sched.predictor import Predictor
 
 POLICIES = ("serve-only", "naive", "static", "harli")
+# Stage 2 fits one correction per family: inference steps, and each kind of train micro-step
+# (a forward span, a backward span, the loss head, the optimiser update differ in shape).
+FAMILIES = ("inference", "train/fwd", "train/bwd", "train/head", "train/update")
 
 
 @dataclasses.dataclass
@@ -63,7 +66,7 @@ class ColocationScheduler:
         self.on_job_failed = lambda job, error: None
 
     def predictor_errors(self) -> dict[str, dict[str, float]]:
-        return {family: self.predictor.error_stats(family) for family in ("inference", "train")}
+        return {family: self.predictor.error_stats(family) for family in FAMILIES}
 
     def add_job(self, job: FineTuneJob) -> None:
         self.jobs.append(job)
@@ -136,7 +139,8 @@ class ColocationScheduler:
         ran = False
         while budget > 0 and not job.done:
             micro = job.next_micro_step(granularity)
-            margin = max(self.config.min_margin, self.predictor.quantile_margin("train", 0.99))
+            family = _family(micro.key)
+            margin = max(self.config.min_margin, self.predictor.quantile_margin(family, 0.99))
             estimate = self._predict_train(job, micro.key)
             if predicted and (estimate is None or estimate * margin > budget):
                 # Unknown programs are measured once when there is time to spare (idle loop).
@@ -154,15 +158,16 @@ class ColocationScheduler:
         return True
 
     def run_micro_step(self, job: FineTuneJob, micro) -> float:
-        """Runs one micro-step, feeds its time to the predictor; returns the seconds it took."""
+        """Runs one micro-step, feeds its program's time to the predictor; returns the wall
+        seconds it took (bookkeeping and checkpoint writes included: they delay decode too)."""
         start = time.perf_counter()
-        metrics = job.run(micro)
+        program_seconds, metrics = job.run(micro)
         seconds = time.perf_counter() - start
         key = _key(micro.key)
         if key in self.predictor:
-            self.predictor.observe(key, seconds)
+            self.predictor.observe(key, program_seconds)
         else:  # the first run compiled the program: register it, but do not learn from it
-            self.predictor.register(key, "train", job.program_cost(micro.key))
+            self.predictor.register(key, _family(micro.key), job.program_cost(micro.key))
         if metrics is not None:
             self.metrics.on_finetune_tokens(metrics["tokens"])
         return seconds
@@ -194,6 +199,10 @@ class ColocationScheduler:
 def _option_id(job: FineTuneJob, option: Granularity) -> tuple:
     shape = (job.config.lora, job.config.batch_size, job.config.seq_len)
     return (shape, option[0], tuple(option[1]))
+
+
+def _family(program_key: tuple) -> str:
+    return f"train/{program_key[0]}"
 
 
 def _key(program_key: tuple) -> str:
