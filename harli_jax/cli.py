@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from harli_jax.cli_common import UsageError, add_model_args, load_llm
+from harli_jax.cli_common import UsageError, add_model_args, flag_message, load_llm
 from harli_jax.cli_finetune import PARSERS
 from harli_jax.models.config import CheckpointError
 
@@ -29,7 +29,7 @@ def _generate(args: argparse.Namespace) -> None:
             seed=args.seed,
         )
     except ValueError as err:
-        raise UsageError(str(err).replace("SamplingParams.", "--").replace("_", "-")) from None
+        raise UsageError(flag_message(str(err))) from None
     llm = load_llm(args)
     for out in llm.generate(args.prompt, params):
         print(out.text)

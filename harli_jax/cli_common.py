@@ -22,3 +22,11 @@ def load_llm(args: argparse.Namespace, **engine_kwargs):
     if args.model is None:
         return LLM.demo(**({"dtype": args.dtype} if args.dtype else {}), **engine_kwargs)
     return LLM(args.model, dtype=args.dtype or "bfloat16", **engine_kwargs)
+
+
+def flag_message(message: str) -> str:
+    """'LoraConfig.r must be > 0' -> '--r must be > 0': name the flag the user typed."""
+    for prefix in ("LoraConfig.", "SamplingParams."):
+        message = message.replace(prefix, "--")
+    head, _, tail = message.partition(" ")
+    return head.replace("_", "-") + " " + tail

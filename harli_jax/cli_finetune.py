@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harli_jax.cli_common import UsageError, add_model_args, load_llm
+from harli_jax.cli_common import UsageError, add_model_args, flag_message, load_llm
 from harli_jax.lora.config import LoraConfig
 
 
@@ -57,15 +57,7 @@ def _job_config(args: argparse.Namespace, data: Path):
             seed=args.seed,
         )
     except ValueError as err:
-        raise UsageError(_flag_message(str(err))) from None
-
-
-def _flag_message(message: str) -> str:
-    """'LoraConfig.r must be > 0' -> '--r must be > 0': name the flag the user typed."""
-    for prefix in ("LoraConfig.", "SamplingParams."):
-        message = message.replace(prefix, "--")
-    head, _, tail = message.partition(" ")
-    return head.replace("_", "-") + " " + tail
+        raise UsageError(flag_message(str(err))) from None
 
 
 def _data_file(args: argparse.Namespace) -> Path:

@@ -216,8 +216,6 @@ class JobManager:
     def _on_done(self, job: FineTuneJob) -> None:
         info = self._jobs[job.name]
         self._running.pop(job.name, None)
-        if job in self.scheduler.finished:  # a server lives long: hold no finished trainer
-            self.scheduler.finished.remove(job)
         try:
             if info.status in _ENDED:  # cancelled while its last step ran
                 return

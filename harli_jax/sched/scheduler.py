@@ -59,7 +59,6 @@ class ColocationScheduler:
         self.predictor = predictor
         self.metrics = metrics
         self.jobs: deque[FineTuneJob] = deque()
-        self.finished: list[FineTuneJob] = []
         self._slack = deque(maxlen=64)  # recent fine-tune budgets, for choosing granularity
         self._option_keys: dict[tuple, set[tuple]] = {}  # the programs each cut runs
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
@@ -88,7 +87,6 @@ class ColocationScheduler:
             return True
         if job.done:
             self.jobs.popleft()
-            self.finished.append(job)
             self.on_job_done(job)
         return ran
 
@@ -151,11 +149,19 @@ class ColocationScheduler:
 
     def _run_whole_step(self, job: FineTuneJob) -> bool:
         """Finishes the open step (whatever its cut) or runs a new one uncut."""
-        coarsest = self._options(job)[0]
-        self.run_micro_step(job, job.next_micro_step(coarsest))
-        while job.in_step:
-            self.run_micro_step(job, job.next_micro_step(coarsest))
+        self._run_step(job, self._options(job)[0])
         return True
+
+    def _run_step(self, job: FineTuneJob, option: Granularity) -> set[tuple]:
+        """Runs micro-steps until the open step (or a new one cut as ``option``) completes;
+        returns the program keys it ran."""
+        keys = set()
+        while True:
+            micro = job.next_micro_step(option)
+            keys.add(micro.key)
+            self.run_micro_step(job, micro)
+            if not job.in_step:
+                return keys
 
     def run_micro_step(self, job: FineTuneJob, micro) -> float:
         """Runs one micro-step, feeds its program's time to the predictor; returns the wall
@@ -176,13 +182,8 @@ class ColocationScheduler:
         """Compiles and measures every cut of ``job``'s train step (one real step at each, then
         one more so that each program has a measured, compile-free run)."""
         for option in [*self._options(job), *self._options(job)]:
-            keys = self._option_keys.setdefault(_option_id(job, option), set())
-            while True:
-                micro = job.next_micro_step(option)
-                keys.add(micro.key)
-                self.run_micro_step(job, micro)
-                if not job.in_step:
-                    break
+            keys = self._run_step(job, option)
+            self._option_keys.setdefault(_option_id(job, option), set()).update(keys)
 
     # -- predictor plumbing -----------------------------------------------------------------
     def observe_inference(self, report: StepReport) -> None:
