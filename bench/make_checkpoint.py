@@ -6,8 +6,9 @@ need, and it is made on the machine in seconds instead of downloaded. The layout
 `model.safetensors.index.json`, HF tensor names), so `LlamaForCausalLM.from_pretrained` and our own
 loader read it like a Hub checkpoint.
 
-Weights are drawn tensor by tensor, directly in the target dtype, and written one shard at a time:
-peak host memory is about one shard, even for an 8B model.
+Weights are drawn tensor by tensor, directly in the target dtype (on the GPU when there is one:
+drawing 8B values on the CPU took minutes), and written one shard at a time: peak host memory is
+about one shard, even for an 8B model.
 
     python3 bench/make_checkpoint.py --shape llama3-8b --out /tmp/llama3-8b
 """
@@ -101,7 +102,8 @@ def save_random_checkpoint(
     shapes = tensor_shapes(shape)
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     shards = _plan_shards(shapes, itemsize, shard_bytes)
-    generator = torch.Generator().manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(seed)
     weight_map = {}
     for k, names in enumerate(shards, start=1):
         filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
@@ -110,10 +112,11 @@ def save_random_checkpoint(
             if name.endswith("norm.weight"):
                 tensors[name] = torch.ones(shapes[name], dtype=torch_dtype)
             else:
-                t = torch.randn(shapes[name], dtype=torch_dtype, generator=generator)
-                tensors[name] = t.mul_(_INIT_STD)
+                t = torch.randn(shapes[name], dtype=torch_dtype, generator=generator, device=device)
+                tensors[name] = t.mul_(_INIT_STD).cpu()
             weight_map[name] = filename
         save_file(tensors, out / filename, metadata={"format": "pt"})
+    torch.cuda.empty_cache()  # hand the GPU back to whoever loads the checkpoint next
     index = {
         "metadata": {"total_size": itemsize * sum(torch.Size(d).numel() for d in shapes.values())},
         "weight_map": weight_map,
