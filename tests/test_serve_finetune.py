@@ -180,6 +180,16 @@ def test_jobs_are_listed_newest_first_across_pages(life):
                 life.client.fine_tuning.jobs.cancel(job_id)
 
 
+def test_a_job_trains_on_when_its_uploaded_file_is_deleted(life):
+    file_id = upload(life.client)
+    job = life.client.fine_tuning.jobs.create(
+        model=MODEL, training_file=file_id, hyperparameters={"n_epochs": 1, **FAST}
+    )
+    life.client.files.delete(file_id)
+    done = finished(life.client, job.id)
+    assert (done.status, done.training_file) == ("succeeded", file_id)
+
+
 def test_a_cancelled_job_stops_training_is_not_served_and_cancels_once(life):
     job = life.client.fine_tuning.jobs.create(
         model=MODEL, training_file=upload(life.client), hyperparameters={"n_epochs": 1000}

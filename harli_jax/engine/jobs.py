@@ -1,11 +1,12 @@
 """Fine-tuning as a service: jobs in the shape of OpenAI's API, run co-located by the engine.
 
 Owns each job's record (status, events, hyperparameters) and its directory on disk
-(``<state_dir>/<job id>/``: ``record.json``, the job's checkpoints, its adapter), so jobs survive a
-restart: a manager opened on the same directory resumes every job that had not ended, from its
-last checkpoint, and serves every succeeded job's adapter again. Everything that touches the
-device (building the trainer, training, loading the adapter into serving) happens on the engine's
-loop thread through :meth:`Engine.call_soon`; the server's threads only read and write records.
+(``<state_dir>/<job id>/``: ``record.json``, a copy of its training file, its checkpoints, its
+adapter), so jobs survive a restart: a manager opened on the same directory resumes every job
+that had not ended, from its last checkpoint, and serves every succeeded job's adapter again.
+Everything that touches the device (building the trainer, training, loading the adapter into
+serving) happens on the engine's loop thread through :meth:`Engine.call_soon`; the server's
+threads only read and write records.
 
 A succeeded job's adapter is served as ``ft:<base>:<job id>`` before the job reads as succeeded.
 When every slot of the engine's adapter bank is taken, the job still succeeds (its adapter is on
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -132,9 +134,12 @@ class JobManager:
             raise ValueError(f"model {model!r} cannot be fine-tuned here; use {self.base_name!r}")
         resolved = self._resolve(Path(training_file), hyperparameters)
         job_id = f"ftjob-{uuid.uuid4().hex[:12]}"
-        info = JobInfo(
-            job_id, "validating_files", int(time.time()), model, Path(training_file), resolved
-        )
+        # The job trains (and resumes after a restart) from its own copy: the upload may be
+        # deleted while the job still needs it, as OpenAI's API allows.
+        data = self.state_dir / job_id / Path(training_file).name
+        data.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(training_file, data)
+        info = JobInfo(job_id, "validating_files", int(time.time()), model, data, resolved)
         with self._lock:
             self._jobs[job_id] = info
         self._event(info, "info", "Job created")
