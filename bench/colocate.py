@@ -3,13 +3,20 @@
 On one model shape (random weights, token ids only) it replays the same synthetic trace (Poisson
 arrivals, ShareGPT-like log-normal lengths, seed 0) at a light and a heavy load through
 `harli_jax.colocate.run_colocated` under each policy: "serve-only" (no fine-tuning), "naive" (a
-whole train step after every inference step), "static" (a fixed per-iteration budget, as FlexLLM
-tunes offline) and "harli" (ours: predicted slack). Each run gets a fresh fine-tune job (LoRA r=16
-q,v, 4 x 512-token packed batches of pre-tokenized random text), fresh metrics and a fresh
-`Predictor` over the same measured device rates (a shared one would score each new job's first,
-compiling run of a known program as a measurement, and its train margin would block `harli`); the
-`LLM` and its compiled programs are shared, and a persistent compilation cache lets each new job
-find its train programs on disk instead of compiling them again.
+whole train step after every inference step), "static" (a fixed per-iteration budget chosen once
+so that it meets the SLO, as FlexLLM tunes offline) and "harli" (ours: predicted slack).
+
+Every program compiles once per invocation: one `LLM` and one fine-tune job (LoRA r=16 q,v,
+4 x 512-token packed batches of pre-tokenized random text) serve every run; the job is calibrated
+once (every cut compiled and measured, inference steps at every batch bucket) and each run starts
+from a copy of that predictor state and calibration, with fresh metrics. A persistent compilation
+cache (`--jax-cache`) lets a later invocation load the programs from disk.
+
+One invocation may run a subset of loads and policies (`--loads`, `--policies`); its rows replace
+those of the same (policy, load, model) in the results file and the others are kept, and every
+invocation's command is appended to `commands`. The SLO and the fine-tune-alone rate are measured
+once per shape and reused from the file by later invocations (same device and setup), so rows
+from separate invocations share one SLO; `--remeasure` measures them again.
 
 Everything is derived from measurements taken first, and recorded in the JSON:
 - the solo decode step (one `EngineCore.step`, host included, ~160-token contexts) per batch;
@@ -18,21 +25,26 @@ Everything is derived from measurements taken first, and recorded in the JSON:
   rate at which N requests stay in the decode batch when iterations last one SLO: light N=4,
   heavy N=24 (serve-only then holds ~N/3; a serve-only batch of 16-32 would overload every
   co-located policy, whose decode capacity is ~3x lower, and its queue would never drain);
-- static budget = SLO - the batch-32 (heavy) solo step - the largest micro-step of the static
-  granularity (the finest cut: one row, one layer), since `static` may overrun its budget by one
-  micro-step: the largest fixed budget that still meets the SLO at the heavy load;
+- static budget = SLO - the p99 inference step measured at calibration (short requests at every
+  decode batch bucket up to the largest) - the loop overhead, chosen once and never adapted; its
+  cut is the coarsest whose slowest calibrated micro-step fits, and it starts a micro-step only if
+  its calibrated time fits what is left (no overrun): a fixed budget that meets the SLO, not a
+  straw man (see `harli_jax.sched.scheduler`);
 - limit = fine-tune alone (whole steps, no serving) tokens/s x (1 - the share of wall time that
   inference steps took under serve-only at that load).
 
-    python3 bench/colocate.py                        # TinyLlama-1.1B shape, ~7-9 min on an H100
-    python3 bench/colocate.py --shapes tiny --quick  # CPU smoke run of every path
+    python3 bench/colocate.py --loads light          # TinyLlama-1.1B shape, one load per call
+    python3 bench/colocate.py --loads heavy          # ... merged into the same results file
+    python3 bench/colocate.py --shapes tiny --quick --out /tmp/r  # CPU smoke run of every path
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
+import io
 import json
 import math
 import shlex
@@ -50,14 +62,15 @@ from bench import common  # noqa: E402  (sets the JAX allocator mode before jax 
 # isort: split
 import numpy as np  # noqa: E402
 
-from bench.train import enable_compile_cache, ensure_checkpoint, save_partial  # noqa: E402
-from harli_jax.colocate import run_colocated  # noqa: E402
-from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob, granularities  # noqa: E402
+from bench.train import enable_compile_cache, ensure_checkpoint  # noqa: E402
+from harli_jax.colocate import calibrate, run_colocated  # noqa: E402
+from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob  # noqa: E402
+from harli_jax.engine.metrics import EngineMetrics  # noqa: E402
 from harli_jax.engine.sampling import SamplingParams  # noqa: E402
 from harli_jax.llm import LLM  # noqa: E402
 from harli_jax.lora import LoraConfig  # noqa: E402
 from harli_jax.sched.predictor import Predictor, measure_device_rates  # noqa: E402
-from harli_jax.sched.scheduler import SchedulerConfig  # noqa: E402
+from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig  # noqa: E402
 from harli_jax.sched.trace import synthetic_trace  # noqa: E402
 
 SLO_FACTOR, SLO_BATCH = 3.0, 16
@@ -165,50 +178,45 @@ def solo_decode_ms(llm: LLM, batch: int, setup: Setup) -> float:
     return float(np.median(times)) * 1e3
 
 
-def finetune_alone(llm: LLM, data: Path, out_dir: Path, setup: Setup) -> tuple[float, float]:
-    """(tokens/s of whole train steps with nothing else running, the largest micro-step in ms of
-    the finest cut, which `static` runs)."""
-    job = make_job(llm, data, out_dir, setup)
+def finetune_alone(job: FineTuneJob, setup: Setup) -> float:
+    """Tokens/s of whole train steps (one program each) with nothing else running."""
     for _ in range(2):  # compiles
         job.train_step()
     start, tokens = time.perf_counter(), 0
     for _ in range(setup.alone_steps):
         tokens += job.train_step()["tokens"]
-    tok_s = tokens / (time.perf_counter() - start)
-    finest = granularities(job.trainer.num_layers, setup.ft_rows)[-1]
-    largest = 0.0
-    for measured in (False, True):  # the first pass compiles
-        while True:
-            micro = job.next_micro_step(finest)
-            start = time.perf_counter()
-            job.run(micro)
-            if measured:
-                largest = max(largest, time.perf_counter() - start)
-            if not job.in_step:
-                break
-    return tok_s, largest * 1e3
+    return tokens / (time.perf_counter() - start)
 
 
-def run_one(llm, data, out_dir, trace, config: SchedulerConfig, rates, setup) -> dict:
-    """One policy over one trace with a fresh job, metrics and predictor; the run's summary."""
-    job = make_job(llm, data, out_dir, setup)
-    predictor = LoggingPredictor(rates)
+def run_one(llm, job, trace, config: SchedulerConfig, base: ColocationScheduler) -> dict:
+    """One policy over one trace, starting from copies of the shared calibration; its summary."""
+    predictor = base.predictor.copy()
     started = time.perf_counter()
-    report = run_colocated(llm, job, trace, config, predictor=predictor, show_progress=False)
+    report = run_colocated(
+        llm,
+        job,
+        trace,
+        config,
+        predictor=predictor,
+        calibration=base.calibration,
+        show_progress=False,
+    )
     ended = time.perf_counter()
     busy_s, decode_batch = predictor.since(ended - report["elapsed_s"])
-    del job
     gc.collect()
-    # Not report["finetune_tok_s"]: run_colocated's metrics also count the steps calibration
-    # trained before the clock started (the timeline has them at negative times).
+    # Not report["finetune_tok_s"]: run_colocated's metrics start before the trace does.
     tokens = sum(n for t, n in report["timeline"]["finetune"] if t >= 0)
+    errors = report["predictor"]
     return dict(
         ft_tok_s=tokens / report["elapsed_s"],
         slo_attainment=report["slo_attainment"],
         tpot_p50_ms=report["tpot_p50_ms"],
         tpot_p99_ms=report["tpot_p99_ms"],
         ttft_p99_ms=report["ttft_p99_ms"],
-        decode_mape=report["predictor"]["inference"]["mape"],
+        decode_mape=errors["inference"]["mape"],
+        decode_p99_rel_error=errors["inference"]["p99_rel_error"],
+        predictor=errors,
+        static_budget_ms=report["static_budget_ms"],
         decode_batch=decode_batch,
         busy_share=busy_s / report["elapsed_s"],
         finished=report["requests"]["finished"],
@@ -220,20 +228,88 @@ def run_one(llm, data, out_dir, trace, config: SchedulerConfig, rates, setup) ->
 
 @dataclasses.dataclass
 class Results:
-    """What the JSON holds: table rows, each run's other numbers, and per shape what the runs
-    were derived from. Saved after every run, so a timeout keeps what finished."""
+    """What the JSON holds: table rows, each run's other numbers, per shape what the runs were
+    derived from, and every invocation's command. Loaded from the file if it exists (same
+    device), merged by (policy, load, model), saved after every run."""
 
     path: Path
     rows: list[dict] = dataclasses.field(default_factory=list)
     runs: list[dict] = dataclasses.field(default_factory=list)
     measured: dict[str, dict] = dataclasses.field(default_factory=dict)
+    commands: list[str] = dataclasses.field(default_factory=list)
 
-    def save(self, **top) -> None:
-        save_partial(self.path, self.rows, runs=self.runs, measured=self.measured, **top)
+    @classmethod
+    def open(cls, path: Path) -> Results:
+        results = cls(path)
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old.get("device") == common.device_name():
+                results.rows, results.runs = old.get("rows", []), old.get("runs", [])
+                results.measured = old.get("measured", {})
+                results.commands = old.get("commands") or [old["command"]]
+            else:
+                say(f"{path} holds {old.get('device')} results: replacing them")
+        results.commands.append(shlex.join(["python3", *sys.argv]))
+        return results
+
+    def put(self, row: dict, run: dict) -> None:
+        """Adds a run's row and details, replacing any of the same (policy, load, model)."""
+        ident = (row["policy"], row["load"], row["model"])
+        same = lambda r: (r["policy"], r["load"], r["model"]) == ident  # noqa: E731
+        self.rows = [r for r in self.rows if not same(r)] + [row]
+        self.runs = [r for r in self.runs if not same(r)] + [run]
+        order = {p: i for i, p in enumerate(POLICY_ORDER)}
+        key = lambda r: (r["model"], r["load"] != "light", order.get(r["policy"], 9))  # noqa: E731
+        self.rows.sort(key=key)
+        self.runs.sort(key=key)
+
+    def busy_share(self, policy: str, load: str, model: str) -> float | None:
+        for run in self.runs:
+            if (run["policy"], run["load"], run["model"]) == (policy, load, model):
+                return run.get("busy_share")
+        return None
+
+    def save(self, final: bool = False, **top) -> None:
+        """Writes the file (``partial`` until the invocation ends), so a timeout keeps it."""
+        top = dict(runs=self.runs, measured=self.measured, commands=self.commands, **top)
+        if final:
+            common.write_result(self.path, self.rows, self.commands[-1], **top)
+            return
+        with contextlib.redirect_stdout(io.StringIO()):
+            common.write_result(self.path, self.rows, self.commands[-1], partial=True, **top)
+
+
+POLICY_ORDER = ("serve-only", "harli", "static", "naive")
+
+
+def measure_shape(llm: LLM, job: FineTuneJob, shape: str, setup: Setup, compile_s: float) -> dict:
+    """The solo decode steps, the SLO derived from them, and fine-tune alone."""
+    batches = [b for b in (1, 2, 4, 8, 16, 32) if b <= setup.max_num_seqs]
+    solo = {str(b): solo_decode_ms(llm, b, setup) for b in batches}
+    say("solo decode ms: " + ", ".join(f"B={b} {ms:.2f}" for b, ms in solo.items()))
+    slo_ms = SLO_FACTOR * solo[str(min(SLO_BATCH, setup.max_num_seqs))]
+    alone_tok_s = finetune_alone(job, setup)
+    say(f"fine-tune alone {alone_tok_s:.0f} tok/s; TPOT SLO {slo_ms:.2f} ms")
+    return dict(
+        compile_s=compile_s,
+        solo_decode_ms=solo,
+        tpot_slo_ms=slo_ms,
+        slo_rule=f"{SLO_FACTOR:g} x the solo decode step at batch {SLO_BATCH}",
+        loads={},
+        load_rule="rate = N / (mean_output x SLO): N requests decoding at SLO-long iterations",
+        static_rule=(
+            "SLO - p99 inference step measured at calibration - loop overhead, fixed once; cut: "
+            "the coarsest whose slowest calibrated micro-step fits; a micro-step runs only if "
+            "its calibrated time fits what is left of the budget"
+        ),
+        finetune_alone_tok_s=alone_tok_s,
+        limit_rule="finetune_alone_tok_s x (1 - serve-only inference busy share)",
+        setup=dataclasses.asdict(setup),
+    )
 
 
 def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Results) -> None:
-    """Measures, then runs every load and policy of one shape; adds it all to `results`."""
+    """Runs the chosen loads and policies of one shape; merges them into `results`."""
     rates = measure_device_rates()  # before the engine claims memory: it needs ~2 GiB transiently
     checkpoint = ensure_checkpoint(args.ckpt_root, shape)
     start = time.perf_counter()
@@ -245,42 +321,35 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
         page_size=setup.page_size,
         max_loras=0,
     )
-    load_s = time.perf_counter() - start
+    say(f"{shape}: loaded in {time.perf_counter() - start:.0f} s")
     compile_s = llm.engine.compile_all()
-    programs = len(llm.engine.shape_buckets())
-    say(f"{shape}: loaded in {load_s:.0f} s; {programs} programs compiled in {compile_s:.0f} s")
-    batches = [b for b in (1, 2, 4, 8, 16, 32) if b <= setup.max_num_seqs]
-    solo = {b: solo_decode_ms(llm, b, setup) for b in batches}
-    say("solo decode ms: " + ", ".join(f"B={b} {ms:.2f}" for b, ms in solo.items()))
-    slo_ms = SLO_FACTOR * solo[min(SLO_BATCH, setup.max_num_seqs)]
+    say(f"{len(llm.engine.shape_buckets())} inference programs compiled in {compile_s:.0f} s")
 
     work = Path(tempfile.mkdtemp(prefix=f"harli-colocate-{shape}-"))
     data = write_data(work / "data.jsonl", llm.engine.model_config.vocab_size, setup.ft_seq_len)
-    alone_tok_s, finest_ms = finetune_alone(llm, data, work / "alone", setup)
-    static_ms = slo_ms - solo[setup.max_num_seqs] - finest_ms
-    say(f"fine-tune alone {alone_tok_s:.0f} tok/s; finest micro-step {finest_ms:.2f} ms")
-    say(f"TPOT SLO {slo_ms:.2f} ms; static budget {static_ms:.2f} ms")
+    job = make_job(llm, data, work / "job", setup)
+    known = results.measured.get(shape)
+    if args.remeasure or not known or known.get("setup") != dataclasses.asdict(setup):
+        results.measured[shape] = measure_shape(llm, job, shape, setup, compile_s)
+    else:
+        say(f"reusing the SLO ({known['tpot_slo_ms']:.2f} ms) and fine-tune alone rate from "
+            f"{results.path}")  # fmt: skip
+        known["compile_s"] = compile_s
+    measured = results.measured[shape]
+    slo_ms = measured["tpot_slo_ms"]
+
+    # Calibrate once; every run starts from copies of this predictor state and calibration.
+    base = ColocationScheduler(
+        SchedulerConfig("harli", slo_ms * 1e-3), LoggingPredictor(rates), EngineMetrics()
+    )
+    calibrate_s = calibrate(llm, base, job, progress=say)
+    static_ms = base.static_budget() * 1e3
+    say(f"calibrated in {calibrate_s:.0f} s; static budget {static_ms:.2f} ms")
     if static_ms <= 0:
         say("no static budget fits the SLO: static trains only while no request is running")
-    loads: dict[str, dict] = {}
-    results.measured[shape] = dict(
-        compile_s=compile_s,
-        solo_decode_ms=solo,
-        tpot_slo_ms=slo_ms,
-        slo_rule=f"{SLO_FACTOR:g} x the solo decode step at batch {SLO_BATCH}",
-        loads=loads,
-        load_rule="rate = N / (mean_output x SLO): N requests decoding at SLO-long iterations",
-        static_budget_ms=static_ms,
-        static_rule=(
-            f"SLO - solo step at batch {setup.max_num_seqs} - largest finest micro-step "
-            f"({finest_ms:.2f} ms); granularity: the finest cut (1 row x 1 layer)"
-        ),
-        finetune_alone_tok_s=alone_tok_s,
-        limit_rule="finetune_alone_tok_s x (1 - serve-only inference busy share)",
-        setup=dataclasses.asdict(setup),
-    )
 
-    for load, busy_rows in LOADS.items():
+    for load in args.loads:
+        busy_rows = LOADS[load]
         rate = busy_rows / (setup.mean_output * slo_ms * 1e-3)
         trace = synthetic_trace(
             rate,
@@ -290,20 +359,29 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
             mean_prompt=setup.mean_prompt,
             mean_output=setup.mean_output,
         )
-        loads[load] = dict(rate_rps=rate, batch_at_slo=busy_rows, requests=len(trace))
-        limit = None
+        measured["loads"][load] = dict(
+            rate_rps=rate,
+            batch_at_slo=busy_rows,
+            requests=len(trace),
+            static_budget_ms=static_ms,
+            calibrate_s=calibrate_s,
+        )
         for policy in args.policies:
-            config = SchedulerConfig(
-                policy, slo_ms * 1e-3, static_budget_s=max(static_ms, 0.0) * 1e-3
-            )
-            result = run_one(llm, data, work / f"{load}-{policy}", trace, config, rates, setup)
+            say(f"{load} load, {policy}: {len(trace)} requests over {setup.duration_s:g} s ...")
+            config = SchedulerConfig(policy, slo_ms * 1e-3)
+            result = run_one(llm, job, trace, config, base)
+            busy = results.busy_share("serve-only", load, shape)
             if policy == "serve-only":
-                limit = alone_tok_s * (1 - result["busy_share"])
+                busy = result["busy_share"]
+            limit = None if busy is None else measured["finetune_alone_tok_s"] * (1 - busy)
             row = dict(policy=policy, load=load, model=shape)
             row |= {k: result.pop(k) for k in ROW_KEYS}
-            results.rows.append(_finite(row | {"limit_ft_tok_s": limit}))
-            results.runs.append(_finite(dict(policy=policy, load=load, model=shape, **result)))
-            say(json.dumps(results.rows[-1] | results.runs[-1]))
+            row["limit_ft_tok_s"] = limit
+            row["share_of_limit"] = row["ft_tok_s"] / limit if limit else None
+            results.put(
+                _finite(row), _finite(dict(policy=policy, load=load, model=shape, **result))
+            )
+            say(json.dumps(_finite(row)))
             results.save()
     shutil.rmtree(work, ignore_errors=True)
 
@@ -313,8 +391,12 @@ def _finite(row: dict) -> dict:
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
+_STARTED = time.perf_counter()
+
+
 def say(text: str) -> None:
-    print(text, flush=True)
+    """A progress line, stamped with the seconds since the script started."""
+    print(f"[{time.perf_counter() - _STARTED:6.0f} s] {text}", flush=True)
 
 
 def _parse() -> argparse.Namespace:
@@ -322,6 +404,10 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--shapes", default="tinyllama-1.1b", help="comma-separated SHAPES names")
     # serve-only first (the limit needs its busy share); naive, whose backlog drains slowest, last.
     parser.add_argument("--policies", default="serve-only,harli,static,naive")
+    parser.add_argument("--loads", default="light,heavy", help=f"subset of {','.join(LOADS)}")
+    parser.add_argument(
+        "--remeasure", action="store_true", help="measure the SLO again, not reuse the file's"
+    )
     parser.add_argument("--duration", type=float, help="seconds of trace per run (default 20)")
     parser.add_argument("--quick", action="store_true", help="small engine, short traces")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -330,6 +416,10 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, help="KV page size (default 64)")
     args = parser.parse_args()
     args.policies = [p for p in args.policies.split(",") if p]
+    args.loads = [load for load in args.loads.split(",") if load]
+    for load in args.loads:
+        if load not in LOADS:
+            parser.error(f"--loads: {load!r} is not one of {', '.join(LOADS)}")
     return args
 
 
@@ -344,17 +434,11 @@ def main() -> None:
         setup = dataclasses.replace(setup, duration_s=args.duration)
     if args.page_size is not None:
         setup = dataclasses.replace(setup, page_size=args.page_size)
-    results = Results(args.out / f"colocate-{common.device_name()}.json")
+    results = Results.open(args.out / f"colocate-{common.device_name()}.json")
     for shape in [s for s in args.shapes.split(",") if s]:
         bench_shape(shape, args, setup, results)
-    common.write_result(
-        results.path,
-        results.rows,
-        shlex.join(["python3", *sys.argv]),
-        runs=results.runs,
-        measured=results.measured,
-        wall_s=time.perf_counter() - started,
-    )
+    say(f"done in {time.perf_counter() - started:.0f} s")
+    results.save(final=True, wall_s=time.perf_counter() - started)
 
 
 if __name__ == "__main__":

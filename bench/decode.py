@@ -4,7 +4,10 @@ For each model shape and (batch, context) it reports, in ms:
 - `ours_ms`: the engine's jitted forward step (`EngineCore._forward`: write K/V, attend through the
   page table, sample one token per row) on weights our loader read from a saved random-weight
   HF checkpoint; steady state, the median over samples of 10 chained steps (cache threaded
-  through, so host dispatch overlaps the device as in a serving loop);
+  through, so host dispatch overlaps the device as in a serving loop). Every row samples at
+  temperature 1 without top-k/top-p or top logprobs, so the program is the sampler variant the
+  engine runs for such a batch (`sampler` in the row, "/draw"); the `full-sampler` variant times
+  the full sampler;
 - `ours_sync_ms` / `dispatch_ms`: one step launched on an idle device and waited for, and the host
   time of launching it; `engine_ms`: one `EngineCore.step()` (inputs built on the host, step,
   tokens read back), i.e. what the host side adds;

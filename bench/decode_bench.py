@@ -20,7 +20,7 @@ from flax import nnx
 from bench import decode_profile
 from bench.common import SHAPES
 from harli_jax.engine.core import EngineConfig, EngineCore
-from harli_jax.engine.sampling import SamplerInputs, SamplingParams
+from harli_jax.engine.sampling import FULL, SamplerInputs, SamplerVariant, SamplingParams
 from harli_jax.engine.steps import make_decode_steps, make_forward_step
 from harli_jax.kernels import paged_attention
 from harli_jax.kernels.paged_attention import Tuning
@@ -31,6 +31,10 @@ from harli_jax.models.loading import from_pretrained
 
 PAGE_SIZE = 16
 CHAIN = 10  # steps per timed sample of the steady state
+# The requests every row serves: plain temperature sampling (the common serving case), so the
+# timed program is the engine's PLAIN sampler variant (no top-k/top-p sort, no top logprobs).
+PARAMS = SamplingParams()
+VARIANT = SamplerVariant.of([PARAMS])
 SAMPLES = 15
 MULTI_STEPS = 8
 
@@ -53,6 +57,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         },
     ),
     "greedy-no-sampler": dict(attention="pallas", program="greedy"),
+    # The full sampler (top-k/top-p sort, random bits, top logprobs), as every step ran it before
+    # the engine picked sampler variants per batch.
+    "full-sampler": dict(attention="pallas", sampler=FULL),
     f"multi{MULTI_STEPS}": dict(attention="pallas", steps=MULTI_STEPS),
 }
 
@@ -105,9 +112,7 @@ def _decode_inputs(engine: EngineCore, batch: int, context: int, rng) -> tuple:
     table = pool.reshape(batch, per_row).astype(np.int32)
     position = context - 1
     slots = table[:, position // PAGE_SIZE] * PAGE_SIZE + position % PAGE_SIZE
-    sampler = SamplerInputs.build(
-        [SamplingParams()] * batch, list(range(batch)), [0] * batch, batch
-    )
+    sampler = SamplerInputs.build([PARAMS] * batch, list(range(batch)), [0] * batch, batch)
     return (
         jnp.asarray(rng.integers(0, engine.model_config.vocab_size, (batch, 1)), jnp.int32),
         jnp.full((batch, 1), position, jnp.int32),
@@ -136,8 +141,8 @@ def _attention(choice: str, tuning: Tuning | None) -> Iterator[None]:
 
 
 def _greedy_step(graphdef: nnx.GraphDef) -> Callable:
-    """The engine's step without the sampler (argmax of the logits): isolates the sampler's cost,
-    including its ``lax.cond``, which makes the host wait for the device mid-step."""
+    """The engine's step without the sampler (argmax of the logits): isolates the sampler's
+    cost."""
 
     def step(state, cache, tokens, positions, paged, last, sampler, slot_ids):
         model = nnx.merge(graphdef, state)
@@ -195,18 +200,19 @@ def _kernel_profile(step: Callable, cache: KVCache, args: tuple, steps_per_call:
 def _variant(engine: EngineCore, name: str, inputs: tuple, profile: bool):
     """(cache, timing, profile) of one step variant on ``engine``'s cache."""
     spec = VARIANTS[name]
-    state = engine.state
+    state, static = engine.state, {}
     with _attention(spec["attention"], spec.get("tuning")):
         if spec.get("program") == "greedy":
             run, args = _greedy_step(engine.graphdef), inputs
         elif "steps" in spec:
             tokens, positions, paged, _, sampler, _ = inputs
-            run = make_decode_steps(engine.graphdef, spec["steps"])
+            run = make_decode_steps(engine.graphdef, spec["steps"], VARIANT)
             start = positions[:, 0] - spec["steps"] + 1
             args = (tokens[:, 0], start, paged.page_table, sampler)
         else:
             run, args = make_forward_step(engine.graphdef), inputs
-        lowered = run.lower(state, engine.cache, *args)
+            static = {"variant": spec.get("sampler", VARIANT)}
+        lowered = run.lower(state, engine.cache, *args, **static)
     started = time.perf_counter()
     compiled = lowered.compile(spec.get("options"))
     compile_s = time.perf_counter() - started
@@ -230,12 +236,13 @@ def time_decode(
     out: dict[str, Any] = {}
     try:
         started = time.perf_counter()
-        step = lambda cache, *a: eng._forward(eng.state, cache, *a)  # noqa: E731
+        step = lambda cache, *a: eng._forward(eng.state, cache, *a, variant=VARIANT)  # noqa: E731
         eng.cache, timing = _time_chained(step, eng.cache, inputs)
-        out |= timing | {"first_call_s": time.perf_counter() - started}
+        out |= timing | {"first_call_s": time.perf_counter() - started, "sampler": VARIANT.suffix}
         if profile:  # the engine's own program: cached by the call above, so no recompile
             started = time.perf_counter()
-            compiled = eng._forward.lower(eng.state, eng.cache, *inputs).compile()
+            lowered = eng._forward.lower(eng.state, eng.cache, *inputs, variant=VARIANT)
+            compiled = lowered.compile()
             out["hlo"] = decode_profile.hlo_summary(compiled.as_text())
             out["lookup_s"] = time.perf_counter() - started
             eng.cache, out["kernels"] = _kernel_profile(step, eng.cache, inputs, 1)
@@ -279,9 +286,7 @@ def time_prefill(model: Llama, batch: int, length: int) -> float | None:
     table = np.arange(1, 1 + batch * per_row, dtype=np.int32).reshape(batch, per_row)
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
     slots = np.take_along_axis(table, positions // PAGE_SIZE, axis=1) * PAGE_SIZE
-    sampler = SamplerInputs.build(
-        [SamplingParams()] * batch, list(range(batch)), [0] * batch, batch
-    )
+    sampler = SamplerInputs.build([PARAMS] * batch, list(range(batch)), [0] * batch, batch)
     args = (
         jnp.asarray(rng.integers(0, engine.model_config.vocab_size, (batch, length)), jnp.int32),
         jnp.asarray(positions),
@@ -294,7 +299,7 @@ def time_prefill(model: Llama, batch: int, length: int) -> float | None:
     try:
         for _ in range(6):
             start = time.perf_counter()
-            engine.cache, out = engine._forward(engine.state, engine.cache, *args)
+            engine.cache, out = engine._forward(engine.state, engine.cache, *args, variant=VARIANT)
             jax.block_until_ready(out)
             times.append(time.perf_counter() - start)
     except Exception as err:  # reported, not fatal: the other rows still count

@@ -7,7 +7,16 @@ For each model shape and batch (rows x seq_len tokens) it reports train tokens/s
   each blocked on its loss;
 - `peft_tok_s`: HF PEFT + torch bf16 with the same adapter, in this process (`peft_train_tok_s`;
   torch runs first, then frees the GPU for JAX); `ratio` = ours / PEFT.
-A point that runs out of device memory is recorded as None and named in `notes`.
+A point that runs out of device memory on either side is measured again with layer
+rematerialisation on that side (ours: `Trainer(remat=True)`; PEFT: transformers' non-reentrant
+gradient checkpointing); its row says so (`remat`, `ours_remat`, `peft_remat`). A point that runs
+out of memory even so is recorded as None and named in `notes`. `--remat` measures every point
+with both sides rematerialising.
+
+Results merge into `train-<device>.json` under `--out`: a run replaces the rows (and micro-step
+and cut rows) of the (model, tokens) points it measured and keeps the others, and `commands` lists
+every command that wrote the file (`command` is the last), so shapes can be measured in separate
+runs into one file.
 
 The co-location scheduler runs a train step cut into micro-steps (`Trainer.plan`). For the first
 shape and batch (`--micro-shapes`, `--micro-tokens`), every cut that
@@ -24,12 +33,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import io
+import json
 import shlex
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
@@ -67,10 +79,54 @@ def enable_compile_cache(directory: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def save_partial(path: Path, rows: list[dict], **top) -> None:
-    """`common.write_result` without its printout: results so far survive a timeout."""
+def _point(row: dict) -> tuple[str, str]:
+    return row["model"], row["tokens"]
+
+
+def merge_results(previous: dict, rows: list[dict], command: str, **top) -> dict:
+    """This run's result merged into ``previous`` (the file's earlier content, ``{}`` if none).
+
+    `rows`, `micro_steps` and `cuts` rows of a (model, tokens) point this run measured replace
+    the earlier ones, others are kept (earlier points first); `notes` follow their points the same
+    way; `commands` gains ``command``. Other keys of ``top`` (``lora``, ``wall_s``...) are this
+    run's; a key this run does not set keeps its earlier value.
+    """
+    merged = {k: v for k, v in previous.items() if k not in ("partial", "device", "rows")}
+    measured = {_point(row) for row in rows}
+    tables = {"rows": rows, **{k: top.pop(k) for k in ("micro_steps", "cuts") if k in top}}
+    for name, new in tables.items():
+        points = {_point(row) for row in new} | (measured if name == "rows" else set())
+        kept = [row for row in previous.get(name, []) if _point(row) not in points]
+        merged[name] = kept + list(new)
+    if "notes" in top:
+        prefixes = tuple(f"{model} {tokens}:" for model, tokens in measured)
+        kept = [note for note in previous.get("notes", []) if not note.startswith(prefixes)]
+        merged["notes"] = kept + [n for n in top.pop("notes") if n not in kept]
+    earlier = previous.get("commands") or ([previous["command"]] if "command" in previous else [])
+    merged.update(top, commands=[*earlier, command])
+    return merged
+
+
+def read_result(path: Path) -> dict:
+    """The result file at ``path`` as written before this run, or ``{}``."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def save(path: Path, previous: dict, rows: list[dict], final: bool = False, **top) -> None:
+    """Writes this run's results merged into ``previous``; until ``final``, quietly and marked
+    partial, so results so far survive a timeout."""
+    command = shlex.join(["python3", *sys.argv])
+    merged = merge_results(previous, rows, command, **top)
+    rows = merged.pop("rows")
+    merged.pop("command", None)
+    if final:
+        common.write_result(path, rows, command, **merged)
+        return
     with contextlib.redirect_stdout(io.StringIO()):
-        common.write_result(path, rows, shlex.join(["python3", *sys.argv]), partial=True, **top)
+        common.write_result(path, rows, command, partial=True, **merged)
 
 
 def random_batch(vocab_size: int, rows: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -93,7 +149,7 @@ def _out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def _trainer(base):
+def _trainer(base, remat: bool = False):
     from flax import nnx
 
     from harli_jax.lora import LoraConfig, Trainer, inject_lora, make_optimizer
@@ -101,35 +157,57 @@ def _trainer(base):
     # A fresh module tree over the base arrays, as a fine-tune job builds it.
     model = inject_lora(nnx.merge(*nnx.split(base)), LoraConfig(**LORA), slots=1, rngs=nnx.Rngs(0))
     # A long schedule, so the timed steps train at a non-zero learning rate like any other.
-    return Trainer(model, make_optimizer(2e-4, total_steps=100_000, warmup_steps=10))
+    return Trainer(model, make_optimizer(2e-4, total_steps=100_000, warmup_steps=10), remat=remat)
 
 
-def peft_points(ckpt: Path, points: list[Point], steps: int, warmup: int) -> dict:
-    """PEFT tokens/s per point (None on out-of-memory); frees torch's GPU memory after."""
+Measure = Callable[[bool], "float | None"]  # remat -> tokens/s, or None on out-of-memory
+
+
+def with_remat_retry(measure: Measure, remat: bool = False) -> tuple[float | None, bool]:
+    """``(tokens/s, remat)``: measured without rematerialisation unless ``remat``, then with it
+    if that ran out of memory (None if it still does)."""
+    if not remat:
+        value = measure(False)
+        if value is not None:
+            return value, False
+    return measure(True), True
+
+
+def peft_points(
+    ckpt: Path, points: list[Point], steps: int, warmup: int, remat: bool = False
+) -> dict[Point, tuple[float | None, bool]]:
+    """PEFT ``(tokens/s, gradient checkpointing)`` per point, checkpointing as
+    `with_remat_retry` says; frees torch's GPU memory after."""
     from bench import hf_baseline
 
     results = {}
     for rows, seq_len in points:
-        results[rows, seq_len] = hf_baseline.peft_train_tok_s(
-            ckpt,
-            rows,
-            seq_len,
-            r=LORA["r"],
-            alpha=LORA["alpha"],
-            targets="all-linear",
-            steps=steps,
-            warmup=warmup,
-        )
+
+        def measure(checkpointing: bool, rows=rows, seq_len=seq_len) -> float | None:
+            # transformers checkpoints without re-entrance (use_reentrant=False) by default.
+            return hf_baseline.peft_train_tok_s(
+                ckpt,
+                rows,
+                seq_len,
+                r=LORA["r"],
+                alpha=LORA["alpha"],
+                targets="all-linear",
+                steps=steps,
+                warmup=warmup,
+                gradient_checkpointing=checkpointing,
+            )
+
+        results[rows, seq_len] = with_remat_retry(measure, remat)
     hf_baseline.free_torch()
     return results
 
 
-def ours_tok_s(base, point: Point, steps: int, warmup: int) -> float | None:
+def ours_tok_s(base, point: Point, steps: int, warmup: int, remat: bool = False) -> float | None:
     """Tokens/s of whole train steps at `point`; None if it ran out of device memory."""
     rows, seq_len = point
-    label = f"ours train B={rows} T={seq_len}"
+    label = f"ours train B={rows} T={seq_len}{' remat' if remat else ''}"
     batch = random_batch(base.config.vocab_size, rows, seq_len)
-    trainer = _trainer(base)
+    trainer = _trainer(base, remat)
     try:
         start = time.perf_counter()
         for _ in range(warmup):
@@ -232,6 +310,11 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed plans per cut")
     parser.add_argument("--quick", action="store_true", help="short sequences and few steps")
+    parser.add_argument(
+        "--remat",
+        action="store_true",
+        help="rematerialise on both sides at every point (default: only to retry on OOM)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--ckpt-root", type=Path, default=Path("/tmp/harli-bench-ckpt"))
     parser.add_argument("--jax-cache", type=Path, default=Path("/tmp/harli-bench-jax-cache"))
@@ -258,39 +341,28 @@ def main() -> None:
     peft: dict[str, dict] = {}
     if not args.no_peft:
         for shape in shapes:
-            peft[shape] = peft_points(ckpts[shape], points, args.steps, args.warmup)
+            peft[shape] = peft_points(ckpts[shape], points, args.steps, args.warmup, args.remat)
 
     from harli_jax.models.loading import from_pretrained
 
     result = args.out / f"train-{common.device_name()}.json"
+    previous = read_result(result)
     rows, micro_rows, cut_rows, notes = [], [], [], []
     for shape in shapes:
         start = time.perf_counter()
         base = from_pretrained(ckpts[shape], jnp.bfloat16)
         print(f"{shape}: loaded in {time.perf_counter() - start:.1f} s", flush=True)
         for point in points:
-            ours = ours_tok_s(base, point, args.steps, args.warmup)
+            measure = functools.partial(ours_tok_s, base, point, args.steps, args.warmup)
+            ours = with_remat_retry(measure, args.remat)
             theirs = peft.get(shape, {}).get(point)
-            tokens = "x".join(map(str, point))
-            for side, value in (("ours", ours), ("peft", theirs)):
-                if value is None and (side == "ours" or shape in peft):
-                    notes.append(f"{shape} {tokens}: {side} ran out of device memory")
-            rows.append(
-                dict(
-                    model=shape,
-                    tokens=tokens,
-                    ours_tok_s=ours,
-                    peft_tok_s=theirs,
-                    ratio=ours / theirs if ours and theirs else None,
-                    device=common.device_name(),
-                )
-            )
-            save_partial(result, rows, notes=notes)
+            rows.append(point_row(shape, point, ours, theirs, notes, forced=args.remat))
+            save(result, previous, rows, notes=notes)
         if shape in micro_shapes:
             micro, cuts = micro_steps(base, shape, micro_point, args.repeats)
             micro_rows += micro
             cut_rows += cuts
-            save_partial(result, rows, notes=notes, micro_steps=micro_rows, cuts=cut_rows)
+            save(result, previous, rows, notes=notes, micro_steps=micro_rows, cuts=cut_rows)
         del base
         gc.collect()
 
@@ -299,15 +371,48 @@ def main() -> None:
         print(common.format_table(cut_rows))
     for note in notes:
         print(note)
-    common.write_result(
+    save(
         result,
+        previous,
         rows,
-        shlex.join(["python3", *sys.argv]),
+        final=True,
         lora={**LORA, "optimizer": "AdamW, clip 1.0", "loss": "every token"},
         micro_steps=micro_rows,
         cuts=cut_rows,
         notes=notes,
         wall_s=time.perf_counter() - started,
+    )
+
+
+def point_row(
+    shape: str,
+    point: Point,
+    ours: tuple[float | None, bool],
+    peft: tuple[float | None, bool] | None,
+    notes: list[str],
+    forced: bool = False,
+) -> dict:
+    """The result row of one point from each side's ``(tokens/s, remat)`` (``peft`` None when
+    not measured); appends to ``notes`` what ran out of memory (``forced``: remat was asked
+    for, not a retry)."""
+    tokens = "x".join(map(str, point))
+    (ours_value, ours_remat), (peft_value, peft_remat) = ours, peft or (None, False)
+    sides = [("ours", *ours)] + ([("peft", *peft)] if peft is not None else [])
+    for side, value, remat in sides:
+        if value is None:
+            notes.append(f"{shape} {tokens}: {side} ran out of device memory")
+        elif remat and not forced:
+            notes.append(f"{shape} {tokens}: {side} ran out of device memory without remat")
+    return dict(
+        model=shape,
+        tokens=tokens,
+        ours_tok_s=ours_value,
+        peft_tok_s=peft_value,
+        ratio=ours_value / peft_value if ours_value and peft_value else None,
+        remat=ours_remat or peft_remat,
+        ours_remat=ours_remat,
+        peft_remat=peft_remat,
+        device=common.device_name(),
     )
 
 

@@ -14,6 +14,14 @@ from pathlib import Path
 
 from harli_jax.cli_common import UsageError, add_model_args, flag_message, load_llm
 from harli_jax.cli_finetune import PARSERS
+from harli_jax.cli_profile import (
+    add_profile_parser,
+    device_kind,
+    engine_shape,
+    lora_shape,
+    model_identity,
+    read_profile,
+)
 from harli_jax.models.config import CheckpointError
 
 
@@ -60,6 +68,14 @@ def _serve(args: argparse.Namespace) -> None:
         raise UsageError(f"--tpot-slo-ms={args.tpot_slo_ms} must be positive")
     rates = measure_device_rates()  # before the model and its KV cache claim device memory
     llm = load_llm(args)
+    predictor, calibration = Predictor(rates), None
+    if args.profile is not None:
+        expected = {
+            "device": device_kind(),
+            "model": model_identity(args.model, args.dtype),
+            "engine": engine_shape(llm.engine),
+        }
+        predictor, calibration = read_profile(args.profile, expected)
     name = args.served_model_name or (Path(args.model).name if args.model else "harli-demo")
     jobs = JobManager.colocated(
         llm.engine,
@@ -67,8 +83,10 @@ def _serve(args: argparse.Namespace) -> None:
         args.state_dir / "jobs",
         tpot_slo_s=args.tpot_slo_ms / 1e3,
         max_queued=args.max_queued,
-        predictor=Predictor(rates),
+        predictor=predictor,
     )
+    if calibration is not None:  # jobs of the profiled LoRA shape start with known cuts
+        jobs.scheduler.calibration = calibration
     engine = jobs.engine.start()
     app = create_app(
         engine,
@@ -111,7 +129,42 @@ def _serve_parser(sub) -> Callable:
         default=Path("harli-state"),
         help="uploaded files and fine-tuning jobs (files/, jobs/); jobs resume from it",
     )
+    _add_profile_arg(p)
     return _serve
+
+
+def _add_profile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="start the latency predictor from this `harli-jax profile` file (made for this "
+        "model, device and engine shape)",
+    )
+
+
+def _train_colocated_with_profile(handler: Callable) -> Callable:
+    """``train-colocated`` starting from ``--profile`` (checked before the model loads)."""
+
+    def run(args: argparse.Namespace) -> None:
+        if args.profile is None:
+            return handler(args)
+        from harli_jax.colocate import start_from
+
+        expected = {
+            "device": device_kind(),
+            "model": model_identity(args.model, args.dtype),
+            "engine": dict(
+                max_num_seqs=args.max_num_seqs,
+                max_model_len=args.max_model_len,
+                page_size=args.page_size,
+                prefill_chunk=args.prefill_chunk,
+            ),
+            "lora": lora_shape(args.r, args.target_modules, args.batch_size, args.seq_len),
+        }
+        with start_from(*read_profile(args.profile, expected)):
+            return handler(args)
+
+    return run
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
@@ -122,6 +175,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     sub = parser.add_subparsers(dest="command", required=True)
     handlers = {"generate": _generate_parser(sub), "serve": _serve_parser(sub)}
     handlers.update({name: make(sub) for name, make in PARSERS.items()})
+    handlers["profile"] = add_profile_parser(sub)
+    _add_profile_arg(sub.choices["train-colocated"])
+    handlers["train-colocated"] = _train_colocated_with_profile(handlers["train-colocated"])
     return parser, handlers
 
 

@@ -14,11 +14,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--model", help="HF checkpoint directory (default: the embedded demo model)"
     )
     parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32")
+    parser.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.9,
+        help="share of the device's memory for weights, programs and the KV/fine-tune arena, "
+        "in (0, 1], as vLLM's --gpu-memory-utilization (default 0.9; where the device does not "
+        "report its memory, e.g. a CPU, the arena holds every sequence's full context twice)",
+    )
 
 
 def load_llm(args: argparse.Namespace, **engine_kwargs):
     from harli_jax import LLM
 
+    fraction = getattr(args, "memory_fraction", None)
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise UsageError(f"--memory-fraction must be in (0, 1], got {fraction}")
+        engine_kwargs.setdefault("memory_fraction", fraction)
     if args.model is None:
         return LLM.demo(**({"dtype": args.dtype} if args.dtype else {}), **engine_kwargs)
     return LLM(args.model, dtype=args.dtype or "bfloat16", **engine_kwargs)

@@ -8,10 +8,13 @@ throughput over time). The engine loop does the real work; nothing here touches 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.engine.sampling import SamplingParams
 from harli_jax.llm import LLM
 from harli_jax.sched.predictor import Predictor, measure_device_rates
-from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
+from harli_jax.sched.scheduler import Calibration, ColocationScheduler, SchedulerConfig
 from harli_jax.sched.trace import TracedRequest
 
 
@@ -33,26 +36,68 @@ class ReplayResult:
     finished: int = 0
 
 
-def calibrate(llm: LLM, scheduler: ColocationScheduler, job: FineTuneJob, progress=print) -> float:
+# Where `run_colocated` starts when its caller passes no predictor: a saved profile's predictor
+# and calibration (the CLI's --profile sets it), else nothing (calibrate from scratch).
+_START: contextvars.ContextVar[tuple[Predictor, Calibration] | None] = contextvars.ContextVar(
+    "harli_colocate_start", default=None
+)
+
+
+@contextlib.contextmanager
+def start_from(predictor: Predictor, calibration: Calibration) -> Iterator[None]:
+    """Within this block, `run_colocated` without a predictor starts from copies of these."""
+    token = _START.set((predictor, calibration))
+    try:
+        yield
+    finally:
+        _START.reset(token)
+
+
+def calibrate(
+    llm: LLM,
+    scheduler: ColocationScheduler,
+    job: FineTuneJob,
+    progress=print,
+    measure: bool = True,
+) -> float:
     """Compiles every program the run can use (each inference shape bucket, each cut of the train
-    step) and measures them, before the clock starts. Returns the seconds it took."""
+    step) and, with ``measure``, measures them, before the clock starts. Returns the seconds it
+    took. Without ``measure`` (the scheduler starts calibrated) it only compiles."""
     from tqdm import tqdm
 
     start = time.perf_counter()
     core = llm.engine
-    with tqdm(total=len(core.shape_buckets()), desc="compiling inference", unit="program") as bar:
+    with tqdm(
+        total=len(core.shape_buckets()),
+        desc="compiling inference",
+        unit="program",
+        disable=progress is _quiet,
+    ) as bar:
         core.compile_all(lambda done, total: bar.update(1))
-    progress("compiling and calibrating the train step's micro-steps ...")
-    scheduler.calibrate(job)
-    rows = 1
+    verb = "compiling and calibrating" if measure else "compiling"
+    progress(f"{verb} the train step's micro-steps ...")
+    scheduler.calibrate(job, measure=measure)
+    if measure:
+        calibrate_inference(llm, scheduler)
+    return time.perf_counter() - start
+
+
+def calibrate_inference(llm: LLM, scheduler: ColocationScheduler, max_tokens: int = 8) -> None:
+    """Short requests at every decode batch bucket (1, 2, 4, ...): the predictor's first
+    inference samples and the steps the static budget is derived from."""
+    core, rows = llm.engine, 1
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     while rows <= core.config.max_num_seqs:
         for i in range(rows):
-            core.add_request([1 + i % 7] * 4, SamplingParams(max_tokens=8, ignore_eos=True))
+            core.add_request([1 + i % 7] * 4, params)
         while core.has_unfinished():
             core.step()
-            scheduler.observe_inference(core.last_report)
+            scheduler.observe_inference(core.last_report, calibrating=True)
         rows *= 2
-    return time.perf_counter() - start
+
+
+def _quiet(*_, **__) -> None:
+    pass
 
 
 def replay(
@@ -98,15 +143,32 @@ def run_colocated(
     config: SchedulerConfig,
     *,
     predictor: Predictor | None = None,
+    calibration: Calibration | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """Serves ``trace`` while ``job`` trains under ``config``'s policy; returns the report."""
+    """Serves ``trace`` while ``job`` trains under ``config``'s policy; returns the report.
+
+    With a ``calibration`` (and the ``predictor`` it was made with; or, with neither, inside
+    :func:`start_from`), the run starts calibrated: copies of both are used, and the job's programs
+    are only compiled, not measured again, unless they have run in this job already."""
+    if predictor is None and calibration is None and _START.get() is not None:
+        predictor, calibration = _START.get()
+        predictor = predictor.copy()
     predictor = predictor or Predictor(measure_device_rates())
+    calibrated = calibration is not None
     # Calibration trains real steps; they count for the job, not for the measured run.
-    scheduler = ColocationScheduler(config, predictor, EngineMetrics())
-    say = print if show_progress else (lambda *_, **__: None)
-    compile_s = calibrate(llm, scheduler, job, progress=say)
-    say(f"compiled and calibrated in {compile_s:.1f} s")
+    scheduler = ColocationScheduler(
+        config, predictor, EngineMetrics(), calibration.copy() if calibrated else None
+    )
+    say = print if show_progress else _quiet
+    job.use_arena(llm.engine.arena)  # its step state shares the KV cache's pages
+    if calibrated and scheduler.is_warm(job):
+        compile_s = 0.0
+    else:
+        compile_s = calibrate(llm, scheduler, job, progress=say, measure=not calibrated)
+    say(f"compiled{'' if calibrated else ' and calibrated'} in {compile_s:.1f} s")
+    job.abandon()  # a step an earlier run left open is trained again from its start
+    predictor.clear_errors()  # the report's predictor errors cover the run only
     scheduler.add_job(job)
     metrics = scheduler.metrics = EngineMetrics(tpot_slo_s=config.tpot_slo_s)
     steps_before, tokens_before = job.step, job.tokens_trained
@@ -117,8 +179,10 @@ def run_colocated(
         while not stop.wait(0.5):
             say("\r" + progress_line(metrics, job), end="", flush=True)
 
+    # Only when shown: its summaries take the metrics lock and the GIL from the loop thread.
     ticker = threading.Thread(target=show, daemon=True)
-    ticker.start()
+    if show_progress:
+        ticker.start()
     try:
         result = replay(engine, trace, llm.engine.model_config.vocab_size)
     finally:
@@ -130,6 +194,8 @@ def run_colocated(
         "policy": config.policy,
         "tpot_slo_ms": config.tpot_slo_s * 1e3,
         "compile_s": compile_s,
+        "started_calibrated": calibrated,
+        "static_budget_ms": scheduler.static_budget() * 1e3,
         "requests": dataclasses.asdict(result),
         "finetune_steps": job.step - steps_before,
         "finetune_tokens": job.tokens_trained - tokens_before,

@@ -44,10 +44,14 @@ class LLM:
         max_loras: int = 4,
         max_lora_rank: int = 16,
         tensor_parallel: int = 1,
+        memory_fraction: float | None = None,
+        reserve_bytes: int = 0,
     ):
         """``max_loras`` adapters of rank <= ``max_lora_rank`` can be served at once (0 serves
         the base model alone, a little faster); ``tensor_parallel=N`` shards the model and the
-        KV cache over the first N devices."""
+        KV cache over the first N devices. ``memory_fraction`` (of the device's memory, for weights,
+        programs and the arena together) sizes the arena when ``num_pages`` is not given,
+        leaving ``reserve_bytes`` for other programs (a fine-tune job's micro-steps)."""
         self.model_dir = Path(model)
         self.dtype = jnp.dtype(dtype)
         shard_param = shard_cache = None
@@ -69,6 +73,8 @@ class LLM:
                 prefill_chunk=prefill_chunk,
                 max_loras=max_loras,
                 max_lora_rank=max_lora_rank,
+                memory_fraction=memory_fraction,
+                reserve_bytes=reserve_bytes,
             ),
             cache_sharding=shard_cache,
         )

@@ -4,7 +4,9 @@ each fine-tunes exactly as much as its rule allows."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from harli_jax import LLM
@@ -12,9 +14,20 @@ from harli_jax.cli import main
 from harli_jax.colocate import run_colocated
 from harli_jax.demo_task import write_dataset
 from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob
+from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.config import LoraConfig
-from harli_jax.sched.predictor import Predictor, measure_device_rates
-from harli_jax.sched.scheduler import SchedulerConfig
+from harli_jax.sched.costs import StepReport
+from harli_jax.sched.predictor import DeviceRates, Predictor, measure_device_rates
+from harli_jax.sched.scheduler import (
+    Calibration,
+    ColocationScheduler,
+    SchedulerConfig,
+    _option_id,
+    inference_features,
+    iterations_per_step,
+    job_shape,
+    train_key,
+)
 from harli_jax.sched.trace import synthetic_trace
 
 
@@ -58,3 +71,87 @@ def test_main_job_learns_the_demo_task(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["task_accuracy"]["after"] >= report["task_accuracy"]["before"] + 0.3
     assert (tmp_path / "colocation.png").is_file() and (tmp_path / "adapter").is_dir()
+
+
+# -- the scheduler's decisions, on a stand-in job (no device work) ------------------------------
+RATES = DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)
+
+
+def fake_job(r=16, targets=("q_proj", "v_proj"), rows=4, seq_len=512, layers=2):
+    config = SimpleNamespace(
+        lora=LoraConfig(r=r, target_modules=targets), batch_size=rows, seq_len=seq_len
+    )
+    return SimpleNamespace(config=config, trainer=SimpleNamespace(num_layers=layers))
+
+
+def scheduler_with_cuts(job, cut_ms: dict[int, list[float]], policy="harli", **config):
+    """A scheduler whose calibration knows cut i (index into granularities) as micro-steps of
+    these predicted (and calibrated) milliseconds."""
+    predictor = Predictor(RATES)
+    calibration = Calibration()
+    scheduler = ColocationScheduler(
+        SchedulerConfig(policy=policy, tpot_slo_s=0.02, **config), predictor, EngineMetrics()
+    )
+    scheduler.calibration = calibration
+    options = scheduler._options(job)
+    for index, sizes in cut_ms.items():
+        keys = []
+        for n, ms in enumerate(sizes):
+            key = train_key(job_shape(job), ("fwd", "cut", index, n))
+            predictor.register(key, "train/fwd", {"flops": 0.0, "bytes accessed": ms * 1e9})
+            calibration.seconds[key] = ms * 1e-3
+            keys.append(key)
+        calibration.cuts[_option_id(job, options[index])] = keys
+    return scheduler, options
+
+
+def test_iterations_per_step_packs_in_order():
+    assert iterations_per_step([6, 6, 6, 6], [10]) == 4
+    assert iterations_per_step([3] * 8, [10]) == 3
+    # 3 (8 does not fit the 7 left) | nothing fits 5 | 8 | 3
+    assert iterations_per_step([3, 8, 3], [10, 5]) == 4
+    assert iterations_per_step([11], [10, 5]) == float("inf")
+
+
+def test_harli_picks_the_cut_that_finishes_a_step_in_fewest_iterations():
+    """The old rule ("coarsest cut whose largest micro-step fits the median budget") took the
+    coarse cut here and left 40% of every 10 ms budget idle: 4 iterations a step, not 3."""
+    job = fake_job()
+    scheduler, options = scheduler_with_cuts(job, {0: [6.0] * 4, 1: [3.0] * 8})
+    scheduler._slack.extend([0.010] * 8)
+    assert scheduler._harli_granularity(job) == options[1]
+    # Equal iteration counts: the coarser cut (fewer, larger micro-steps waste less).
+    scheduler, options = scheduler_with_cuts(job, {0: [4.0] * 4, 1: [2.0] * 8})
+    scheduler._slack.extend([0.010] * 8)
+    assert scheduler._harli_granularity(job) == options[0]
+    # A cut with a micro-step no recent budget fits is never chosen.
+    scheduler, options = scheduler_with_cuts(job, {0: [12.0, 1.0], 1: [6.0] * 4})
+    scheduler._slack.extend([0.010] * 8)
+    assert scheduler._harli_granularity(job) == options[1]
+
+
+def test_static_budget_is_the_slo_less_the_p99_calibrated_step_and_never_adapts():
+    job = fake_job()
+    scheduler, options = scheduler_with_cuts(job, {0: [9.0, 9.0], 1: [5.0] * 4}, policy="static")
+    scheduler.calibration.inference_s.extend([0.004] * 98 + [0.012, 0.013])
+    expected = 0.02 - np.quantile(scheduler.calibration.inference_s, 0.99) - 0.0005
+    assert scheduler.static_budget() == pytest.approx(expected)
+    assert scheduler.static_granularity(job) == options[1]  # 9 ms does not fit 20 - 12 - 0.5
+    fixed, _ = scheduler_with_cuts(job, {0: [1.0]}, policy="static", static_budget_s=0.003)
+    assert fixed.static_budget() == 0.003
+
+
+def test_train_keys_carry_the_lora_shape():
+    a, b = fake_job(r=16), fake_job(r=8)
+    c, d = fake_job(rows=8, seq_len=256), fake_job(targets="all-linear")
+    shapes = {job_shape(job) for job in (a, b, c, d)}
+    assert len(shapes) == 4
+    assert job_shape(a) == "r16-q_proj.v_proj-4x512"
+    assert train_key(job_shape(a), ("update",)) != train_key(job_shape(b), ("update",))
+
+
+def test_inference_features_count_programs_and_decode_pages():
+    report = StepReport("forward/r8/t128/p4+forward/r2/t1/p8", {}, {"rows": 2.0}, 0.01)
+    assert inference_features(report) == {"rows": 2.0, "calls": 2.0, "decode_pages": 8.0}
+    report = StepReport("forward/r1/t1/p2/topkp", {}, {"rows": 1.0}, 0.01)
+    assert inference_features(report)["decode_pages"] == 2.0

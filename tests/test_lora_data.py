@@ -154,9 +154,7 @@ def test_one_epoch_packs_every_example_once_with_its_shifted_mask():
     examples = prompt_completion_examples(30)
     batches = packed(examples, num_epochs=1)
 
-    got = Counter(
-        (tuple(ids), tuple(mask)) for batch in batches for ids, mask in segments(batch)
-    )
+    got = Counter((tuple(ids), tuple(mask)) for batch in batches for ids, mask in segments(batch))
 
     expected = Counter()
     for example in examples:

@@ -71,8 +71,9 @@ def test_accumulation_applies_the_mean_gradient_once_per_k_calls():
 
     accumulated = run(make_optimizer(LR, TOTAL, WARMUP, accumulate_steps=2), params, micro)
 
-    np.testing.assert_allclose(accumulated, run(make_optimizer(LR, TOTAL, WARMUP), params, means),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        accumulated, run(make_optimizer(LR, TOTAL, WARMUP), params, means), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_accumulation_holds_params_between_updates():
@@ -97,3 +98,44 @@ def test_invalid_settings_are_refused(kwargs):
     settings = {"lr": LR, "total_steps": TOTAL, "warmup_steps": WARMUP} | kwargs
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         make_optimizer(**settings)
+
+
+def unflattened(weight_decay: float, max_norm: float | None, accumulate_steps: int = 1):
+    """make_optimizer's transformation as optax builds it per leaf, without `optax.flatten`."""
+    adamw = optax.adamw(make_schedule(LR, TOTAL, WARMUP), weight_decay=weight_decay)
+    chain = adamw if max_norm is None else optax.chain(optax.clip_by_global_norm(max_norm), adamw)
+    if accumulate_steps == 1:
+        return chain
+    return optax.MultiSteps(chain, every_k_schedule=accumulate_steps).gradient_transformation()
+
+
+@pytest.mark.parametrize(
+    "weight_decay, max_norm, accumulate_steps",
+    [(0.1, 1.0, 1), (0.0, None, 1), (0.01, 1.0, 2)],
+)
+def test_the_flat_optimizer_updates_a_tree_as_the_per_leaf_one_does(
+    weight_decay, max_norm, accumulate_steps
+):
+    """make_optimizer runs on one flat vector: the same updates, to float32 rounding, on a tree
+    of differently shaped leaves (a LoRA state's A and B matrices), with clipping active."""
+    rng = np.random.default_rng(2)
+    shapes = {"a": (1, 8, 4), "b": (1, 4, 6), "c": {"a": (1, 3, 4), "b": (1, 4, 3)}}
+    leaf = lambda shape: jnp.asarray(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+    params = jax.tree.map(leaf, shapes, is_leaf=lambda x: isinstance(x, tuple))
+    grads_seq = [
+        jax.tree.map(lambda p: 3 * leaf(p.shape), params) for _ in range(4 * accumulate_steps)
+    ]
+    flat = make_optimizer(LR, TOTAL, WARMUP, weight_decay, max_norm, accumulate_steps)
+    per_leaf = unflattened(weight_decay, max_norm, accumulate_steps)
+
+    got, want = params, params
+    got_state, want_state = flat.init(params), per_leaf.init(params)
+    for grads in grads_seq:
+        got_updates, got_state = flat.update(grads, got_state, got)
+        want_updates, want_state = per_leaf.update(grads, want_state, want)
+        got, want = optax.apply_updates(got, got_updates), optax.apply_updates(want, want_updates)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    # The state is flat: one vector per moment, not one array per leaf.
+    assert len(jax.tree.leaves(got_state)) < len(jax.tree.leaves(want_state))

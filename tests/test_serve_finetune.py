@@ -33,7 +33,15 @@ TIMEOUT_S = 120.0
 @contextlib.contextmanager
 def serving(model_dir: Path, state_dir: Path) -> Iterator[SimpleNamespace]:
     """One life of ``harli-jax serve --state-dir state_dir``, wired as the CLI wires it."""
-    llm = LLM(model_dir, dtype="float32", max_model_len=CONTEXT, page_size=CONTEXT, max_num_seqs=2)
+    # Arena pages beyond the two sequences' KV: room for a fine-tune step's activations.
+    llm = LLM(
+        model_dir,
+        dtype="float32",
+        max_model_len=CONTEXT,
+        page_size=CONTEXT,
+        max_num_seqs=2,
+        num_pages=64,
+    )
     jobs = JobManager.colocated(llm.engine, MODEL, state_dir / "jobs", tpot_slo_s=0.05)
     engine = jobs.engine.start()
     app = create_app(engine, MODEL, jobs=jobs, files_dir=state_dir / "files", tpot_slo_ms=50)

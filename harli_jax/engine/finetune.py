@@ -6,6 +6,11 @@ A job never loses an accepted step: a step counts once its optimiser update has 
 the end, atomically; a job built over an existing output directory resumes from its last
 checkpoint. A step cut short (:meth:`FineTuneJob.abandon`, when the scheduler needs the device or
 memory back) is dropped whole and its batch is trained again later, never half-applied.
+
+Co-located (:meth:`FineTuneJob.use_arena`), a step keeps its activations and gradient sums in
+arena pages; :meth:`FineTuneJob.yield_memory` abandons the open step and frees them at once (the
+adapter, optimiser state and data position live outside the arena, so nothing else is lost), and
+the next step leases them again, or waits while they cannot be had.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from harli_jax.lora.inject import adapter_weights, inject_lora
 from harli_jax.lora.optim import make_optimizer
 from harli_jax.lora.peft_io import save_adapter
 from harli_jax.lora.train import MicroStep, Trainer, TrainPlan
+from harli_jax.memory.arena import Arena
+from harli_jax.memory.page_table import Owner
 from harli_jax.sched.costs import Cost, compiled_cost, train_cost
 
 Granularity = tuple[int, list[tuple[int, int]]]  # (token chunks, layer spans)
@@ -99,6 +106,9 @@ class FineTuneJob:
         self.tokens_trained = 0
         self._plan: TrainPlan | None = None
         self._data_before_plan: dict | None = None
+        self._rewind_to: dict | None = None  # where an abandoned step's data starts again
+        self.arena: Arena | None = None
+        self.yields = 0  # times memory pressure took the job's pages
         if self.checkpointer.latest_step() is not None:
             self._restore()
 
@@ -120,7 +130,7 @@ class FineTuneJob:
             "lora": self.trainer.lora,
             "opt_state": self.trainer.opt_state,
             "step": self.step,
-            "data": self.batches.state(),
+            "data": self._rewind_to or self.batches.state(),
             "progress": {"tokens_trained": self.tokens_trained, "losses": self.losses},
         }
 
@@ -150,6 +160,7 @@ class FineTuneJob:
     # -- whole steps ----------------------------------------------------------------------------
     def train_step(self) -> dict:
         """One whole step as one program (plain fine-tuning); returns its metrics."""
+        self._rewind()
         metrics = self.trainer.train_step(next(self.batches))
         return self._finish_step(metrics)
 
@@ -160,6 +171,7 @@ class FineTuneJob:
         if self.step % self.config.checkpoint_every == 0 or self.done:
             self.checkpoint()
         if self.done:
+            self.trainer.release()
             self.save_adapter()
             (Path(self.config.out_dir) / "job.json").write_text(
                 json.dumps(
@@ -176,9 +188,34 @@ class FineTuneJob:
         return {"loss": loss, "tokens": int(metrics["tokens"]), "step": self.step}
 
     # -- micro-steps ------------------------------------------------------------------------
-    def next_micro_step(self, granularity: Granularity) -> MicroStep:
-        """The next piece of work; starts a new step, cut as ``granularity``, if none is open."""
+    def use_arena(self, arena: Arena) -> None:
+        """Keeps the state of each step in pages of ``arena`` (from the next step on)."""
+        if arena is not self.arena:
+            self.abandon()
+            owner = Owner("finetune", self.name)
+            self.trainer.use_arena(arena, owner)
+            arena.on_yield(owner, self.yield_memory)
+            self.arena = arena
+
+    @property
+    def holds_pages(self) -> bool:
+        return self.trainer.holds_pages
+
+    def yield_memory(self) -> None:
+        """Gives the arena pages back now, abandoning the open step (its batch comes again)."""
+        if self.holds_pages:
+            self.yields += 1
+        self.abandon()
+        self.trainer.release()
+
+    def next_micro_step(self, granularity: Granularity) -> MicroStep | None:
+        """The next piece of work; starts a new step, cut as ``granularity``, if none is open.
+        None when a new step cannot get its arena pages now."""
         if self._plan is None:
+            self._rewind()
+            rows, seq_len = self.config.batch_size, self.config.seq_len
+            if not self.trainer.reserve(rows, seq_len, granularity[0], len(granularity[1])):
+                return None
             self._data_before_plan = self.batches.state()
             self._plan = self.trainer.plan(next(self.batches), *granularity)
         return self._plan.steps[self._plan._next]
@@ -202,7 +239,13 @@ class FineTuneJob:
     def abandon(self) -> None:
         """Drops the open step (its batch comes again); the trainer clears its sums on replan."""
         if self._plan is not None:
+            # Rebuilding the data iterator takes tens of ms: done when the job next plans, so
+            # that a yield gives its pages back within a decode step.
+            self._rewind_to, self._plan = self._data_before_plan, None
+
+    def _rewind(self) -> None:
+        if self._rewind_to is not None:
             self.batches = PackedBatches.from_state(
-                self._data_before_plan, self._examples, self._tokenizer, **self._batching
+                self._rewind_to, self._examples, self._tokenizer, **self._batching
             )
-            self._plan = None
+            self._rewind_to = None

@@ -189,6 +189,7 @@ class JobManager:
             self.engine.core.base_model,
             self.engine.core.tokenizer,
         )
+        job.use_arena(self.engine.core.arena)  # its step state shares the KV cache's pages
         if job.step:
             self._event(info, "info", f"Resumed from the checkpoint of step {job.step}")
         self._running[info.id] = job

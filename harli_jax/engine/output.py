@@ -3,7 +3,8 @@
 Owns the rules a user of the OpenAI API expects: a stop string ends the output and is not part of
 it; text is streamed only once it can no longer turn out to be the start of a stop string or half
 of a multi-byte character; EOS and ``stop_token_ids`` end with reason ``"stop"``, ``max_tokens``
-or the context limit with ``"length"``.
+or the context limit with ``"length"``. Text is decoded incrementally (a short window per token,
+as in vLLM), so a token costs the same at any output length.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class OutputBuilder:
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.text = ""
         self._emitted = 0
+        # Incremental decoding: token_ids[:_read] are in `text`; decoding starts at _prefix, the
+        # last point where the decoded text ended on a whole character.
+        self._prefix = self._read = 0
         self.finish_reason: str | None = None
 
     def append(self, token_id: int, logprob: float, top: dict[int, float], at_context_limit: bool):
@@ -66,10 +70,25 @@ class OutputBuilder:
         elif len(self.token_ids) >= self._params.max_tokens or at_context_limit:
             self.finish_reason = "length"
         if self._tokenizer is not None:
-            # EOS/stop-id tokens are not part of the text (as in vLLM, skip_special_tokens=True).
-            self.text = self._tokenizer.decode(self.token_ids)
+            self.text += self._decode_new()
             self._apply_stop_strings()
         return self._release(), self.finish_reason
+
+    def _decode_new(self) -> str:
+        """The text that tokens past ``_read`` add: decoding the window from ``_prefix`` with and
+        without them and taking the difference equals decoding the whole output (the window
+        starts on a character boundary, and the decoders strip the same leading space from both).
+        A piece that ends in half a character waits for the next token, unless the output ends."""
+        # EOS/stop-id tokens are not part of the text (as in vLLM, skip_special_tokens=True).
+        decode, ids = self._tokenizer.decode, self.token_ids
+        before = decode(ids[self._prefix : self._read])
+        window = decode(ids[self._prefix :])
+        if len(window) <= len(before):
+            return ""
+        if window.endswith(_REPLACEMENT) and self.finish_reason is None:
+            return ""
+        self._prefix, self._read = self._read, len(ids)
+        return window[len(before) :]
 
     def _apply_stop_strings(self) -> None:
         search_from = max(0, self._emitted - self._holdback)

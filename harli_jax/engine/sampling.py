@@ -3,6 +3,11 @@
 Every row of a batch carries its own temperature, top-k, top-p and PRNG stream, so requests with
 different settings share one decode step. A row's key is ``fold_in(PRNGKey(seed), step)``: a
 seeded request draws the same tokens whatever else is in its batch.
+
+What a batch needs is decided on the host (:meth:`SamplerVariant.of`) and compiled in statically:
+the costly parts of the full sampler (the vocabulary sort of top-k/top-p, the random bits of a
+draw, the top-k over the vocabulary for top logprobs) run only in programs whose batch asks for
+them. A device-side branch would instead copy its predicate to the host and stall it every step.
 """
 
 from __future__ import annotations
@@ -71,11 +76,44 @@ class SamplerInputs(NamedTuple):
         )
 
 
+class SamplerVariant(NamedTuple):
+    """Static flags: which parts of the sampler a batch's program compiles in (hashable, so it is
+    a static argument of the jitted step and part of the program key)."""
+
+    restrict: bool = True  # top-k/top-p: a sort over the vocabulary
+    draw: bool = True  # temperature > 0: random bits over [batch, vocab]; else argmax only
+    top_logprobs: bool = True  # the TOP_LOGPROBS best alternatives: a top_k over the vocabulary
+
+    @classmethod
+    def of(cls, params: list[SamplingParams]) -> SamplerVariant:
+        """The cheapest variant that gives every request of a batch what it asks for."""
+        drawing = [p for p in params if p.temperature > 0]
+        return cls(
+            # Restriction only changes draws: a greedy row takes the argmax of all logits.
+            restrict=needs_restriction(drawing),
+            draw=bool(drawing),
+            top_logprobs=any((p.logprobs or 0) >= 1 for p in params),
+        )
+
+    @property
+    def suffix(self) -> str:
+        """The program key's suffix: the parts compiled in, e.g. "/draw", "/draw-topkp-top"."""
+        parts = {"draw": self.draw, "topkp": self.draw and self.restrict, "top": self.top_logprobs}
+        return "/" + ("-".join(name for name, on in parts.items() if on) or "greedy")
+
+
+FULL = SamplerVariant()
+PLAIN = SamplerVariant(restrict=False, draw=True, top_logprobs=False)  # temperature sampling
+GREEDY = SamplerVariant(restrict=False, draw=False, top_logprobs=False)
+
+
 class Sampled(NamedTuple):
+    """One step's samples; a field the variant did not compute is None (nothing to read back)."""
+
     tokens: jax.Array  # [batch] int32
     logprobs: jax.Array  # [batch] float32, log p(token) under the unmodified distribution
-    top_ids: jax.Array  # [batch, TOP_LOGPROBS]
-    top_logprobs: jax.Array  # [batch, TOP_LOGPROBS]
+    top_ids: jax.Array | None  # [batch, TOP_LOGPROBS]
+    top_logprobs: jax.Array | None  # [batch, TOP_LOGPROBS]
 
 
 def _restrict(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -98,24 +136,47 @@ def needs_restriction(params: list[SamplingParams]) -> bool:
     return any(p.top_k > 0 or p.top_p < 1 for p in params)
 
 
-def sample(logits: jax.Array, inputs: SamplerInputs, restrict: bool = True) -> Sampled:
+def sample(logits: jax.Array, inputs: SamplerInputs, variant: SamplerVariant = FULL) -> Sampled:
     """Draws one token per row of ``logits`` [batch, vocab] (float32).
 
-    ``restrict`` (static) compiles in the top-k/top-p sort; the engine decides it on the host
-    from the batch's requests, because a device-side branch would stall the host every step.
+    ``variant`` (static) says which parts to compile in; the engine derives it on the host from
+    the batch's requests (:meth:`SamplerVariant.of`). Whatever the variant, a row gets the same
+    token and logprob as under the full sampler, provided the variant covers what it asked for.
     """
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
     greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(inputs.temperature, 1e-6)[:, None]
-    restricted = scaled
-    if restrict:
-        wants = ((inputs.top_k > 0) | (inputs.top_p < 1))[:, None]
-        restricted = jnp.where(wants, _restrict(scaled, inputs.top_k, inputs.top_p), scaled)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(
-        inputs.seed, inputs.step
-    )
-    drawn = jax.vmap(jax.random.categorical)(keys, restricted)
-    tokens = jnp.where(inputs.temperature > 0, drawn, greedy).astype(jnp.int32)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs_all, TOP_LOGPROBS)
+    tokens = greedy.astype(jnp.int32)
+    if variant.draw:
+        scaled = logits / jnp.maximum(inputs.temperature, 1e-6)[:, None]
+        restricted = scaled
+        if variant.restrict:
+            wants = ((inputs.top_k > 0) | (inputs.top_p < 1))[:, None]
+            restricted = jnp.where(wants, _restrict(scaled, inputs.top_k, inputs.top_p), scaled)
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(
+            inputs.seed, inputs.step
+        )
+        drawn = jax.vmap(jax.random.categorical)(keys, restricted)
+        tokens = jnp.where(inputs.temperature > 0, drawn, greedy).astype(jnp.int32)
     chosen = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+    if not variant.top_logprobs:
+        return Sampled(tokens, chosen, None, None)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs_all, TOP_LOGPROBS)
     return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def pack(sampled: Sampled) -> jax.Array:
+    """``sampled`` as one float32 array [batch, 2 (+ 2 * TOP_LOGPROBS)]: token bits, logprob,
+    then top ids (bits) and top logprobs where computed. One array is one device-to-host copy."""
+    as_float = lambda ids: jax.lax.bitcast_convert_type(ids, jnp.float32)  # noqa: E731
+    columns = [as_float(sampled.tokens)[:, None], sampled.logprobs[:, None]]
+    if sampled.top_ids is not None:
+        columns += [as_float(sampled.top_ids), sampled.top_logprobs]
+    return jnp.concatenate(columns, axis=1)
+
+
+def unpack(packed: np.ndarray, variant: SamplerVariant) -> Sampled:
+    """The inverse of :func:`pack` on the host (numpy views, exact)."""
+    top = (None, None)
+    if variant.top_logprobs:
+        top = (packed[:, 2 : 2 + TOP_LOGPROBS].view(np.int32), packed[:, 2 + TOP_LOGPROBS :])
+    return Sampled(packed[:, 0].view(np.int32), packed[:, 1], *top)

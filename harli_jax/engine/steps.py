@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from harli_jax.engine.sampling import Sampled, SamplerInputs, sample
+from harli_jax.engine.sampling import FULL, Sampled, SamplerInputs, SamplerVariant, pack, sample
 from harli_jax.lora.inject import set_slots
 from harli_jax.memory.kv_cache import KVCache, PagedBatch
 
@@ -31,34 +31,50 @@ def bucket(n: int, smallest: int = 1) -> int:
 ForwardStep = Callable[..., tuple[KVCache, Sampled]]
 
 
-def make_forward_step(graphdef: nnx.GraphDef) -> ForwardStep:
-    """``step(state, cache, tokens, positions, paged, last, sampler, slot_ids)``
+def make_forward_step(graphdef: nnx.GraphDef, packed: bool = False) -> ForwardStep:
+    """``step(state, cache, tokens, positions, paged, last, sampler, slot_ids, variant=FULL)``
     ``-> (cache, Sampled)``.
 
     ``last`` [rows] is the index of each row's last real token; ``slot_ids`` [rows] each row's
-    adapter slot (None for a model without a LoRA bank); ``restrict`` (static) compiles in
-    top-k/top-p; the cache argument is donated.
+    adapter slot (None for a model without a LoRA bank); ``variant`` (static, a
+    :class:`SamplerVariant`) picks the sampler's parts; the cache argument is donated.
+    ``packed`` returns the samples as one array (:func:`~harli_jax.engine.sampling.pack`) instead
+    of a :class:`Sampled`, so that the host reads them back in one transfer.
     """
 
-    def step(state, cache, tokens, positions, paged, last, sampler, slot_ids, restrict=True):
+    def step(
+        state,
+        cache,
+        tokens,
+        positions,
+        paged,
+        last,
+        sampler,
+        slot_ids,
+        variant: SamplerVariant = FULL,
+    ):
         model = nnx.merge(graphdef, state)
         if slot_ids is not None:
             set_slots(model, slot_ids)
         hidden, cache = model(tokens, positions, cache, paged)
         rows = jnp.arange(tokens.shape[0])
-        return cache, sample(model.logits(hidden[rows, last]), sampler, restrict)
+        sampled = sample(model.logits(hidden[rows, last]), sampler, variant)
+        return cache, pack(sampled) if packed else sampled
 
-    return jax.jit(step, donate_argnums=(1,), static_argnames=("restrict",))
+    return jax.jit(step, donate_argnums=(1,), static_argnames=("variant",))
 
 
-def make_decode_steps(graphdef: nnx.GraphDef, num_steps: int) -> Callable[..., tuple]:
+def make_decode_steps(
+    graphdef: nnx.GraphDef, num_steps: int, variant: SamplerVariant = FULL
+) -> Callable[..., tuple]:
     """``run(state, cache, tokens, positions, page_table, sampler) -> (cache, Sampled)``.
 
     Decodes ``num_steps`` tokens per row from ``tokens`` [rows] at ``positions`` [rows]; each
     step's token comes from the one before. ``page_table`` [rows, pages] must already hold every
     position reached; ``sampler.step`` is the first step's index and advances by one per step.
     The outputs stack along a new leading axis of ``num_steps``; the cache is donated. A row that
-    finishes early (a stop token) decodes on to the end: the host drops what follows.
+    finishes early (a stop token) decodes on to the end: the host drops what follows. ``variant``
+    picks the sampler's parts, as in :func:`make_forward_step`.
     """
 
     def run(state, cache, tokens, positions, page_table, sampler: SamplerInputs):
@@ -71,7 +87,7 @@ def make_decode_steps(graphdef: nnx.GraphDef, num_steps: int) -> Callable[..., t
             slots = page_table[rows, positions // page_size] * page_size + positions % page_size
             paged = PagedBatch(slots[:, None], page_table)
             hidden, cache = model(tokens[:, None], positions[:, None], cache, paged)
-            sampled = sample(model.logits(hidden[:, 0]), sampler._replace(step=step))
+            sampled = sample(model.logits(hidden[:, 0]), sampler._replace(step=step), variant)
             return (cache, sampled.tokens, positions + 1, step + 1), sampled
 
         carry = (cache, tokens, positions, sampler.step)

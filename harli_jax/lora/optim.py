@@ -3,6 +3,11 @@
 This module owns the optax transformation a LoRA job trains with. Steps here are optimiser
 updates: with gradient accumulation, `total_steps` and `warmup_steps` count applied updates, not
 micro-batches, so changing `accumulate_steps` does not stretch the schedule.
+
+The whole transformation runs on one flat vector (`optax.flatten`): a LoRA state is hundreds of
+small arrays (22 layers x 7 modules x A, B for TinyLlama), and per-array clipping, moments and
+accumulation would be thousands of tiny kernels. Flat, they are a handful of fused loops over
+one vector; the updates are the same, and the optimiser state is a few flat vectors.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ def make_optimizer(
 
     With ``accumulate_steps > 1`` the gradients of that many calls are averaged and one update is
     applied on the last of them (optax.MultiSteps); the calls in between return zero updates.
+    Weight decay applies to every parameter (no mask), as torch's AdamW over a PEFT adapter does;
+    the result is wrapped in `optax.flatten`, so its state holds flat vectors, not the params'
+    tree (a path-based weight-decay mask needs an unflattened optimizer).
     """
     if accumulate_steps < 1:
         raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
@@ -54,6 +62,8 @@ def make_optimizer(
         if max_grad_norm is None
         else optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
     )
-    if accumulate_steps == 1:
-        return optimizer
-    return optax.MultiSteps(optimizer, every_k_schedule=accumulate_steps).gradient_transformation()
+    if accumulate_steps > 1:
+        optimizer = optax.MultiSteps(
+            optimizer, every_k_schedule=accumulate_steps
+        ).gradient_transformation()
+    return optax.flatten(optimizer)

@@ -6,11 +6,17 @@ and the optimiser update, plus `StateLayout`, which flattens a state to the list
 programs take and relabels its layers. Relabelling presents a middle span's layers as layers
 [0, n) by permuting that list (no copy), so every middle span of length n shares one program.
 The programs depend only on the model's structure and the optimiser, never on a trainer's state.
+
+Co-located, the micro-step programs have `arena_*` twins that keep a step's boundary activations,
+its running gradient and its gradient sums in pages of the unified arena (`ArenaSlots` says what
+one slot holds): they take the arena buffer donated plus the page indices to read and write, and
+return the new buffer, so a job's pages can move between calls without recompiling.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +26,8 @@ import optax
 from flax import nnx
 
 from harli_jax.lora.inject import LoraBatch, set_dropout_keys
+from harli_jax.memory.arena import load, store
+from harli_jax.memory.kv_cache import KVCache
 
 Batch = Mapping[str, Any]  # PackedBatches' dict: tokens, targets, loss_mask, segment_ids, positions
 Leaves = list  # a state flattened to its arrays, in its treedef's order
@@ -89,6 +97,15 @@ class StateLayout:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class ArenaSlots:
+    """What a step keeps in arena pages: activations and the running gradient (each ``hidden``)
+    and, per layer, the LoRA gradient sums (``layer_grads``, one layer's leaves in order)."""
+
+    hidden: jax.ShapeDtypeStruct
+    layer_grads: tuple[jax.ShapeDtypeStruct, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class TrainPrograms:
     """The device programs, as pure functions of their array arguments. They depend only on the
     model's structure and the optimizer (not on a trainer), so trainers can share them."""
@@ -110,12 +127,67 @@ class TrainPrograms:
         set_dropout_keys(model, row_keys(key, step, offset, rows))
         return model
 
-    def whole_step(self, lora, opt, frozen, batch, key, step):
+    def whole_step(self, lora, opt, frozen, batch, key, step, remat: bool = False):
+        """Forward, backward and update in one program; with ``remat`` (static: one program
+        each way) the backward pass recomputes each layer (`remat_value_and_grad`)."""
         rows = batch["tokens"].shape[0]
-        loss, grads = jax.value_and_grad(
-            lambda lora: loss_fn(self.merged(lora, frozen, key, step, 0, rows), batch)
-        )(lora)
+        if remat:
+            loss, grads = self.remat_value_and_grad(lora, frozen, batch, key, step)
+        else:
+            loss, grads = jax.value_and_grad(
+                lambda lora: loss_fn(self.merged(lora, frozen, key, step, 0, rows), batch)
+            )(lora)
         return self.apply(lora, opt, grads, loss)
+
+    def remat_value_and_grad(self, lora, frozen, batch, key, step):
+        """`loss_fn` and its LoRA gradients, keeping only each layer's input hidden state: the
+        forward pass runs layer by layer, then each layer's backward (`jax.vjp`) recomputes its
+        forward, so activation memory is one layer's plus [layers + 1, B, T, hidden].
+
+        This is the micro-step plan's split (one-layer spans) inside one program. A layer's
+        recomputation reads its input tied to the gradient arriving from above (plus 0 times
+        one element of it): it cannot run before that gradient exists, and XLA cannot merge it
+        with the identical forward computation (CSE), either of which would keep every layer's
+        activations alive, as `jax.checkpoint` in an unrolled loop of layers lets XLA do.
+        (An `optimization_barrier` over the pair measured no saving on CPU.)
+        """
+        rows = batch["tokens"].shape[0]
+        model = self.merged(lora, frozen, key, step, 0, rows)
+        hiddens = [run_span(model, _layers(0, 0), None, batch)]  # the embedded tokens
+        for index in range(len(model.layers)):
+            hiddens.append(run_span(model, _layers(index, index + 1), hiddens[-1], batch))
+        count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1)
+
+        def head_loss(hidden):
+            logits = model.logits(hidden)
+            return masked_loss_sum(logits, batch["targets"], batch["loss_mask"]) / count
+
+        loss, grad = jax.value_and_grad(head_loss)(hiddens.pop())
+        grads: list = [None] * len(lora)
+        for index in reversed(range(len(model.layers))):
+            trained = self.lora.in_layers(slice(index, index + 1))
+
+            def layer(trained_leaves, hidden, index=index, trained=trained):
+                leaves = list(lora)
+                for i, leaf in zip(trained, trained_leaves):
+                    leaves[i] = leaf
+                model = self.merged(leaves, frozen, key, step, 0, rows)
+                return run_span(model, _layers(index, index + 1), hidden, batch)
+
+            hidden = hiddens.pop()
+            hidden = hidden + (jnp.ravel(grad)[0] * 0).astype(hidden.dtype)
+            if index:
+                _, vjp = jax.vjp(layer, [lora[i] for i in trained], hidden)
+                grad_trained, grad = vjp(grad)
+            else:  # the embedded tokens are frozen: no gradient to them
+                frozen_input = functools.partial(layer, hidden=hidden)
+                _, vjp = jax.vjp(frozen_input, [lora[i] for i in trained])
+                (grad_trained,) = vjp(grad)
+            for i, leaf_grad in zip(trained, grad_trained):
+                grads[i] = leaf_grad
+        if any(g is None for g in grads):
+            raise ValueError("remat needs every LoRA weight inside model.layers")
+        return loss, grads
 
     def apply(self, lora, opt, grads, loss):
         # The optimizer sees the LoRA state as an nnx.State, so path-based optax masks work.
@@ -124,7 +196,7 @@ class TrainPrograms:
             updates, jax.tree.unflatten(self.opt_def, opt), params
         )
         lora = jax.tree.leaves(optax.apply_updates(params, updates))
-        metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(jnp.vdot(g, g) for g in grads))}
+        metrics = {"loss": loss, "grad_norm": global_norm(grads)}
         return lora, jax.tree.leaves(opt_state), metrics
 
     def span_forward(self, span: Span, lora, frozen, hidden, chunk, key, step, offset):
@@ -134,6 +206,17 @@ class TrainPrograms:
     def span_backward(
         self, span: Span, lora, frozen, grads, hidden, grad_out, chunk, key, step, offset
     ):
+        trained = self.lora.in_layers(span.layers)
+        grad_trained, grad_in = self._span_vjp(
+            span, lora, frozen, hidden, grad_out, chunk, key, step, offset
+        )
+        grads = list(grads)
+        for i, grad in zip(trained, grad_trained):
+            grads[i] = grads[i] + grad
+        return grads, grad_in
+
+    def _span_vjp(self, span: Span, lora, frozen, hidden, grad_out, chunk, key, step, offset):
+        """Gradients of the span's LoRA leaves (in `in_layers` order) and of its input."""
         trained = self.lora.in_layers(span.layers)
         rows = chunk["tokens"].shape[0]
 
@@ -145,11 +228,7 @@ class TrainPrograms:
             return run_span(model, span, hidden, chunk)
 
         _, vjp = jax.vjp(forward, [lora[i] for i in trained], hidden)
-        grad_trained, grad_in = vjp(grad_out)
-        grads = list(grads)
-        for i, grad in zip(trained, grad_trained):
-            grads[i] = grads[i] + grad
-        return grads, grad_in
+        return vjp(grad_out)
 
     def head(self, lora, frozen, hidden, chunk, denominator, loss):
         model = self.model(lora, frozen)
@@ -169,6 +248,54 @@ class TrainPrograms:
     def zeros(lora: Leaves):
         return [jnp.zeros_like(x) for x in lora], jnp.zeros((), jnp.float32)
 
+    # -- the same micro-steps with their state in arena pages -----------------------------------
+    # Page arguments: ``hidden_pages`` / ``out_pages`` / ``grad_pages`` are one slot's pages [n];
+    # ``acc_pages`` [layers, n] the gradient sums of the span's layers (in its relabelled order).
+
+    def arena_forward(
+        self, span: Span, slots: ArenaSlots, arena: KVCache, lora, frozen, hidden_pages,
+        out_pages, chunk, key, step, offset,
+    ):  # fmt: skip
+        hidden = None if hidden_pages is None else load(arena, hidden_pages, slots.hidden)
+        out = self.span_forward(span, lora, frozen, hidden, chunk, key, step, offset)
+        return store(arena, out_pages, out)
+
+    def arena_head(
+        self, slots: ArenaSlots, arena: KVCache, lora, frozen, hidden_pages, grad_pages, chunk,
+        denominator, loss,
+    ):  # fmt: skip
+        hidden = load(arena, hidden_pages, slots.hidden)
+        loss, grad = self.head(lora, frozen, hidden, chunk, denominator, loss)
+        return store(arena, grad_pages, grad), loss
+
+    def arena_backward(
+        self, span: Span, slots: ArenaSlots, arena: KVCache, lora, frozen, hidden_pages,
+        grad_pages, acc_pages, chunk, key, step, offset,
+    ):  # fmt: skip
+        hidden = None if hidden_pages is None else load(arena, hidden_pages, slots.hidden)
+        grad_out = load(arena, grad_pages, slots.hidden)
+        grad_trained, grad_in = self._span_vjp(
+            span, lora, frozen, hidden, grad_out, chunk, key, step, offset
+        )
+        position = {i: n for n, i in enumerate(self.lora.in_layers(span.layers))}
+        for row, layer in enumerate(range(span.layers.start, span.layers.stop)):
+            sums = load(arena, acc_pages[row], list(slots.layer_grads))
+            leaves = self.lora.in_layers(slice(layer, layer + 1))
+            sums = [total + grad_trained[position[i]] for total, i in zip(sums, leaves)]
+            arena = store(arena, acc_pages[row], sums)
+        if grad_in is not None:  # the first span starts from tokens: nothing flows further
+            arena = store(arena, grad_pages, grad_in)
+        return arena
+
+    def arena_update(self, slots: ArenaSlots, arena: KVCache, lora, opt, acc_pages, loss):
+        grads = list(lora)
+        for layer in range(acc_pages.shape[0]):
+            sums = load(arena, acc_pages[layer], list(slots.layer_grads))
+            for i, total in zip(self.lora.in_layers(slice(layer, layer + 1)), sums):
+                grads[i] = total
+        lora, opt, metrics = self.apply(lora, opt, grads, loss)
+        return arena, lora, opt, metrics
+
 
 def run_span(model: nnx.Module, span: Span, hidden: jax.Array | None, chunk) -> jax.Array:
     out, _ = model(
@@ -181,9 +308,22 @@ def run_span(model: nnx.Module, span: Span, hidden: jax.Array | None, chunk) -> 
     return out
 
 
+def _layers(start: int, stop: int) -> Span:
+    """Layers [start, stop) in the model's own numbering."""
+    return Span("whole", slice(start, stop), 0)
+
+
 def row_keys(key: jax.Array, step, offset, rows: int) -> jax.Array:
     """Raw dropout keys for batch rows offset..offset+rows of step ``step``: a row's key does
     not depend on how the batch is split."""
     step_key = jax.random.fold_in(key, step)
     keys = jax.vmap(lambda row: jax.random.fold_in(step_key, row))(offset + jnp.arange(rows))
     return jax.random.key_data(keys)
+
+
+def global_norm(leaves: Leaves) -> jax.Array:
+    """The float32 L2 norm of all ``leaves`` together, as one reduction over their concatenation
+    (the same concatenation a flattened optimizer, `optax.flatten`, makes, which XLA shares)
+    rather than one small reduction kernel per leaf."""
+    flat = jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves])
+    return jnp.sqrt(jnp.vdot(flat, flat))

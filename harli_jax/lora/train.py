@@ -16,6 +16,12 @@ count, so any split computes the unsplit mean loss and its gradient.
 Each micro-step calls a jitted program whose key depends only on (rows, seq_len, span length)
 and where the span sits (first, middle, last), so steady state never compiles. Programs take flat
 lists of arrays, which keeps a micro-step's host overhead to a list permutation and one dispatch.
+Co-located (`Trainer.use_arena`), a plan keeps its boundary activations, its running gradient and
+its gradient sums in pages of the unified arena, leased to the job's owner when the plan is made
+(`Trainer.reserve`) and given back on `Trainer.release`, which drops the open step: it is planned
+again from the start, never half-applied. The LoRA parameters and optimiser moments stay outside
+the arena (small, and they must survive a release).
+
 The model must follow `Llama`'s protocol: ``model.layers``, ``model(tokens, positions,
 segment_ids=, layers=slice, hidden=)`` and ``model.logits(hidden)``.
 """
@@ -33,7 +39,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from harli_jax.lora.programs import Batch, Leaves, Span, StateLayout, TrainPrograms, loss_fn
+from harli_jax.lora.programs import (
+    ArenaSlots,
+    Batch,
+    Leaves,
+    Span,
+    StateLayout,
+    TrainPrograms,
+    loss_fn,
+)
+from harli_jax.memory import arena as pages_io
+from harli_jax.memory.arena import Arena
+from harli_jax.memory.kv_cache import KVCache
+from harli_jax.memory.page_table import OutOfPages, Owner
 
 ProgramKey = tuple
 __all__ = ["MicroStep", "ProgramCache", "TrainPlan", "Trainer", "loss_fn"]
@@ -101,12 +119,16 @@ class Trainer:
         *,
         seed: int = 0,
         programs: ProgramCache | None = None,
+        remat: bool = False,
     ) -> None:
         self.graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
         if not jax.tree.leaves(lora):
             raise ValueError("the model has no LoRA parameters; call inject_lora first")
         self.num_layers = len(model.layers)
         self.optimizer = optimizer
+        # `train_step` recomputes each layer in its backward pass (`loss_fn`'s ``remat``): for
+        # shapes whose activations do not fit in device memory; the micro-steps never need it.
+        self.remat = remat
         self.step = 0
         self._lora, self._frozen = jax.tree.leaves(lora), jax.tree.leaves(frozen)
         self._opt, opt_def = jax.tree.flatten(optimizer.init(lora))
@@ -121,6 +143,9 @@ class Trainer:
         self._cache = ProgramCache() if programs is None else programs
         self._jitted: dict[ProgramKey, tuple[Callable, Any]] = {}
         self._frozen_relabelled: dict[int, Leaves] = {}
+        self._arena: Arena | None = None
+        self._owner: Owner | None = None
+        self._open: TrainPlan | None = None  # co-located: the plan whose pages are leased
         self._grads, self._loss = self._call(("zeros",), self._p.zeros, (), self._lora)
         self._accumulating = False
 
@@ -161,10 +186,65 @@ class Trainer:
         ``tokens`` (the masked-token count)."""
         arrays = _device_batch(batch)
         args = (self._lora, self._opt, self._frozen, arrays, self._key, np.int32(self.step))
-        key = ("step", *arrays["tokens"].shape)
-        self._lora, self._opt, metrics = self._call(key, self._p.whole_step, (0, 1), *args)
+        key = ("step", *arrays["tokens"].shape, *(("remat",) if self.remat else ()))
+        program = functools.partial(self._p.whole_step, remat=self.remat)
+        self._lora, self._opt, metrics = self._call(key, program, (0, 1), *args)
         self.step += 1
         return {**metrics, "tokens": int(np.sum(batch["loss_mask"]))}
+
+    # -- co-location: a step's state in arena pages ---------------------------------------------
+
+    def use_arena(self, arena: Arena, owner: Owner) -> None:
+        """From the next plan on, keeps a step's state in pages of ``arena`` leased to ``owner``."""
+        if any(path[0] != "layers" for path in self._p.lora.paths):
+            raise ValueError("arena micro-steps need every LoRA weight inside model.layers")
+        self.release()
+        self._arena, self._owner = arena, owner
+        self._jitted.clear()  # the micro-step keys now name the arena programs
+
+    def _slots(self, rows: int, seq_len: int) -> ArenaSlots:
+        embed = self._frozen[self._p.frozen.paths.index(("embed_tokens",))]
+        hidden = jax.ShapeDtypeStruct((rows, seq_len, embed.shape[-1]), embed.dtype)
+        one_layer = self._p.lora.in_layers(slice(0, 1))
+        grads = tuple(_shape_of(self._lora[i]) for i in one_layer)
+        return ArenaSlots(hidden, grads)
+
+    def reserve(self, rows: int, seq_len: int, token_chunks: int, spans: int) -> bool:
+        """Leases the pages a step of ``rows`` x ``seq_len`` cut into ``token_chunks`` and
+        ``spans`` layer spans needs (keeping a lease of the right size); False if they cannot be
+        had now, ValueError if they never could. Always True outside co-location."""
+        if self._arena is None:
+            return True
+        slots = self._slots(rows // token_chunks, seq_len)
+        per_slot = self._arena.pages_for(slots.hidden)
+        per_layer = self._arena.pages_for(slots.layer_grads)
+        need = self._lease_size = (spans + 1) * per_slot + self.num_layers * per_layer
+        table = self._arena.pages
+        if need > table.num_pages - table.reserved:  # waiting would never help: fail the job
+            raise ValueError(
+                f"a train step of {rows}x{seq_len} tokens needs {need} arena pages, the arena has "
+                f"{table.num_pages - table.reserved}: give the engine more memory "
+                "(--memory-fraction, num_pages) or train with a smaller batch or sequence length"
+            )
+        if self._owner in table and len(table.pages(self._owner)) != need:
+            self.release()
+        if self._owner not in table and not self._arena.lease(self._owner, need):
+            return False
+        pages = self._arena.page_array(self._owner)
+        split = (spans + 1) * per_slot
+        self._slot_pages = [jnp.asarray(p) for p in pages[:split].reshape(spans + 1, per_slot)]
+        self._acc_pages = pages[split:].reshape(self.num_layers, per_layer)
+        return True
+
+    def release(self) -> None:
+        """Drops the open co-located step (it is planned again later) and frees its pages."""
+        self._open = None
+        if self._arena is not None and self._owner in self._arena.pages:
+            self._arena.pages.free(self._owner)
+
+    @property
+    def holds_pages(self) -> bool:
+        return self._arena is not None and self._owner in self._arena.pages
 
     def plan(
         self, batch: Batch, token_chunks: int, layer_spans: list[tuple[int, int]]
@@ -176,6 +256,8 @@ class Trainer:
         if token_chunks < 1 or rows % token_chunks:
             raise ValueError(f"token_chunks={token_chunks} must divide the batch's {rows} rows")
         spans = self._spans(layer_spans)
+        if self._arena is not None:
+            return self._plan_in_arena(batch, token_chunks, spans)
         if self._accumulating:  # an earlier plan stopped before its update: drop its sums
             self._grads, self._loss = self._call(("zeros",), self._p.zeros, (), self._lora)
         plan = TrainPlan(self.step)
@@ -237,6 +319,88 @@ class Trainer:
             key = ("bwd", span.place, span.length, rows, seq_len)
             plan._add("bwd", key, functools.partial(bwd, span, key))
 
+    def _plan_in_arena(self, batch: Batch, token_chunks: int, spans: list[Span]) -> TrainPlan:
+        rows, seq_len = np.shape(batch["tokens"])
+        if not self.reserve(rows, seq_len, token_chunks, len(spans)):
+            raise OutOfPages(self._lease_size, self._arena.pages.num_free)
+        plan = self._open = TrainPlan(self.step)
+        acc = jnp.asarray(self._acc_pages)
+        buffer = self._arena.buffer
+        self._arena.buffer = self._call(("zero-grads",), pages_io.zero, (0,), buffer, acc)
+        self._loss = jnp.zeros((), jnp.float32)
+        count = int(np.sum(batch["loss_mask"]))
+        chunk_rows = rows // token_chunks
+        slots = self._slots(chunk_rows, seq_len)
+        for first_row in range(0, rows, chunk_rows):
+            chunk = _device_batch(batch, slice(first_row, first_row + chunk_rows))
+            args = (chunk, self._key, np.int32(plan.step), np.int32(first_row))
+            self._plan_chunk_in_arena(plan, spans, slots, args, np.float32(max(count, 1)))
+
+        def update() -> Leaves:
+            args = (self._lora, self._opt, acc, self._loss)
+            program = functools.partial(self._p.arena_update, slots)
+            outputs = self._in_arena(plan, ("update",), program, (0, 1), args)
+            self._lora, self._opt, metrics = outputs
+            self._open = None
+            self.step += 1
+            plan.metrics = {**metrics, "tokens": count}
+            return self._lora
+
+        plan._add("update", ("update",), update)
+        return plan
+
+    def _plan_chunk_in_arena(
+        self, plan: TrainPlan, spans: list[Span], slots: ArenaSlots, batch_args, denominator
+    ) -> None:
+        """Span s writes its output to slot s and reads slot s - 1; the last slot holds the
+        running gradient."""
+        act, grad = self._slot_pages[:-1], self._slot_pages[-1]
+        rows, seq_len = batch_args[0]["tokens"].shape
+
+        def fwd(s: int, span: Span, key: ProgramKey) -> KVCache:
+            lora = self._p.lora.relabel(self._lora, span.shift)
+            inputs = act[s - 1] if s else None
+            args = (lora, self._frozen_for(span.shift), inputs, act[s], *batch_args)
+            program = functools.partial(self._p.arena_forward, span, slots)
+            return self._in_arena(plan, key, program, (), args)
+
+        def head() -> jax.Array:
+            args = (self._lora, self._frozen, act[-1], grad, batch_args[0], denominator, self._loss)
+            program = functools.partial(self._p.arena_head, slots)
+            (self._loss,) = self._in_arena(plan, ("head", rows, seq_len), program, (), args)
+            return self._loss
+
+        def bwd(s: int, span: Span, key: ProgramKey) -> KVCache:
+            lora = self._p.lora.relabel(self._lora, span.shift)
+            layers = range(span.layers.start, span.layers.stop)
+            acc = self._acc_pages[[(layer + span.shift) % self.num_layers for layer in layers]]
+            inputs = act[s - 1] if s else None
+            frozen = self._frozen_for(span.shift)
+            args = (lora, frozen, inputs, grad, jnp.asarray(acc), *batch_args)
+            program = functools.partial(self._p.arena_backward, span, slots)
+            return self._in_arena(plan, key, program, (), args)
+
+        for s, span in enumerate(spans):
+            key = ("fwd", span.place, span.length, rows, seq_len)
+            plan._add("fwd", key, functools.partial(fwd, s, span, key))
+        plan._add("head", ("head", rows, seq_len), head)
+        for s, span in reversed(list(enumerate(spans))):
+            key = ("bwd", span.place, span.length, rows, seq_len)
+            plan._add("bwd", key, functools.partial(bwd, s, span, key))
+
+    def _in_arena(self, plan: TrainPlan, key: ProgramKey, fn: Callable, donate, args):
+        """Runs an arena program of ``plan`` with the arena donated; keeps the new buffer and
+        returns the program's other outputs (or the buffer, if it has none)."""
+        if self._open is not plan:
+            raise RuntimeError("this plan was abandoned (its pages were released): plan again")
+        donate = (0, *(i + 1 for i in donate))
+        out = self._call(key, fn, donate, self._arena.buffer, *args)
+        if isinstance(out, KVCache):
+            self._arena.buffer = out
+            return out
+        self._arena.buffer, *rest = out
+        return rest
+
     def _run_update(self, plan: TrainPlan, count: int) -> Leaves:
         if plan.step != self.step:
             raise RuntimeError(f"plan for step {plan.step} is stale (trainer is at {self.step})")
@@ -279,7 +443,9 @@ class Trainer:
         """Runs the program ``key`` (``fn`` jitted on first use) on ``args``."""
         if key not in self._jitted:
             uses_optimizer = key[0] in ("step", "update")
-            owner = (self.graphdef, self.optimizer if uses_optimizer else None)
+            # Arena programs share their micro-step's key but not its signature.
+            in_arena = self._arena is not None and key[0] != "step"
+            owner = (self.graphdef, self.optimizer if uses_optimizer else None, in_arena)
             if (*owner, key) not in self._cache:
                 self._cache[(*owner, key)] = jax.jit(fn, donate_argnums=donate)
             jitted = self._cache[(*owner, key)]

@@ -13,12 +13,18 @@ scheduler applies its safety margin multiplicatively, and the ridge pulls toward
 sane weights. Until a family has enough samples to fit, it predicts factor * roofline, the factor
 being the median measured/roofline ratio seen so far.
 
+A linear model over one family cannot follow what differs between its programs in ways the
+roofline does not price (a decode kernel's per-page latency at batch 1, one bucket's tiling): on
+top of the regression each program keeps a multiplicative residual, the median of measured / fit
+over its own recent samples, shrunk towards 1 while it has few (``per_key``; on by default).
+
 Every observation is scored against the prediction made just before it; `error_stats` and
 `quantile_margin` summarise those scores for metrics and for the scheduler's SLO margin.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -34,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 CostAnalysis = Mapping[str, float] | Sequence[Mapping[str, float]]
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -109,14 +115,31 @@ class _Program:
     roofline_s: float
 
 
+_KEY_WINDOW = 16  # recent samples of one program behind its residual factor
+_KEY_SHRINK = 2.0  # pseudo-samples at factor 1: a program seen once moves a third of the way
+
+
+@dataclass(frozen=True)
+class _Fit:
+    weights: np.ndarray | None  # None while too few samples
+    factor: float  # the prior: median measured / roofline
+    floor_ratio: float  # the fastest measured / roofline seen
+    key_factors: dict[str, float]  # per-program residual, measured / the family's fit
+
+    def base(self, row: tuple[float, ...]) -> float:
+        if self.weights is None:
+            return self.factor * row[1]
+        return float(np.dot(self.weights, row))
+
+
 class _Family:
     """Stage-2 state of one program family: its samples, its fit and its error record."""
 
     def __init__(self, window: int, history: int):
         self.feature_names: tuple[str, ...] | None = None
-        self.samples: deque[tuple[tuple[float, ...], float]] = deque(maxlen=window)
+        self.samples: deque[tuple[str, tuple[float, ...], float]] = deque(maxlen=window)
         self.errors: deque[tuple[float, float]] = deque(maxlen=history)
-        self._fit: tuple[np.ndarray | None, float, float] | None = None
+        self._fit: _Fit | None = None
 
     def row(self, roofline_s: float, features: Mapping[str, float]) -> tuple[float, ...]:
         names = tuple(sorted(features))
@@ -126,27 +149,38 @@ class _Family:
             raise ValueError(f"features {names} differ from this family's {self.feature_names}")
         return (1.0, roofline_s, *(float(features[name]) for name in names))
 
-    def add(self, row: tuple[float, ...], measured_s: float, predicted_s: float) -> None:
-        self.samples.append((row, measured_s))
+    def add(self, key: str, row: tuple[float, ...], measured_s: float, predicted_s: float):
+        self.samples.append((key, row, measured_s))
         self.errors.append((predicted_s, measured_s))
         self._fit = None
 
-    def fit(self, prior_factor: float, ridge: float) -> tuple[np.ndarray | None, float, float]:
-        """(weights or None while too few samples, prior factor, floor ratio); cached."""
+    def fit(self, prior_factor: float, ridge: float, per_key: bool) -> _Fit:
+        """The family's regression and its programs' residual factors; cached until a sample."""
         if self._fit is not None:
             return self._fit
         if not self.samples:
-            self._fit = (None, prior_factor, 0.0)
+            self._fit = _Fit(None, prior_factor, 0.0, {})
             return self._fit
-        x = np.array([row for row, _ in self.samples])
-        y = np.array([measured for _, measured in self.samples])
+        x = np.array([row for _, row, _ in self.samples])
+        y = np.array([measured for *_, measured in self.samples])
         ratios = y / x[:, 1]
         factor = float(np.median(ratios))
         weights = None
         if len(y) >= x.shape[1] + 2:
             weights = _relative_ridge(x, y, prior=factor, ridge=ridge)
-        self._fit = (weights, factor, float(ratios.min()))
-        return self._fit
+        fit = _Fit(weights, factor, float(ratios.min()), {})
+        if per_key:
+            base = x @ weights if weights is not None else factor * x[:, 1]
+            residuals: dict[str, list[float]] = {}
+            for (key, *_), measured, predicted in zip(self.samples, y, base):
+                if predicted > 0:
+                    residuals.setdefault(key, []).append(measured / predicted)
+            for key, values in residuals.items():
+                recent = values[-_KEY_WINDOW:]
+                weight = len(recent) / (len(recent) + _KEY_SHRINK)
+                fit.key_factors[key] = float(np.exp(weight * np.log(np.median(recent))))
+        self._fit = fit
+        return fit
 
 
 def _relative_ridge(x: np.ndarray, y: np.ndarray, prior: float, ridge: float) -> np.ndarray:
@@ -177,14 +211,17 @@ class Predictor:
         history: int = 1024,
         ridge: float = 1e-3,
         prior_factor: float = 1.0,
+        per_key: bool = True,
     ):
         """`window` samples feed the stage-2 fit per family; `history` scored observations feed
-        the error statistics; `prior_factor` scales the roofline before a family has samples."""
+        the error statistics; `prior_factor` scales the roofline before a family has samples;
+        `per_key` adds each program's residual factor to the family's regression."""
         self._rates = rates
         self._window = window
         self._history = history
         self._ridge = ridge
         self._prior_factor = prior_factor
+        self._per_key = per_key
         self._programs: dict[str, _Program] = {}
         self._families: dict[str, _Family] = {}
 
@@ -218,6 +255,23 @@ class Predictor:
         """Stage-1 seconds of program `key`."""
         return self._programs[key].roofline_s
 
+    def keys(self) -> list[str]:
+        """The registered programs' keys, sorted."""
+        return sorted(self._programs)
+
+    def families(self) -> list[str]:
+        """The families of the registered programs, sorted."""
+        return sorted(self._families)
+
+    def copy(self) -> Predictor:
+        """An independent predictor in the same state (what a calibration hands to each run)."""
+        return copy.deepcopy(self)
+
+    def clear_errors(self) -> None:
+        """Forgets the error record (not the fit), so later statistics cover later runs only."""
+        for family in self._families.values():
+            family.errors.clear()
+
     def predict(self, key: str, **features: float) -> float:
         """Predicted seconds of one run of program `key`.
 
@@ -225,16 +279,16 @@ class Predictor:
         """
         program = self._programs[key]
         family = self._families[program.family]
-        return self._predict(family, family.row(program.roofline_s, features))
+        return self._predict(family, key, family.row(program.roofline_s, features))
 
-    def _predict(self, family: _Family, row: tuple[float, ...]) -> float:
-        weights, factor, floor_ratio = family.fit(self._prior_factor, self._ridge)
-        roofline_s = row[1]
-        if weights is None:
-            return factor * roofline_s
+    def _predict(self, family: _Family, key: str, row: tuple[float, ...]) -> float:
+        fit = family.fit(self._prior_factor, self._ridge, self._per_key)
+        predicted = fit.base(row) * fit.key_factors.get(key, 1.0)
+        if fit.weights is None:
+            return predicted
         # A linear fit can extrapolate below anything ever measured, even below zero, for a bucket
         # outside the window; no run was ever faster, relative to its roofline, than the fastest.
-        return max(float(np.dot(weights, row)), floor_ratio * roofline_s)
+        return max(predicted, fit.floor_ratio * row[1])
 
     def observe(self, key: str, measured_s: float, **features: float) -> float:
         """Records a measured run of `key`, scores the prediction made just before it, and
@@ -244,8 +298,8 @@ class Predictor:
         program = self._programs[key]
         family = self._families[program.family]
         row = family.row(program.roofline_s, features)
-        predicted_s = self._predict(family, row)
-        family.add(row, float(measured_s), predicted_s)
+        predicted_s = self._predict(family, key, row)
+        family.add(key, row, float(measured_s), predicted_s)
         return predicted_s
 
     def _relative_errors(self, family: str) -> np.ndarray:
@@ -279,9 +333,9 @@ class Predictor:
         rel = self._relative_errors(family)
         return 1.0 if rel.size == 0 else float(1.0 + np.quantile(rel, q))
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the calibration (rates, programs, stage-2 samples, error record) as JSON."""
-        state: dict[str, Any] = {
+    def state(self) -> dict[str, Any]:
+        """The whole calibration (rates, programs, stage-2 samples, error record) as plain data."""
+        return {
             "version": _FORMAT_VERSION,
             "rates": asdict(self._rates),
             "config": {
@@ -289,6 +343,7 @@ class Predictor:
                 "history": self._history,
                 "ridge": self._ridge,
                 "prior_factor": self._prior_factor,
+                "per_key": self._per_key,
             },
             "programs": {
                 key: {"family": p.family, "flops": p.flops, "bytes_accessed": p.bytes_accessed}
@@ -297,25 +352,19 @@ class Predictor:
             "families": {
                 name: {
                     "feature_names": None if f.feature_names is None else list(f.feature_names),
-                    "samples": [[*row, measured] for row, measured in f.samples],
+                    "samples": [[key, *row, measured] for key, row, measured in f.samples],
                     "errors": [list(pair) for pair in f.errors],
                 }
                 for name, f in self._families.items()
             },
         }
-        # Write then rename, so a crash never leaves a truncated calibration behind.
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(state, fh)
-        os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Predictor:
-        """Restores a predictor written by `save`; it predicts exactly as the saved one did."""
-        with open(path) as fh:
-            state = json.load(fh)
-        if state.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported predictor format {state.get('version')!r}")
+    def from_state(cls, state: Mapping[str, Any]) -> Predictor:
+        """The predictor `state()` describes; it predicts exactly as the original did."""
+        version = state.get("version")
+        if version not in (1, _FORMAT_VERSION):
+            raise ValueError(f"unsupported predictor format {version!r}")
         predictor = cls(DeviceRates(**state["rates"]), **state["config"])
         for key, p in state["programs"].items():
             predictor._add_program(key, p["family"], p["flops"], p["bytes_accessed"])
@@ -325,6 +374,35 @@ class Predictor:
             )
             if saved["feature_names"] is not None:
                 family.feature_names = tuple(saved["feature_names"])
-            family.samples.extend((tuple(s[:-1]), s[-1]) for s in saved["samples"])
+            for sample in saved["samples"]:
+                if version == 1:  # samples carried no program key
+                    sample = ["", *sample]
+                family.samples.append((str(sample[0]), tuple(sample[1:-1]), sample[-1]))
             family.errors.extend(tuple(e) for e in saved["errors"])
         return predictor
+
+    def save(self, path: str | os.PathLike[str], meta: Mapping[str, Any] | None = None) -> None:
+        """Writes `state()` as JSON, with `meta` (what the calibration was made for) beside it."""
+        state = self.state()
+        if meta is not None:
+            state["meta"] = dict(meta)
+        # Write then rename, so a crash never leaves a truncated calibration behind.
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(state, fh, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Predictor:
+        """Restores a predictor written by `save`; it predicts exactly as the saved one did."""
+        return cls.load_with_meta(path)[0]
+
+    @classmethod
+    def load_with_meta(cls, path: str | os.PathLike[str]) -> tuple[Predictor, dict[str, Any]]:
+        """`load`, and the `meta` saved with it ({} if none)."""
+        with open(path) as fh:
+            state = json.load(fh)
+        try:
+            return cls.from_state(state), dict(state.get("meta") or {})
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a predictor calibration ({err})") from None

@@ -5,24 +5,43 @@ The decode loop emits one token per running request per iteration, so an iterati
 TPOT sample: the inference step plus whatever fine-tune work follows it. ``harli`` (ours, after
 the paper) predicts the next inference step with the two-stage predictor, leaves the rest of the
 TPOT SLO (less a safety margin that tracks the predictor's observed error) to fine-tuning, and
-fills it greedily with micro-steps whose predicted time still fits; it cuts each train step as
-coarsely as the slack it usually sees allows, since coarser micro-steps waste less. The baselines
-share all the machinery and differ only in that decision:
+fills it greedily with micro-steps whose predicted time (times the train family's error margin)
+still fits. At the start of each train step it picks the cut that finishes a step in the fewest
+iterations when its predicted micro-steps are packed, in order, into the budgets of the recent
+iterations (ties: the coarser, whose micro-steps waste less); a coarse cut whose big micro-steps
+fit only every other budget, or leave most of each budget unused, loses to a finer one.
+The baselines share all the machinery and differ only in that decision:
 
 - ``serve-only``: no fine-tuning at all;
 - ``naive``: a whole train step after every inference step, no prediction;
-- ``static``: a fixed fine-tune budget per iteration (``static_budget_s`` of micro-steps, counted
-  by their measured times, at a fixed granularity), as FlexLLM's token budget does;
+- ``static``: a fixed fine-tune budget per iteration, chosen once, offline, so that it meets the
+  SLO, as FlexLLM's token budget is tuned: ``static_budget_s`` if given, else the SLO minus the
+  p99 inference step measured at calibration minus the loop overhead. Its cut is fixed too (the
+  coarsest whose slowest calibrated micro-step fits the budget, else the finest), and it runs a
+  micro-step only if its *calibrated* time fits what is left of the budget: no prediction, no
+  online correction, never adapted to the load. A budget too large for the SLO would make it a
+  straw man; this one is the best a fixed budget can promise without knowing the load;
 - ``harli``: as above.
 
 With no inference work at all, every policy but ``serve-only`` trains in whole steps.
+
+A program's first run in a job compiles it (or loads it from the persistent compilation cache),
+and an inference program's first step under a scheduler may too: neither is a latency sample.
+Train programs are keyed by the job's LoRA shape (rank, target modules, rows x seq_len) as well as
+by the micro-step, so jobs of different shapes never share a correction.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import time
+import weakref
 from collections import deque
+from typing import Any
+
+import numpy as np
 
 from harli_jax.engine.finetune import FineTuneJob, Granularity, granularities
 from harli_jax.engine.metrics import EngineMetrics
@@ -39,8 +58,9 @@ FAMILIES = ("inference", "train/fwd", "train/bwd", "train/head", "train/update")
 class SchedulerConfig:
     policy: str = "harli"
     tpot_slo_s: float = 0.05
-    static_budget_s: float = 0.0  # for "static": fine-tune seconds per iteration
-    static_granularity: int = -1  # index into granularities(); -1: the finest
+    # For "static": fine-tune seconds per iteration; None: SLO - p99 calibrated inference step.
+    static_budget_s: float | None = None
+    static_granularity: int | None = None  # index into granularities(); None: see the docstring
     min_margin: float = 1.05  # never plan closer than this to the SLO
     loop_overhead_s: float = 0.0005  # host time between steps the predictor does not see
 
@@ -51,16 +71,53 @@ class SchedulerConfig:
             raise ValueError(f"the TPOT SLO must be positive, got {self.tpot_slo_s}")
 
 
+# The programs each job has run at least once in this process: a first run compiles.
+_WARM: weakref.WeakKeyDictionary[FineTuneJob, set[str]] = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What calibration measured beyond the predictor's samples: each cut's micro-steps (program
+    keys, in run order), each train program's slowest calibrated run, and the inference steps'
+    times. Plain data, so a profile file or a benchmark can hand it to a fresh scheduler."""
+
+    cuts: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    inference_s: list[float] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Calibration:
+        return cls(
+            cuts={k: list(v) for k, v in data.get("cuts", {}).items()},
+            seconds={k: float(v) for k, v in data.get("seconds", {}).items()},
+            inference_s=[float(s) for s in data.get("inference_s", [])],
+        )
+
+    def copy(self) -> Calibration:
+        return Calibration.from_json(self.to_json())
+
+
 class ColocationScheduler:
     """Implements the engine loop's ``Colocator``: runs fine-tune jobs in inference slack."""
 
-    def __init__(self, config: SchedulerConfig, predictor: Predictor, metrics: EngineMetrics):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        predictor: Predictor,
+        metrics: EngineMetrics,
+        calibration: Calibration | None = None,
+    ):
         self.config = config
         self.predictor = predictor
         self.metrics = metrics
         self.jobs: deque[FineTuneJob] = deque()
         self._slack = deque(maxlen=64)  # recent fine-tune budgets, for choosing granularity
-        self._option_keys: dict[tuple, set[tuple]] = {}  # the programs each cut runs
+        self.calibration = calibration or Calibration()
+        self._seen_inference: set[str] = set()  # a program's first step may compile
+        self._last_program_s = 0.0
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
         self.on_job_failed = lambda job, error: None
 
@@ -94,74 +151,128 @@ class ColocationScheduler:
         if report is None or self.config.policy == "naive":
             return self._run_whole_step(job)
         if self.config.policy == "static":
-            granularity = self._static_granularity(job)
-            return self._fill(job, self.config.static_budget_s, granularity, predicted=False)
+            return self._fill_static(job)
         budget = self._harli_budget(report)
         self._slack.append(budget)
-        return self._fill(job, budget, self._harli_granularity(job), predicted=True)
+        # The cut only matters when a step starts; mid-step the open plan decides.
+        granularity = self._options(job)[-1] if job.in_step else self._harli_granularity(job)
+        return self._fill(job, budget, granularity)
 
     # -- decisions --------------------------------------------------------------------------
     def _harli_budget(self, report: StepReport) -> float:
         """The SLO minus the predicted next inference step (with margin) and loop overhead."""
         margin = max(self.config.min_margin, self.predictor.quantile_margin("inference", 0.99))
-        next_step = self.predictor.predict(report.key, **report.features) * margin
+        next_step = self.predictor.predict(report.key, **inference_features(report)) * margin
         return self.config.tpot_slo_s - next_step - self.config.loop_overhead_s
 
     def _options(self, job: FineTuneJob) -> list[Granularity]:
         return granularities(job.trainer.num_layers, job.config.batch_size)
 
-    def _static_granularity(self, job: FineTuneJob) -> Granularity:
-        return self._options(job)[self.config.static_granularity]
+    def static_budget(self) -> float:
+        """The static policy's fixed budget (seconds per iteration); see the module docstring."""
+        if self.config.static_budget_s is not None:
+            return self.config.static_budget_s
+        if not self.calibration.inference_s:
+            return 0.0
+        p99 = float(np.quantile(self.calibration.inference_s, 0.99))
+        return max(0.0, self.config.tpot_slo_s - p99 - self.config.loop_overhead_s)
 
-    def _harli_granularity(self, job: FineTuneJob) -> Granularity:
-        """The coarsest cut whose largest micro-step fits the median recent budget."""
+    def static_granularity(self, job: FineTuneJob) -> Granularity:
+        """The static policy's fixed cut: the coarsest whose slowest calibrated micro-step fits
+        the budget, else the finest (or ``static_granularity`` where configured)."""
         options = self._options(job)
-        if not self._slack:
-            return options[-1]
-        typical = sorted(self._slack)[len(self._slack) // 2]
+        if self.config.static_granularity is not None:
+            return options[self.config.static_granularity]
+        budget = self.static_budget()
         for option in options:
-            if self._largest_micro_step(job, option) <= typical:
+            keys = self.calibration.cuts.get(_option_id(job, option))
+            seconds = [self.calibration.seconds.get(k, math.inf) for k in keys or ()]
+            if seconds and max(seconds) <= budget:
                 return option
         return options[-1]
 
-    def _largest_micro_step(self, job: FineTuneJob, option: Granularity) -> float:
-        """The predicted time of the longest micro-step of a step cut as ``option`` (infinite
-        for a cut not yet calibrated)."""
-        keys = self._option_keys.get(_option_id(job, option))
+    def _harli_granularity(self, job: FineTuneJob) -> Granularity:
+        """The cut that completes a step in the fewest recent budgets (ties: the coarser)."""
+        options = self._options(job)
+        if not self._slack:
+            return options[-1]
+        budgets = list(self._slack)
+        best, fewest = options[-1], math.inf
+        for option in options:
+            sizes = self._planned_seconds(job, option)
+            if sizes is None:
+                continue
+            iterations = iterations_per_step(sizes, budgets)
+            if iterations < fewest:
+                best, fewest = option, iterations
+        return best
+
+    def _planned_seconds(self, job: FineTuneJob, option: Granularity) -> list[float] | None:
+        """Predicted seconds (with the family's margin) of each micro-step of a step cut as
+        ``option``, in run order; None for a cut not yet calibrated."""
+        keys = self.calibration.cuts.get(_option_id(job, option))
         if not keys:
-            return float("inf")
-        return max(self._predict_train(job, key) or float("inf") for key in keys)
+            return None
+        sizes = []
+        for key in keys:
+            if key not in self.predictor:
+                return None
+            family = "train/" + key.split("/")[2]  # train/<shape>/<kind>/...
+            sizes.append(self.predictor.predict(key) * self._train_margin(family))
+        return sizes
+
+    def _train_margin(self, family: str) -> float:
+        return max(self.config.min_margin, self.predictor.quantile_margin(family, 0.99))
 
     # -- running ----------------------------------------------------------------------------
-    def _fill(self, job: FineTuneJob, budget: float, granularity: Granularity, predicted: bool):
+    def _fill(self, job: FineTuneJob, budget: float, granularity: Granularity) -> bool:
         ran = False
         while budget > 0 and not job.done:
             micro = job.next_micro_step(granularity)
-            family = _family(micro.key)
-            margin = max(self.config.min_margin, self.predictor.quantile_margin(family, 0.99))
+            if micro is None:  # no arena pages for a new step now: skip this turn
+                break
+            margin = self._train_margin(_family(micro.key))
             estimate = self._predict_train(job, micro.key)
-            if predicted and (estimate is None or estimate * margin > budget):
+            if estimate is None or estimate * margin > budget:
                 # Unknown programs are measured once when there is time to spare (idle loop).
                 break
             budget -= self.run_micro_step(job, micro)
             ran = True
         return ran
 
-    def _run_whole_step(self, job: FineTuneJob) -> bool:
-        """Finishes the open step (whatever its cut) or runs a new one uncut."""
-        self._run_step(job, self._options(job)[0])
-        return True
+    def _fill_static(self, job: FineTuneJob) -> bool:
+        """Micro-steps whose calibrated times fit the fixed budget; nothing is predicted."""
+        budget, ran = self.static_budget(), False
+        granularity = self.static_granularity(job)
+        while not job.done:
+            micro = job.next_micro_step(granularity)
+            if micro is None:
+                break
+            seconds = self.calibration.seconds.get(self._train_key(job, micro.key))
+            if seconds is None or seconds > budget:
+                break
+            self.run_micro_step(job, micro)
+            budget -= seconds
+            ran = True
+        return ran
 
-    def _run_step(self, job: FineTuneJob, option: Granularity) -> set[tuple]:
+    def _run_whole_step(self, job: FineTuneJob) -> bool:
+        """Finishes the open step (whatever its cut) or runs a new one uncut; False if nothing
+        ran (no arena pages for a new step), so an idle loop waits rather than spins."""
+        return bool(self._run_step(job, self._options(job)[0]))
+
+    def _run_step(self, job: FineTuneJob, option: Granularity) -> list[tuple[str, float]]:
         """Runs micro-steps until the open step (or a new one cut as ``option``) completes;
-        returns the program keys it ran."""
-        keys = set()
+        returns (program key, program seconds) of each, in order."""
+        ran = []
         while True:
             micro = job.next_micro_step(option)
-            keys.add(micro.key)
+            if micro is None:
+                return ran
             self.run_micro_step(job, micro)
+            ran.append((self._train_key(job, micro.key), self._last_program_s))
             if not job.in_step:
-                return keys
+                return ran
 
     def run_micro_step(self, job: FineTuneJob, micro) -> float:
         """Runs one micro-step, feeds its program's time to the predictor; returns the wall
@@ -169,42 +280,111 @@ class ColocationScheduler:
         start = time.perf_counter()
         program_seconds, metrics = job.run(micro)
         seconds = time.perf_counter() - start
-        key = _key(micro.key)
-        if key in self.predictor:
-            self.predictor.observe(key, program_seconds)
-        else:  # the first run compiled the program: register it, but do not learn from it
+        self._last_program_s = program_seconds
+        key = self._train_key(job, micro.key)
+        warm = _WARM.setdefault(job, set())
+        if key not in self.predictor:
             self.predictor.register(key, _family(micro.key), job.program_cost(micro.key))
+        elif key in warm:
+            self.predictor.observe(key, program_seconds)
+        # else: the job's first run of a known program compiled it: not a latency sample
+        warm.add(key)
         if metrics is not None:
             self.metrics.on_finetune_tokens(metrics["tokens"])
         return seconds
 
-    def calibrate(self, job: FineTuneJob) -> None:
-        """Compiles and measures every cut of ``job``'s train step (one real step at each, then
-        one more so that each program has a measured, compile-free run)."""
-        for option in [*self._options(job), *self._options(job)]:
-            keys = self._run_step(job, option)
-            self._option_keys.setdefault(_option_id(job, option), set()).update(keys)
+    def calibrate(self, job: FineTuneJob, measure: bool = True) -> None:
+        """Compiles every cut of ``job``'s train step (one real step at each) and, with
+        ``measure``, runs each once more, so that each program has a measured, compile-free run
+        for the predictor and a calibrated time for ``static``. Records each cut's micro-steps."""
+        job.abandon()  # a step left open by an earlier run would hide the cuts' own programs
+        for measuring in (False, True) if measure else (False,):
+            for option in self._options(job):
+                ran = self._run_step(job, option)
+                self.calibration.cuts[_option_id(job, option)] = [key for key, _ in ran]
+                for key, seconds in ran if measuring else ():
+                    known = self.calibration.seconds.get(key, 0.0)
+                    self.calibration.seconds[key] = max(known, seconds)
+
+    def is_warm(self, job: FineTuneJob) -> bool:
+        """Whether every program of every calibrated cut of ``job`` has run in it already."""
+        keys = [self.calibration.cuts.get(_option_id(job, o)) for o in self._options(job)]
+        warm = _WARM.get(job, set())
+        return all(k is not None and set(k) <= warm for k in keys)
 
     # -- predictor plumbing -----------------------------------------------------------------
-    def observe_inference(self, report: StepReport) -> None:
-        if report.key in self.predictor:
-            self.predictor.observe(report.key, report.seconds, **report.features)
-        else:  # first sighting: its time includes compilation
+    def observe_inference(self, report: StepReport, calibrating: bool = False) -> None:
+        """Learns from an inference step (``calibrating``: also keeps it for ``static``)."""
+        if report.key not in self.predictor:
             self.predictor.register(report.key, "inference", report.cost)
+        elif report.key in self._seen_inference:
+            self.predictor.observe(report.key, report.seconds, **inference_features(report))
+            if calibrating:
+                self.calibration.inference_s.append(report.seconds)
+        self._seen_inference.add(report.key)
 
     def _predict_train(self, job: FineTuneJob, program_key: tuple) -> float | None:
-        key = _key(program_key)
+        key = self._train_key(job, program_key)
         return self.predictor.predict(key) if key in self.predictor else None
 
+    @staticmethod
+    def _train_key(job: FineTuneJob, program_key: tuple) -> str:
+        return train_key(job_shape(job), program_key)
 
-def _option_id(job: FineTuneJob, option: Granularity) -> tuple:
-    shape = (job.config.lora, job.config.batch_size, job.config.seq_len)
-    return (shape, option[0], tuple(option[1]))
+
+def job_shape(job: FineTuneJob) -> str:
+    """What a train program's time depends on beyond its micro-step: LoRA rank and targets
+    (dropout, if any), and the batch's rows x seq_len. E.g. ``r16-q_proj.v_proj-4x512``."""
+    lora = job.config.lora
+    targets = lora.target_modules
+    targets = targets if isinstance(targets, str) else ".".join(targets)
+    dropout = f"-d{lora.dropout:g}" if lora.dropout else ""
+    return f"r{lora.r}-{targets}{dropout}-{job.config.batch_size}x{job.config.seq_len}"
+
+
+def train_key(shape: str, program_key: tuple) -> str:
+    """The predictor's key of a train program: ``train/<shape>/<kind>/...``."""
+    return f"train/{shape}/" + "/".join(str(part) for part in program_key)
+
+
+def iterations_per_step(sizes: list[float], budgets: list[float]) -> float:
+    """Iterations a step of micro-steps ``sizes`` (seconds, in order) takes when each iteration
+    runs the next ones while they fit its budget, the budgets being ``budgets`` over and over;
+    infinite if some micro-step fits none of them."""
+    if not sizes:
+        return 0.0
+    if max(sizes) > max(budgets):
+        return math.inf
+    done = iterations = 0
+    while done < len(sizes):
+        left = budgets[iterations % len(budgets)]
+        iterations += 1
+        while done < len(sizes) and sizes[done] <= left:
+            left -= sizes[done]
+            done += 1
+    return float(iterations)
+
+
+_PROGRAM = re.compile(r"r(\d+)/t(\d+)/p(\d+)")
+
+
+def inference_features(report: StepReport) -> dict[str, float]:
+    """The stage-2 features of an inference step: the engine's (decode rows, prefill tokens),
+    the number of programs it ran (each costs a dispatch and a host round trip), and the pages
+    bucket of its decode program (the paged-attention kernel's latency grows with it even where
+    the KV bytes, and so the roofline, barely do)."""
+    programs = [_PROGRAM.search(part) for part in report.key.split("+")]
+    decode_pages = [int(m.group(3)) for m in programs if m is not None and m.group(2) == "1"]
+    return {
+        **report.features,
+        "calls": float(len(programs)),
+        "decode_pages": float(decode_pages[0]) if decode_pages else 0.0,
+    }
+
+
+def _option_id(job: FineTuneJob, option: Granularity) -> str:
+    return f"{job_shape(job)}|{option[0]}|" + ",".join(f"{a}-{b}" for a, b in option[1])
 
 
 def _family(program_key: tuple) -> str:
     return f"train/{program_key[0]}"
-
-
-def _key(program_key: tuple) -> str:
-    return "train/" + "/".join(str(part) for part in program_key)
