@@ -10,7 +10,7 @@ import pytest
 from harli_jax.cli import main
 from harli_jax.cli_profile import lora_shape, model_identity
 
-SMALL_ENGINE = ["--max-num-seqs", "2", "--max-model-len", "64", "--prefill-chunk", "32"]
+SMALL_ENGINE = ["--max-num-seqs", "2", "--max-model-len", "128", "--prefill-chunk", "32"]
 SMALL_JOB = ["--batch-size", "2", "--seq-len", "32", "--r", "4"]
 
 
