@@ -24,6 +24,7 @@ from test_lora_train import (
 
 from harli_jax import LLM, SamplingParams
 from harli_jax.memory.arena import Arena, load, pages_for, store, zero
+from harli_jax.memory.kv_cache import KVCache
 from harli_jax.memory.page_table import Owner
 from harli_jax.memory.sizing import arena_pages, check_memory_fraction
 
@@ -39,7 +40,7 @@ def test_arrays_round_trip_through_pages_leaving_other_pages_alone(arena_dtype, 
     if dtype == jnp.int32 and arena_dtype == jnp.bfloat16:
         pytest.skip("integers go into f32 arenas only (see the CPU caveat below)")
     rng = np.random.default_rng(0)
-    arena = Arena.zeros(*SHAPE, dtype=arena_dtype)
+    arena = Arena(KVCache.zeros(*SHAPE, dtype=arena_dtype))
     before = jax.random.normal(jax.random.key(1), arena.buffer.k.shape).astype(arena_dtype)
     buffer = arena.buffer._replace(k=before, v=-before)
     before = np.asarray(before)  # the buffer is donated below
@@ -66,7 +67,7 @@ def test_arrays_round_trip_through_pages_leaving_other_pages_alone(arena_dtype, 
 
 
 def test_trees_of_leaves_share_pages_and_zero_clears_them():
-    arena = Arena.zeros(*SHAPE, dtype=jnp.bfloat16)
+    arena = Arena(KVCache.zeros(*SHAPE, dtype=jnp.bfloat16))
     tree = [jnp.arange(120, dtype=jnp.float32), jnp.ones((3, 3), jnp.int32)]
     assert arena.pages_for(tree) == 2  # 240 + 18 bf16 words, 240 a page
     pages = jnp.asarray([3, 4], jnp.int32)
@@ -122,8 +123,10 @@ def test_the_decode_program_aliases_the_arena():
 
 def arena_trainer(model, num_pages: int = 64) -> tuple:
     config = model.config
-    arena = Arena.zeros(
-        config.num_layers, num_pages, 8, config.num_kv_heads, config.head_dim, jnp.float32
+    arena = Arena(
+        KVCache.zeros(
+            config.num_layers, num_pages, 8, config.num_kv_heads, config.head_dim, jnp.float32
+        )
     )
     trainer = trainer_for(model)
     trainer.use_arena(arena, Owner("finetune", "job"))

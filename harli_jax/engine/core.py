@@ -132,14 +132,16 @@ class EngineCore:
         # again for fine-tune state (which yields it to decode under pressure).
         num_pages = num_pages or 2 * config.max_num_seqs * self.pages_per_seq + 1
         # One buffer for KV pages and fine-tune state; page 0 is the scratch page.
-        self.arena = Arena.zeros(
-            mc.num_layers,
-            num_pages,
-            config.page_size,
-            mc.num_kv_heads,
-            mc.head_dim,
-            dtype,
-            sharding=cache_sharding,
+        self.arena = Arena(
+            KVCache.zeros(
+                mc.num_layers,
+                num_pages,
+                config.page_size,
+                mc.num_kv_heads,
+                mc.head_dim,
+                dtype,
+                sharding=cache_sharding,
+            )
         )
         self._programs: dict[str, jax.stages.Compiled] = {}
         self.program_costs: dict[str, dict[str, float]] = {}

@@ -141,23 +141,6 @@ class Arena:
         its lease before it returns (a fine-tune job abandons its open step)."""
         self._yielders[owner] = release
 
-    @classmethod
-    def zeros(
-        cls,
-        num_layers: int,
-        num_pages: int,
-        page_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: jnp.dtype = jnp.bfloat16,
-        sharding: jax.sharding.Sharding | None = None,
-    ) -> Arena:
-        """An arena of ``num_pages`` pages, created in place on ``sharding``'s devices."""
-        buffer = KVCache.zeros(
-            num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype, sharding
-        )
-        return cls(buffer)
-
     @property
     def dtype(self) -> jnp.dtype:
         return self.buffer.k.dtype
