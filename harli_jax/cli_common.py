@@ -26,11 +26,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def load_llm(args: argparse.Namespace, **engine_kwargs):
     from harli_jax import LLM
+    from harli_jax.memory.sizing import check_memory_fraction
 
     fraction = getattr(args, "memory_fraction", None)
     if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise UsageError(f"--memory-fraction must be in (0, 1], got {fraction}")
+        try:
+            check_memory_fraction(fraction)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         engine_kwargs.setdefault("memory_fraction", fraction)
     if args.model is None:
         return LLM.demo(**({"dtype": args.dtype} if args.dtype else {}), **engine_kwargs)
