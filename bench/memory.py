@@ -8,8 +8,9 @@ temporaries) and a LoRA job (r=16, 4x512) holding its arena pages in the middle 
 - ``arena_max_batch``: sequences of ``--context`` tokens leased one after another until one no
   longer fits; the job yields under the pressure, so decode can take the whole arena;
 - ``static_max_batch``: the same arena bytes split 50/50, KV getting half of the pages;
-- ``yield_ms``: wall time from the pressure signal (a KV lease that does not fit) until the job's
-  pages are free and the last program that wrote them has finished (median of ``--repeats``).
+- ``yield_ms``: with decode holding every free page, wall time from the pressure signal (a
+  one-page KV lease that does not fit) until the job's pages are free, the lease is granted and
+  the last program that wrote the arena has finished (median of ``--repeats``).
 
 Result: ``bench/results/memory-<device>.json``. ``--quick --shapes tiny`` is a CPU smoke run.
 """
@@ -17,6 +18,8 @@ Result: ``bench/results/memory-<device>.json``. ``--quick --shapes tiny`` is a C
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import shlex
 import statistics
 import sys
@@ -26,6 +29,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# No torch in this process: JAX takes its one preallocated pool, as a server does (a pool that
+# grows on demand fragments, and a large arena then fails to allocate).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
 
 from bench import common  # noqa: E402  (sets the JAX allocator mode before jax loads)
 
@@ -91,6 +98,7 @@ def bench_shape(shape: str, args: argparse.Namespace, work: Path) -> dict:
     data = write_data(work / f"{shape}.jsonl", probe.model.config.vocab_size, seq_len)
     reserve = train_temporaries(probe, data, work / f"{shape}-probe", rows, seq_len)
     del probe
+    gc.collect()  # its weights and arena must be gone before the sized engine measures memory
     sizing = {}
     if common._on_accelerator():
         sizing = {"memory_fraction": args.memory_fraction, "reserve_bytes": reserve}
@@ -121,12 +129,15 @@ def bench_shape(shape: str, args: argparse.Namespace, work: Path) -> dict:
     yield_ms = []  # (c) pressure signal -> pages free and their last writer done
     for _ in range(args.repeats):
         hold_pages(job)
+        filler, probe = Owner("kv", "filler"), Owner("kv", "probe")
+        arena.pages.allocate(filler, arena.pages.num_free)  # decode took every free page
         start = time.perf_counter()
-        ok = arena.lease(Owner("kv", "probe"), arena.pages.num_free + 1)
+        ok = arena.lease(probe, 1)  # the next token's page: only a yield can make room
         jax.block_until_ready(arena.buffer)
         yield_ms.append((time.perf_counter() - start) * 1e3)
         assert ok and not job.holds_pages
-        arena.pages.free(Owner("kv", "probe"))
+        arena.pages.free(filler)
+        arena.pages.free(probe)
     return {
         "model": shape,
         "context": context,
@@ -161,11 +172,14 @@ def _parse() -> argparse.Namespace:
 def main() -> None:
     args = _parse()
     command = "python3 bench/memory.py " + shlex.join(sys.argv[1:])
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [bench_shape(s, args, Path(tmp)) for s in args.shapes.split(",")]
     device = common.device_name()
     out = args.out or RESULTS / f"memory-{device}{'-quick' if args.quick else ''}.json"
-    common.write_result(out, rows, command)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes.split(","):
+            rows.append(bench_shape(shape, args, Path(tmp)))
+            common.write_result(out, rows, command)  # each shape's row as soon as it exists
+            gc.collect()  # the engine and job hold each other (yield callbacks): free the arena
 
 
 if __name__ == "__main__":

@@ -35,9 +35,12 @@ def load_llm(args: argparse.Namespace, **engine_kwargs):
         except ValueError as err:
             raise UsageError(str(err)) from None
         engine_kwargs.setdefault("memory_fraction", fraction)
-    if args.model is None:
-        return LLM.demo(**({"dtype": args.dtype} if args.dtype else {}), **engine_kwargs)
-    return LLM(args.model, dtype=args.dtype or "bfloat16", **engine_kwargs)
+    try:
+        if args.model is None:
+            return LLM.demo(**({"dtype": args.dtype} if args.dtype else {}), **engine_kwargs)
+        return LLM(args.model, dtype=args.dtype or "bfloat16", **engine_kwargs)
+    except MemoryError as err:  # the arena did not fit: the flag that sized it is the fix
+        raise UsageError(str(err)) from None
 
 
 def flag_message(message: str) -> str:

@@ -3,6 +3,7 @@ each fine-tunes exactly as much as its rule allows."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -155,3 +156,27 @@ def test_inference_features_count_programs_and_decode_pages():
     assert inference_features(report) == {"rows": 2.0, "calls": 2.0, "decode_pages": 8.0}
     report = StepReport("forward/r1/t1/p2/topkp", {}, {"rows": 1.0}, 0.01)
     assert inference_features(report)["decode_pages"] == 2.0
+
+
+def test_harli_budget_is_the_slo_less_the_next_step_with_its_absolute_margin():
+    """Budget = SLO - (predicted x 1.05 + the p99 of seconds late) - loop overhead; a next step
+    that adds a prefill chunk is priced as the slowest recent step that ran one."""
+    job = fake_job()
+    scheduler, _ = scheduler_with_cuts(job, {0: [1.0]})
+    predictor, config = scheduler.predictor, scheduler.config
+    decode = StepReport("forward/r4/t1/p2", {"flops": 0.0, "bytes accessed": 4e9}, {"rows": 4.0}, 0)
+    scheduler.observe_inference(decode)  # registers the program; the first run may compile
+    late = [0.0] * 95 + [0.001] * 5  # seconds each observed step ran over its prediction
+    for extra in late:
+        measured = predictor.predict(decode.key, **inference_features(decode)) + extra
+        scheduler.observe_inference(dataclasses.replace(decode, seconds=measured))
+    predicted = predictor.predict(decode.key, **inference_features(decode))
+    margin = predictor.quantile_error_s("inference", 0.99)
+    assert margin == pytest.approx(np.quantile(late, 0.99), abs=2e-4)
+    expected = 0.02 - (predicted * 1.05 + margin) - config.loop_overhead_s
+    assert scheduler._harli_budget(decode, will_prefill=False) == pytest.approx(expected)
+    # Nothing known of prefill steps yet: a step that will run one leaves no budget.
+    assert scheduler._harli_budget(decode, will_prefill=True) <= 0
+    scheduler._prefill_steps.extend([0.009, 0.012, 0.010])
+    prefill_budget = scheduler._harli_budget(decode, will_prefill=True)
+    assert prefill_budget == pytest.approx(0.02 - 0.012 - config.loop_overhead_s)

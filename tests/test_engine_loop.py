@@ -69,3 +69,42 @@ def test_abort_frees_the_sequence_pages_at_once(llm):
         engine.stop()
     assert llm.engine.pages.used_by("kv") == 0
     assert engine.num_pending == 0
+
+
+class RecordingColocator:
+    """Submits one request from inside its first fine-tune turn, as a client thread might while
+    fine-tune work runs, and records what the loop tells it afterwards."""
+
+    def __init__(self):
+        self.engine = None
+        self.calls: list[tuple[int, bool]] = []  # (running requests, will_prefill) per call
+
+    def predictor_errors(self):
+        return {}
+
+    def after_step(self, report, will_prefill=False):
+        if report is not None:
+            self.calls.append((self.engine.core.num_running, will_prefill))
+            if len(self.calls) == 1:
+                self.late = self.engine.submit([40, 41, 42], GREEDY)
+        return False
+
+
+def test_an_arrival_during_fine_tune_work_joins_after_the_next_step(llm):
+    """The fine-tune work after a step is planned knowing every request the next step admits:
+    one submitted during that work waits until the step after it."""
+    colocator = RecordingColocator()
+    engine = Engine(llm.engine, colocator=colocator)
+    colocator.engine = engine
+    engine.start()
+    try:
+        first = engine.submit(PROMPTS[0], GREEDY)
+        list(first)
+        list(colocator.late)
+    finally:
+        engine.stop()
+    (running_1, prefill_1), (running_2, prefill_2) = colocator.calls[:2]
+    assert (running_1, prefill_1) == (1, False)
+    # The late request arrived during the first turn: the second step did not run it, and the
+    # loop says the next step will prefill it.
+    assert (running_2, prefill_2) == (1, True)

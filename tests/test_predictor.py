@@ -133,14 +133,15 @@ def test_error_stats_and_margin_match_numpy_over_the_last_observations():
     assert stats["mape"] == pytest.approx(np.mean(np.abs(rel)))
     assert stats["p99_rel_error"] == pytest.approx(np.quantile(rel, 0.99))
     assert stats["bias"] == pytest.approx(np.mean(rel))
-    assert predictor.quantile_margin("decode", 0.9) == pytest.approx(1 + np.quantile(rel, 0.9))
-    assert np.mean(m <= predictor.quantile_margin("decode", 0.9) * p) >= 0.9
+    margin = predictor.quantile_error_s("decode", 0.9)
+    assert margin == pytest.approx(max(0.0, np.quantile(m - p, 0.9)))
+    assert np.mean(m <= p + margin) >= 0.9
 
 
 def test_error_stats_of_an_unobserved_family_are_empty():
     stats = Predictor(RATES).error_stats("train")
     assert stats["n"] == 0 and math.isnan(stats["mape"])
-    assert Predictor(RATES).quantile_margin("train") == 1.0
+    assert Predictor(RATES).quantile_error_s("train") == 0.0
 
 
 def test_save_and_load_round_trip_predictions_exactly(tmp_path):

@@ -132,17 +132,15 @@ class EngineCore:
         # again for fine-tune state (which yields it to decode under pressure).
         num_pages = num_pages or 2 * config.max_num_seqs * self.pages_per_seq + 1
         # One buffer for KV pages and fine-tune state; page 0 is the scratch page.
-        self.arena = Arena(
-            KVCache.zeros(
-                mc.num_layers,
-                num_pages,
-                config.page_size,
-                mc.num_kv_heads,
-                mc.head_dim,
-                dtype,
-                sharding=cache_sharding,
-            )
-        )
+        shape = (mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim)
+        try:
+            self.arena = Arena(KVCache.zeros(*shape, dtype, sharding=cache_sharding))
+        except jax.errors.JaxRuntimeError as error:
+            size = 2 * math.prod(shape) * jnp.dtype(dtype).itemsize / 2**30
+            raise MemoryError(
+                f"the arena ({num_pages} pages, {size:.1f} GiB) does not fit in device memory: "
+                f"lower --memory-fraction, or num_pages ({error})"
+            ) from error
         self._programs: dict[str, jax.stages.Compiled] = {}
         self.program_costs: dict[str, dict[str, float]] = {}
         self.last_report: StepReport | None = None
@@ -254,6 +252,10 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def will_prefill(self) -> bool:
+        """Whether the next `step` runs a prefill chunk (a request waits or is mid-prompt)."""
+        return bool(self._waiting) or any(seq.pending > 1 for seq in self._running)
 
     @property
     def num_running(self) -> int:

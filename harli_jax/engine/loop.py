@@ -33,9 +33,10 @@ class Colocator(Protocol):
     def predictor_errors(self) -> dict[str, dict[str, float]]:
         """Latency-predictor error statistics by program family, for metrics."""
 
-    def after_step(self, report: StepReport | None) -> bool:
+    def after_step(self, report: StepReport | None, will_prefill: bool = False) -> bool:
         """Runs fine-tune work after the inference step ``report`` describes (None: the loop
-        had no inference work); True if it ran any."""
+        has no inference work); ``will_prefill``: the next step runs a prefill chunk. True if
+        it ran any."""
 
 
 _END = object()
@@ -193,17 +194,22 @@ class Engine:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain_inbox()
-            busy = self.core.has_unfinished()
-            if busy:
-                outputs = self.core.step()
-                for out in outputs:
+            stepped = self.core.has_unfinished()
+            if stepped:
+                for out in self.core.step():
                     self.metrics.on_tokens(out.request_id, len(out.new_token_ids), out.finished)
                     self._streams[out.request_id]._put(out)
                     if out.finished:
                         self._finish(out.request_id)
-            report = self.core.last_report if busy else None
-            trained = self.colocator is not None and self.colocator.after_step(report)
-            if not busy and not trained:
+            # Arrivals join between a step and the fine-tune work after it, so that work is
+            # planned knowing every request the next step admits; later ones wait a step.
+            self._drain_inbox()
+            idle = not self.core.has_unfinished()
+            trained = False
+            if self.colocator is not None and (idle or stepped):
+                report = None if idle else self.core.last_report
+                if idle or report is not None:
+                    trained = self.colocator.after_step(report, self.core.will_prefill())
+            if idle and not trained:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()

@@ -40,11 +40,16 @@ class KVCache(NamedTuple):
         dtype: jnp.dtype = jnp.bfloat16,
         sharding: jax.sharding.Sharding | None = None,
     ) -> KVCache:
-        """An empty cache, created in place on ``sharding``'s devices (default: the default one)."""
+        """An empty cache, created in place on ``sharding``'s devices (default: the default one).
+
+        Raises ``jax.errors.JaxRuntimeError`` if the device cannot hold it."""
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
-        return cls(
+        cache = cls(
             jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
         )
+        # A device allocation that fails is reported only when the buffer is first waited on; the
+        # first program that donated it would then allocate it again, mid-serving. Fail here.
+        return jax.block_until_ready(cache)
 
     @property
     def page_size(self) -> int:

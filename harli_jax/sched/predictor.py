@@ -19,7 +19,7 @@ top of the regression each program keeps a multiplicative residual, the median o
 over its own recent samples, shrunk towards 1 while it has few (``per_key``; on by default).
 
 Every observation is scored against the prediction made just before it; `error_stats` and
-`quantile_margin` summarise those scores for metrics and for the scheduler's SLO margin.
+`quantile_error_s` summarise those scores for metrics and for the scheduler's SLO margin.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -140,6 +141,7 @@ class _Family:
         self.samples: deque[tuple[str, tuple[float, ...], float]] = deque(maxlen=window)
         self.errors: deque[tuple[float, float]] = deque(maxlen=history)
         self._fit: _Fit | None = None
+        self._late: dict[float, float] = {}  # late_quantile's answers since the last sample
 
     def row(self, roofline_s: float, features: Mapping[str, float]) -> tuple[float, ...]:
         names = tuple(sorted(features))
@@ -152,7 +154,15 @@ class _Family:
     def add(self, key: str, row: tuple[float, ...], measured_s: float, predicted_s: float):
         self.samples.append((key, row, measured_s))
         self.errors.append((predicted_s, measured_s))
-        self._fit = None
+        self._fit, self._late = None, {}
+
+    def late_quantile(self, q: float) -> float:
+        """The q-quantile of measured - predicted seconds over the error record (cached: the
+        scheduler asks once per program it considers, every iteration)."""
+        if q not in self._late:
+            predicted, measured = np.array(self.errors).T
+            self._late[q] = float(np.quantile(measured - predicted, q))
+        return self._late[q]
 
     def fit(self, prior_factor: float, ridge: float, per_key: bool) -> _Fit:
         """The family's regression and its programs' residual factors; cached until a sample."""
@@ -178,7 +188,9 @@ class _Family:
             for key, values in residuals.items():
                 recent = values[-_KEY_WINDOW:]
                 weight = len(recent) / (len(recent) + _KEY_SHRINK)
-                fit.key_factors[key] = float(np.exp(weight * np.log(np.median(recent))))
+                # statistics.median: numpy's costs ~10x more on lists this short, once per
+                # program per refit, and a refit follows every observed step.
+                fit.key_factors[key] = math.exp(weight * math.log(statistics.median(recent)))
         self._fit = fit
         return fit
 
@@ -325,13 +337,16 @@ class Predictor:
             "bias": float(np.mean(rel)),
         }
 
-    def quantile_margin(self, family: str, q: float = 0.99) -> float:
-        """Smallest m with measured <= m * predicted for a fraction q of recent observations.
+    def quantile_error_s(self, family: str, q: float = 0.99) -> float:
+        """Seconds that measured exceeds predicted by in a fraction q of recent observations
+        (0 when predictions run late less often than that, and before any observation).
 
-        Below 1 when the family is predicted pessimistically; 1.0 before any observation.
-        """
-        rel = self._relative_errors(family)
-        return 1.0 if rel.size == 0 else float(1.0 + np.quantile(rel, q))
+        The scheduler's safety margin: absolute, so that one slow outlier of a short program
+        does not inflate, as a ratio would, the margin of every long one."""
+        state = self._families.get(family)
+        if state is None or not state.errors:
+            return 0.0
+        return max(0.0, state.late_quantile(q))
 
     def state(self) -> dict[str, Any]:
         """The whole calibration (rates, programs, stage-2 samples, error record) as plain data."""

@@ -4,12 +4,17 @@ before the next token is due, and run it.
 The decode loop emits one token per running request per iteration, so an iteration's length is a
 TPOT sample: the inference step plus whatever fine-tune work follows it. ``harli`` (ours, after
 the paper) predicts the next inference step with the two-stage predictor, leaves the rest of the
-TPOT SLO (less a safety margin that tracks the predictor's observed error) to fine-tuning, and
-fills it greedily with micro-steps whose predicted time (times the train family's error margin)
-still fits. At the start of each train step it picks the cut that finishes a step in the fewest
-iterations when its predicted micro-steps are packed, in order, into the budgets of the recent
-iterations (ties: the coarser, whose micro-steps waste less); a coarse cut whose big micro-steps
-fit only every other budget, or leave most of each budget unused, loses to a finer one.
+TPOT SLO to fine-tuning, and fills it greedily with micro-steps whose predicted time still
+fits. Every prediction carries a margin: 5% plus the 99th percentile of how many seconds its
+family's recent predictions ran late (absolute, so a rare slow outlier of a short program does not
+scale every long one). Requests that arrive during fine-tune work join after the next step (the
+engine loop drains its inbox between a step and the work after it), so the next step's programs
+are known when its slack is planned: decode as the step just run, plus a prefill chunk priced as
+the slowest recent step that ran one. At the start of each train step it picks the cut that
+finishes a step in the fewest iterations when its predicted micro-steps are packed, in order,
+into the budgets of the recent iterations (ties: the coarser, whose micro-steps waste less); a
+coarse cut whose big micro-steps fit only every other budget, or leave most of each budget unused,
+loses to a finer one.
 The baselines share all the machinery and differ only in that decision:
 
 - ``serve-only``: no fine-tuning at all;
@@ -61,7 +66,10 @@ class SchedulerConfig:
     # For "static": fine-tune seconds per iteration; None: SLO - p99 calibrated inference step.
     static_budget_s: float | None = None
     static_granularity: int | None = None  # index into granularities(); None: see the docstring
-    min_margin: float = 1.05  # never plan closer than this to the SLO
+    # A plan's margin: every prediction scaled by ``min_margin``, plus the quantile
+    # ``error_quantile`` of how late its family's recent predictions ran (in seconds).
+    min_margin: float = 1.05
+    error_quantile: float = 0.99
     loop_overhead_s: float = 0.0005  # host time between steps the predictor does not see
 
     def __post_init__(self):
@@ -117,6 +125,7 @@ class ColocationScheduler:
         self._slack = deque(maxlen=64)  # recent fine-tune budgets, for choosing granularity
         self.calibration = calibration or Calibration()
         self._seen_inference: set[str] = set()  # a program's first step may compile
+        self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
         self._last_program_s = 0.0
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
         self.on_job_failed = lambda job, error: None
@@ -128,16 +137,17 @@ class ColocationScheduler:
         self.jobs.append(job)
 
     # -- the loop's hook ------------------------------------------------------------------------
-    def after_step(self, report: StepReport | None) -> bool:
-        """Runs fine-tune work after an inference step (``report``; None if the loop was idle).
-        Returns whether it ran any."""
+    def after_step(self, report: StepReport | None, will_prefill: bool = False) -> bool:
+        """Runs fine-tune work after an inference step (``report``; None if the loop is idle)
+        before the next (which runs a prefill chunk if ``will_prefill``). Returns whether it ran
+        any."""
         if report is not None:
             self.observe_inference(report)
         if self.config.policy == "serve-only" or not self.jobs:
             return False
         job = self.jobs[0]
         try:
-            ran = self._advance(job, report)
+            ran = self._advance(job, report, will_prefill)
         except Exception as error:  # a broken job must not take serving down with it
             self.jobs.popleft()
             self.on_job_failed(job, error)
@@ -147,22 +157,28 @@ class ColocationScheduler:
             self.on_job_done(job)
         return ran
 
-    def _advance(self, job: FineTuneJob, report: StepReport | None) -> bool:
+    def _advance(self, job: FineTuneJob, report: StepReport | None, will_prefill: bool) -> bool:
         if report is None or self.config.policy == "naive":
             return self._run_whole_step(job)
         if self.config.policy == "static":
             return self._fill_static(job)
-        budget = self._harli_budget(report)
+        budget = self._harli_budget(report, will_prefill)
         self._slack.append(budget)
         # The cut only matters when a step starts; mid-step the open plan decides.
         granularity = self._options(job)[-1] if job.in_step else self._harli_granularity(job)
         return self._fill(job, budget, granularity)
 
     # -- decisions --------------------------------------------------------------------------
-    def _harli_budget(self, report: StepReport) -> float:
-        """The SLO minus the predicted next inference step (with margin) and loop overhead."""
-        margin = max(self.config.min_margin, self.predictor.quantile_margin("inference", 0.99))
-        next_step = self.predictor.predict(report.key, **inference_features(report)) * margin
+    def _harli_budget(self, report: StepReport, will_prefill: bool) -> float:
+        """The SLO minus the next inference step (with margin) and the loop overhead.
+
+        The next step is predicted as the one just run (same programs and batch). One that will
+        add a prefill chunk the last did not run is priced as the slowest recent such step:
+        requests admitted next are known now, so its program is, but not its batch's mix.
+        """
+        next_step = self._estimate("inference", report.key, **inference_features(report))
+        if will_prefill and not report.features.get("prefill_tokens"):
+            next_step = max(next_step, max(self._prefill_steps, default=self.config.tpot_slo_s))
         return self.config.tpot_slo_s - next_step - self.config.loop_overhead_s
 
     def _options(self, job: FineTuneJob) -> list[Granularity]:
@@ -218,11 +234,13 @@ class ColocationScheduler:
             if key not in self.predictor:
                 return None
             family = "train/" + key.split("/")[2]  # train/<shape>/<kind>/...
-            sizes.append(self.predictor.predict(key) * self._train_margin(family))
+            sizes.append(self._estimate(family, key))
         return sizes
 
-    def _train_margin(self, family: str) -> float:
-        return max(self.config.min_margin, self.predictor.quantile_margin(family, 0.99))
+    def _estimate(self, family: str, key: str, **features: float) -> float:
+        """Predicted seconds of program ``key`` with the family's safety margin."""
+        predicted = self.predictor.predict(key, **features) * self.config.min_margin
+        return predicted + self.predictor.quantile_error_s(family, self.config.error_quantile)
 
     # -- running ----------------------------------------------------------------------------
     def _fill(self, job: FineTuneJob, budget: float, granularity: Granularity) -> bool:
@@ -231,10 +249,9 @@ class ColocationScheduler:
             micro = job.next_micro_step(granularity)
             if micro is None:  # no arena pages for a new step now: skip this turn
                 break
-            margin = self._train_margin(_family(micro.key))
-            estimate = self._predict_train(job, micro.key)
-            if estimate is None or estimate * margin > budget:
-                # Unknown programs are measured once when there is time to spare (idle loop).
+            key = self._train_key(job, micro.key)
+            # Unknown programs are measured once when there is time to spare (idle loop).
+            if key not in self.predictor or self._estimate(_family(micro.key), key) > budget:
                 break
             budget -= self.run_micro_step(job, micro)
             ran = True
@@ -321,11 +338,9 @@ class ColocationScheduler:
             self.predictor.observe(report.key, report.seconds, **inference_features(report))
             if calibrating:
                 self.calibration.inference_s.append(report.seconds)
+            if report.features.get("prefill_tokens"):
+                self._prefill_steps.append(report.seconds)
         self._seen_inference.add(report.key)
-
-    def _predict_train(self, job: FineTuneJob, program_key: tuple) -> float | None:
-        key = self._train_key(job, program_key)
-        return self.predictor.predict(key) if key in self.predictor else None
 
     @staticmethod
     def _train_key(job: FineTuneJob, program_key: tuple) -> str:
