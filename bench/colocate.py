@@ -27,8 +27,9 @@ Everything is derived from measurements taken first, and recorded in the JSON:
   rate at which N requests stay in the decode batch when iterations last one SLO: light N=4,
   heavy N=24 (serve-only then holds ~N/3; a serve-only batch of 16-32 would overload every
   co-located policy, whose decode capacity is ~3x lower, and its queue would never drain);
-- static budget = SLO - the p99 inference step measured at calibration (short requests at every
-  decode batch bucket up to the largest) - the loop overhead, chosen once and never adapted; its
+- static budget = SLO - the p99 decode step measured at calibration (short requests at every
+  decode batch bucket up to the largest; steps that also prefill are left out, as a token budget
+  tuned on decode iterations would) - the loop overhead, chosen once and never adapted; its
   cut is the coarsest whose slowest calibrated micro-step fits, and it starts a micro-step only if
   its calibrated time fits what is left (no overrun): a fixed budget that meets the SLO, not a
   straw man (see `harli_jax.sched.scheduler`);
@@ -305,9 +306,9 @@ def measure_shape(llm: LLM, job: FineTuneJob, shape: str, setup: Setup, compile_
         loads={},
         load_rule="rate = N / (mean_output x SLO): N requests decoding at SLO-long iterations",
         static_rule=(
-            "SLO - p99 inference step measured at calibration - loop overhead, fixed once; cut: "
-            "the coarsest whose slowest calibrated micro-step fits; a micro-step runs only if "
-            "its calibrated time fits what is left of the budget"
+            "SLO - p99 decode step (no prefill) measured at calibration - loop overhead, fixed "
+            "once; cut: the coarsest whose slowest calibrated micro-step fits; a micro-step runs "
+            "only if its calibrated time fits what is left of the budget"
         ),
         finetune_alone_tok_s=alone_tok_s,
         limit_rule="finetune_alone_tok_s x (1 - serve-only inference busy share)",
@@ -349,6 +350,7 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
     base = ColocationScheduler(
         SchedulerConfig("harli", slo_ms * 1e-3), LoggingPredictor(rates), EngineMetrics()
     )
+    job.use_arena(llm.engine.arena)  # calibrate the programs the runs use: the arena ones
     calibrate_s = calibrate(llm, base, job, progress=say)
     static_ms = base.static_budget() * 1e3
     say(f"calibrated in {calibrate_s:.0f} s; static budget {static_ms:.2f} ms")

@@ -120,10 +120,12 @@ def test_a_family_keeps_its_feature_names():
 def test_error_stats_and_margin_match_numpy_over_the_last_observations():
     history = 40
     predictor = decode_predictor(history=history)
-    predicted, measured = [], []
+    predicted, measured, seen = [], [], set()
     for key, b, c, m in synthetic_runs(predictor, 70, seed=2, noise=0.05):
-        predicted.append(predictor.predict(key, batch=b, context=c))
-        measured.append(m)
+        if key in seen:  # a program's first run calibrates it: it is not scored
+            predicted.append(predictor.predict(key, batch=b, context=c))
+            measured.append(m)
+        seen.add(key)
         predictor.observe(key, m, batch=b, context=c)
 
     p, m = np.array(predicted[-history:]), np.array(measured[-history:])
@@ -136,6 +138,15 @@ def test_error_stats_and_margin_match_numpy_over_the_last_observations():
     margin = predictor.quantile_error_s("decode", 0.9)
     assert margin == pytest.approx(max(0.0, np.quantile(m - p, 0.9)))
     assert np.mean(m <= p + margin) >= 0.9
+
+
+def test_a_programs_first_run_calibrates_it_and_is_not_scored():
+    predictor = decode_predictor()
+    predictor.observe("decode/b1/c256", 0.01, batch=1, context=256)
+    predictor.observe("decode/b8/c256", 0.5, batch=8, context=256)  # far off the first's fit
+    assert predictor.error_stats("decode")["n"] == 0
+    predictor.observe("decode/b1/c256", 0.01, batch=1, context=256)
+    assert predictor.error_stats("decode")["n"] == 1
 
 
 def test_error_stats_of_an_unobserved_family_are_empty():

@@ -16,10 +16,11 @@ being the median measured/roofline ratio seen so far.
 A linear model over one family cannot follow what differs between its programs in ways the
 roofline does not price (a decode kernel's per-page latency at batch 1, one bucket's tiling): on
 top of the regression each program keeps a multiplicative residual, the median of measured / fit
-over its own recent samples, shrunk towards 1 while it has few (``per_key``; on by default).
+over its own recent samples, from its first sample on (``per_key``; on by default).
 
-Every observation is scored against the prediction made just before it; `error_stats` and
-`quantile_error_s` summarise those scores for metrics and for the scheduler's SLO margin.
+Every observation but a program's first is scored against the prediction made just before it;
+`error_stats` and `quantile_error_s` summarise those scores for metrics and for the scheduler's
+SLO margin.
 """
 
 from __future__ import annotations
@@ -117,7 +118,6 @@ class _Program:
 
 
 _KEY_WINDOW = 16  # recent samples of one program behind its residual factor
-_KEY_SHRINK = 2.0  # pseudo-samples at factor 1: a program seen once moves a third of the way
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,12 @@ class _Family:
         return (1.0, roofline_s, *(float(features[name]) for name in names))
 
     def add(self, key: str, row: tuple[float, ...], measured_s: float, predicted_s: float):
+        # A program's first sample calibrates its residual factor; only later ones score a
+        # prediction (a whole-step program first priced from one-layer samples would otherwise
+        # put its tens of ms of surprise into every later margin of the family).
+        if any(seen == key for seen, *_ in self.samples):
+            self.errors.append((predicted_s, measured_s))
         self.samples.append((key, row, measured_s))
-        self.errors.append((predicted_s, measured_s))
         self._fit, self._late = None, {}
 
     def late_quantile(self, q: float) -> float:
@@ -185,12 +189,12 @@ class _Family:
             for (key, *_), measured, predicted in zip(self.samples, y, base):
                 if predicted > 0:
                     residuals.setdefault(key, []).append(measured / predicted)
+            # A compile-free run of a program is the best predictor of its next one: its factor
+            # is its own recent median, taken in full from the first sample (a whole-step program
+            # next to one-layer spans can sit 25x off the family's line). statistics.median:
+            # numpy's costs ~10x more on lists this short, and a refit follows every step.
             for key, values in residuals.items():
-                recent = values[-_KEY_WINDOW:]
-                weight = len(recent) / (len(recent) + _KEY_SHRINK)
-                # statistics.median: numpy's costs ~10x more on lists this short, once per
-                # program per refit, and a refit follows every observed step.
-                fit.key_factors[key] = math.exp(weight * math.log(statistics.median(recent)))
+                fit.key_factors[key] = statistics.median(values[-_KEY_WINDOW:])
         self._fit = fit
         return fit
 
@@ -303,8 +307,9 @@ class Predictor:
         return max(predicted, fit.floor_ratio * row[1])
 
     def observe(self, key: str, measured_s: float, **features: float) -> float:
-        """Records a measured run of `key`, scores the prediction made just before it, and
-        updates stage 2. Returns that prediction, so the caller can log both."""
+        """Records a measured run of `key`, scores the prediction made just before it (unless
+        this is the first run of `key` in the window), and updates stage 2. Returns that
+        prediction, so the caller can log both."""
         if not measured_s > 0:
             raise ValueError(f"a measured time must be positive, got {measured_s}")
         program = self._programs[key]

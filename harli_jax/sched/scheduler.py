@@ -7,25 +7,27 @@ the paper) predicts the next inference step with the two-stage predictor, leaves
 TPOT SLO to fine-tuning, and fills it greedily with micro-steps whose predicted time still
 fits. Every prediction carries a margin: 5% plus the 99th percentile of how many seconds its
 family's recent predictions ran late (absolute, so a rare slow outlier of a short program does not
-scale every long one). Requests that arrive during fine-tune work join after the next step (the
-engine loop drains its inbox between a step and the work after it), so the next step's programs
-are known when its slack is planned: decode as the step just run, plus a prefill chunk priced as
-the slowest recent step that ran one. At the start of each train step it picks the cut that
-finishes a step in the fewest iterations when its predicted micro-steps are packed, in order,
-into the budgets of the recent iterations (ties: the coarser, whose micro-steps waste less); a
-coarse cut whose big micro-steps fit only every other budget, or leave most of each budget unused,
-loses to a finer one.
+scale every long one), at most half the prediction. Requests that arrive during fine-tune work
+join after the next step (the engine loop drains its inbox between a step and the work after it),
+so the next step's programs are known when its slack is planned: decode as the step just run,
+plus a prefill chunk priced as the slowest recent step that ran one. At the start of each train
+step it picks the cut that finishes a step in the fewest iterations when its predicted
+micro-steps are packed, in order, into the budgets of the recent iterations (ties: the coarser,
+whose micro-steps waste less); a coarse cut whose big micro-steps fit only every other budget, or
+leave most of each budget unused, loses to a finer one.
 The baselines share all the machinery and differ only in that decision:
 
 - ``serve-only``: no fine-tuning at all;
 - ``naive``: a whole train step after every inference step, no prediction;
 - ``static``: a fixed fine-tune budget per iteration, chosen once, offline, so that it meets the
   SLO, as FlexLLM's token budget is tuned: ``static_budget_s`` if given, else the SLO minus the
-  p99 inference step measured at calibration minus the loop overhead. Its cut is fixed too (the
-  coarsest whose slowest calibrated micro-step fits the budget, else the finest), and it runs a
-  micro-step only if its *calibrated* time fits what is left of the budget: no prediction, no
-  online correction, never adapted to the load. A budget too large for the SLO would make it a
-  straw man; this one is the best a fixed budget can promise without knowing the load;
+  p99 decode step measured at calibration (steps that also prefill left out: a budget tuned to
+  the rare long iteration would leave every other one idle) minus the loop overhead. Its cut is
+  fixed too (the coarsest whose slowest calibrated micro-step fits the budget, else the finest),
+  and it runs a micro-step only if its *calibrated* time fits what is left of the budget: no
+  prediction, no online correction, never adapted to the load. A budget too large for the SLO
+  would make it a straw man; this one is the best a fixed budget can promise without knowing
+  the load;
 - ``harli``: as above.
 
 With no inference work at all, every policy but ``serve-only`` trains in whole steps.
@@ -63,13 +65,16 @@ FAMILIES = ("inference", "train/fwd", "train/bwd", "train/head", "train/update")
 class SchedulerConfig:
     policy: str = "harli"
     tpot_slo_s: float = 0.05
-    # For "static": fine-tune seconds per iteration; None: SLO - p99 calibrated inference step.
+    # For "static": fine-tune seconds per iteration; None: SLO - p99 calibrated decode step.
     static_budget_s: float | None = None
     static_granularity: int | None = None  # index into granularities(); None: see the docstring
     # A plan's margin: every prediction scaled by ``min_margin``, plus the quantile
     # ``error_quantile`` of how late its family's recent predictions ran (in seconds).
     min_margin: float = 1.05
     error_quantile: float = 0.99
+    # ... capped at this share of the prediction: a rarer outlier than that (a GC pause, a
+    # family's few samples all being one) is no margin's to absorb; it falls in the SLO's 1%.
+    max_late: float = 0.5
     loop_overhead_s: float = 0.0005  # host time between steps the predictor does not see
 
     def __post_init__(self):
@@ -239,8 +244,9 @@ class ColocationScheduler:
 
     def _estimate(self, family: str, key: str, **features: float) -> float:
         """Predicted seconds of program ``key`` with the family's safety margin."""
-        predicted = self.predictor.predict(key, **features) * self.config.min_margin
-        return predicted + self.predictor.quantile_error_s(family, self.config.error_quantile)
+        predicted = self.predictor.predict(key, **features)
+        late = self.predictor.quantile_error_s(family, self.config.error_quantile)
+        return predicted * self.config.min_margin + min(late, predicted * self.config.max_late)
 
     # -- running ----------------------------------------------------------------------------
     def _fill(self, job: FineTuneJob, budget: float, granularity: Granularity) -> bool:
@@ -336,10 +342,10 @@ class ColocationScheduler:
             self.predictor.register(report.key, "inference", report.cost)
         elif report.key in self._seen_inference:
             self.predictor.observe(report.key, report.seconds, **inference_features(report))
-            if calibrating:
-                self.calibration.inference_s.append(report.seconds)
             if report.features.get("prefill_tokens"):
                 self._prefill_steps.append(report.seconds)
+            elif calibrating:  # static's budget is tuned on decode iterations
+                self.calibration.inference_s.append(report.seconds)
         self._seen_inference.add(report.key)
 
     @staticmethod
