@@ -250,16 +250,22 @@ class ColocationScheduler:
 
     # -- running ----------------------------------------------------------------------------
     def _fill(self, job: FineTuneJob, budget: float, granularity: Granularity) -> bool:
-        ran = False
-        while budget > 0 and not job.done:
+        """Runs micro-steps while the next one's estimate fits what is left of ``budget`` by the
+        wall clock: planning a step, predicting and learning take host time between programs,
+        and a budget that counted only the programs overran it (on the H100, harli's median
+        iteration came out 5 ms over a 19 ms SLO)."""
+        deadline, ran = time.perf_counter() + budget, False
+        while not job.done:
             micro = job.next_micro_step(granularity)
             if micro is None:  # no arena pages for a new step now: skip this turn
                 break
             key = self._train_key(job, micro.key)
             # Unknown programs are measured once when there is time to spare (idle loop).
-            if key not in self.predictor or self._estimate(_family(micro.key), key) > budget:
+            if key not in self.predictor:
                 break
-            budget -= self.run_micro_step(job, micro)
+            if self._estimate(_family(micro.key), key) > deadline - time.perf_counter():
+                break
+            self.run_micro_step(job, micro)
             ran = True
         return ran
 
