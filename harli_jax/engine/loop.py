@@ -205,11 +205,10 @@ class Engine:
             # planned knowing every request the next step admits; later ones wait a step.
             self._drain_inbox()
             idle = not self.core.has_unfinished()
+            report = self.core.last_report if stepped and not idle else None
             trained = False
-            if self.colocator is not None and (idle or stepped):
-                report = None if idle else self.core.last_report
-                if idle or report is not None:
-                    trained = self.colocator.after_step(report, self.core.will_prefill())
+            if self.colocator is not None and (idle or report is not None):
+                trained = self.colocator.after_step(report, self.core.will_prefill())
             if idle and not trained:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
