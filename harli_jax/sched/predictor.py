@@ -7,11 +7,11 @@ family ("decode", "prefill", "train", ...) with an online ridge regression on me
 
     measured_s ~ w . [1, roofline_s, *family features (batch, context tokens, ...)]
 
-refitted on a bounded window of recent samples. The fit minimises *relative* error, because the
-scheduler applies its safety margin multiplicatively, and the ridge pulls towards the prior
-"measured = factor * roofline" so that few or collinear samples (one bucket seen so far) still give
-sane weights. Until a family has enough samples to fit, it predicts factor * roofline, the factor
-being the median measured/roofline ratio seen so far.
+refitted on a bounded window of recent samples. The fit minimises *relative* error, so that short
+programs (a decode step) count as much as long ones (a train span), and the ridge pulls towards
+the prior "measured = factor * roofline" so that few or collinear samples (one bucket seen so far)
+still give sane weights. Until a family has enough samples to fit, it predicts factor * roofline,
+the factor being the median measured/roofline ratio seen so far.
 
 A linear model over one family cannot follow what differs between its programs in ways the
 roofline does not price (a decode kernel's per-page latency at batch 1, one bucket's tiling): on
