@@ -146,6 +146,21 @@ def test_compile_all_in_threads_covers_plain_requests(checkpoint):
     assert serial.engine.program_costs == core.program_costs
 
 
+def test_compile_all_runs_each_program_on_the_scratch_page_only(checkpoint):
+    """A program's first run loads its kernels; compile_all takes that run off the first
+    request's TPOT without touching a page a request could own."""
+    warmed = LLM(checkpoint("llama"), dtype="float32", max_num_seqs=2, max_model_len=32)
+    warmed.engine.compile_all(workers=1)
+    k, v = np.asarray(warmed.engine.cache.k), np.asarray(warmed.engine.cache.v)
+    assert k[:, 0].any() and v[:, 0].any()  # the padding rows ran, writing the scratch page
+    assert not k[:, 1:].any() and not v[:, 1:].any()
+    cold = LLM(checkpoint("llama"), dtype="float32", max_num_seqs=2, max_model_len=32)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(3, 20))]
+    got = [o.token_ids for o in warmed.generate(prompts, params)]
+    assert got == [o.token_ids for o in cold.generate(prompts, params)]
+
+
 @pytest.mark.parametrize("variant", [PLAIN, FULL], ids=lambda v: v.suffix)
 def test_packed_samples_unpack_exactly(variant):
     params = BATCHES[variant]

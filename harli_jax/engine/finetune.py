@@ -225,9 +225,9 @@ class FineTuneJob:
         return self._plan is not None
 
     def run(self, micro: MicroStep) -> tuple[float, dict | None]:
-        """Runs ``micro`` to completion. Returns the seconds its program took (the latency
-        predictor's sample: the step's bookkeeping and checkpoint writes are not in it) and the
-        step's metrics if it completed a step."""
+        """Runs ``micro`` to completion. Returns the seconds its program took (the step's
+        bookkeeping and checkpoint writes are not in it) and the step's metrics if it completed
+        a step."""
         start = time.perf_counter()
         jax.block_until_ready(micro.run())
         seconds = time.perf_counter() - start

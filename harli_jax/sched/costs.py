@@ -9,6 +9,7 @@ and the bytes of the weights and KV pages read once.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 
@@ -19,12 +20,14 @@ Cost = dict[str, float]
 
 @dataclasses.dataclass(frozen=True)
 class StepReport:
-    """One inference step as the predictor sees it: program key, cost, features, measured time."""
+    """One inference step as the predictor sees it: program key, cost, features, measured time,
+    and when it ended (``time.perf_counter``): the next token's deadline counts from there."""
 
     key: str
     cost: Cost
     features: dict[str, float]
     seconds: float
+    ended_at: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 def compiled_cost(compiled: jax.stages.Compiled, fallback: Cost) -> Cost:

@@ -7,11 +7,11 @@ family ("decode", "prefill", "train", ...) with an online ridge regression on me
 
     measured_s ~ w . [1, roofline_s, *family features (batch, context tokens, ...)]
 
-refitted on a bounded window of recent samples. The fit minimises *relative* error, so that short
-programs (a decode step) count as much as long ones (a train span), and the ridge pulls towards
-the prior "measured = factor * roofline" so that few or collinear samples (one bucket seen so far)
-still give sane weights. Until a family has enough samples to fit, it predicts factor * roofline,
-the factor being the median measured/roofline ratio seen so far.
+refitted every 16 samples on a bounded window of recent ones. The fit minimises *relative* error,
+so that short programs (a decode step) count as much as long ones (a train span), and the ridge
+pulls towards the prior "measured = factor * roofline" so that few or collinear samples (one
+bucket seen so far) still give sane weights. Until a family has enough samples to fit, it
+predicts factor * roofline, the factor being the median measured/roofline ratio seen so far.
 
 A linear model over one family cannot follow what differs between its programs in ways the
 roofline does not price (a decode kernel's per-page latency at batch 1, one bucket's tiling): on
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 CostAnalysis = Mapping[str, float] | Sequence[Mapping[str, float]]
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,7 @@ class _Program:
 
 
 _KEY_WINDOW = 16  # recent samples of one program behind its residual factor
+_REFIT_EVERY = 16  # samples between refits of a family's regression, once it has 2x that many
 
 
 @dataclass(frozen=True)
@@ -125,22 +126,41 @@ class _Fit:
     weights: np.ndarray | None  # None while too few samples
     factor: float  # the prior: median measured / roofline
     floor_ratio: float  # the fastest measured / roofline seen
-    key_factors: dict[str, float]  # per-program residual, measured / the family's fit
 
     def base(self, row: tuple[float, ...]) -> float:
         if self.weights is None:
             return self.factor * row[1]
         return float(np.dot(self.weights, row))
 
+    def bases(self, rows: np.ndarray) -> np.ndarray:
+        """``base`` of each row of ``rows``."""
+        return self.factor * rows[:, 1] if self.weights is None else rows @ self.weights
+
 
 class _Family:
-    """Stage-2 state of one program family: its samples, its fit and its error record."""
+    """Stage-2 state of one program family: its samples, its fit and its error record.
+
+    The scheduler predicts between micro-steps of about a millisecond, after every sample: on the
+    H100's host a refit of the regression after each one took a third of a one-layer micro-step.
+    So the regression is refitted every ``_REFIT_EVERY`` samples (the window in ring arrays: a
+    refit is a few vector operations over it), and what changes in between is followed by the
+    programs' residual factors, each worked out from its own few samples when it is next
+    predicted."""
 
     def __init__(self, window: int, history: int):
         self.feature_names: tuple[str, ...] | None = None
-        self.samples: deque[tuple[str, tuple[float, ...], float]] = deque(maxlen=window)
-        self.errors: deque[tuple[float, float]] = deque(maxlen=history)
+        self.errors: deque[tuple[float, float]] = deque(maxlen=history)  # (predicted, measured)
+        self._late_s: deque[float] = deque(maxlen=history)  # measured - predicted of each
+        self._window = window
+        self._keys: list[str] = []  # ring slots, beside the rows of _x and the times of _y
+        self._x: np.ndarray | None = None  # [window, features]: allocated at the first sample
+        self._y = np.zeros(window)
+        self._added = 0  # samples ever added: the next one goes to slot _added % window
+        self._by_key: dict[str, deque[tuple[tuple[float, ...], float]]] = {}  # in the window
         self._fit: _Fit | None = None
+        self._since_fit = 0  # samples added since the fit
+        self._fit_size = 0  # samples the fit was made from
+        self._key_factors: dict[str, float] = {}  # residual factors under the current fit
         self._late: dict[float, float] = {}  # late_quantile's answers since the last sample
 
     def row(self, roofline_s: float, features: Mapping[str, float]) -> tuple[float, ...]:
@@ -151,52 +171,129 @@ class _Family:
             raise ValueError(f"features {names} differ from this family's {self.feature_names}")
         return (1.0, roofline_s, *(float(features[name]) for name in names))
 
+    @property
+    def samples(self) -> list[tuple[str, tuple[float, ...], float]]:
+        """The window's (program key, row, measured seconds), oldest first."""
+        return [
+            (self._keys[i], tuple(self._x[i].tolist()), float(self._y[i])) for i in self._order()
+        ]
+
+    def _order(self) -> np.ndarray:
+        """The window's ring slots, oldest first."""
+        size = min(self._added, self._window)
+        return (np.arange(size) + (self._added - size)) % self._window
+
     def add(self, key: str, row: tuple[float, ...], measured_s: float, predicted_s: float):
         # A program's first sample calibrates its residual factor; only later ones score a
         # prediction (a whole-step program first priced from one-layer samples would otherwise
         # put its tens of ms of surprise into every later margin of the family).
-        if any(seen == key for seen, *_ in self.samples):
-            self.errors.append((predicted_s, measured_s))
-        self.samples.append((key, row, measured_s))
-        self._fit, self._late = None, {}
+        if key in self._by_key:
+            self.score(predicted_s, measured_s)
+        self.keep(key, row, measured_s)
+
+    def score(self, predicted_s: float, measured_s: float) -> None:
+        self.errors.append((predicted_s, measured_s))
+        self._late_s.append(measured_s - predicted_s)
+        self._late = {}
+
+    def clear_errors(self) -> None:
+        self.errors.clear()
+        self._late_s.clear()
+        self._late = {}
+
+    def keep(self, key: str, row: tuple[float, ...], measured_s: float) -> None:
+        """Puts a sample in the window without scoring it (what a saved window restores)."""
+        if self._x is None:
+            self._x = np.zeros((self._window, len(row)))
+        slot = self._added % self._window
+        if self._added >= self._window:  # the oldest sample leaves the window
+            evicted = self._by_key[self._keys[slot]]
+            evicted.popleft()
+            if not evicted:
+                del self._by_key[self._keys[slot]]
+            self._keys[slot] = key
+        else:
+            self._keys.append(key)
+        self._x[slot], self._y[slot] = row, measured_s
+        self._added += 1
+        self._by_key.setdefault(key, deque()).append((row, measured_s))
+        self._since_fit += 1
+        self._key_factors.pop(key, None)
+        self._late = {}
 
     def late_quantile(self, q: float) -> float:
         """The q-quantile of measured - predicted seconds over the error record (cached: the
         scheduler asks once per program it considers, every iteration)."""
         if q not in self._late:
-            predicted, measured = np.array(self.errors).T
-            self._late[q] = float(np.quantile(measured - predicted, q))
+            self._late[q] = _quantile(np.fromiter(self._late_s, float, len(self._late_s)), q)
         return self._late[q]
 
-    def fit(self, prior_factor: float, ridge: float, per_key: bool) -> _Fit:
-        """The family's regression and its programs' residual factors; cached until a sample."""
-        if self._fit is not None:
+    def fit(self, prior_factor: float, ridge: float) -> _Fit:
+        """The family's regression: refitted after each sample while it was made from fewer
+        than twice ``_REFIT_EVERY``, then after every ``_REFIT_EVERY``."""
+        every = _REFIT_EVERY if self._fit_size >= 2 * _REFIT_EVERY else 1
+        if self._fit is not None and self._since_fit < every:
             return self._fit
-        if not self.samples:
-            self._fit = _Fit(None, prior_factor, 0.0, {})
+        self._since_fit, self._fit_size, self._key_factors = 0, min(self._added, self._window), {}
+        if not self._added:
+            self._fit = _Fit(None, prior_factor, 0.0)
             return self._fit
-        x = np.array([row for _, row, _ in self.samples])
-        y = np.array([measured for *_, measured in self.samples])
+        order = self._order()  # oldest first: a refit does not depend on where the ring starts
+        x, y = self._x[order], self._y[order]
         ratios = y / x[:, 1]
         factor = float(np.median(ratios))
         weights = None
         if len(y) >= x.shape[1] + 2:
             weights = _relative_ridge(x, y, prior=factor, ridge=ridge)
-        fit = _Fit(weights, factor, float(ratios.min()), {})
-        if per_key:
-            base = x @ weights if weights is not None else factor * x[:, 1]
-            residuals: dict[str, list[float]] = {}
-            for (key, *_), measured, predicted in zip(self.samples, y, base):
-                if predicted > 0:
-                    residuals.setdefault(key, []).append(measured / predicted)
-            # A compile-free run of a program is the best predictor of its next one: its factor
-            # is its own recent median, taken in full from the first sample (a whole-step program
-            # next to one-layer spans can sit 25x off the family's line). statistics.median:
-            # numpy's costs ~10x more on lists this short, and a refit follows every step.
-            for key, values in residuals.items():
-                fit.key_factors[key] = statistics.median(values[-_KEY_WINDOW:])
-        self._fit = fit
-        return fit
+        self._fit = _Fit(weights, factor, float(ratios.min()))
+        return self._fit
+
+    def fit_state(self) -> dict[str, Any] | None:
+        """The fit in use as plain data (None before the first), for ``restore_fit``."""
+        if self._fit is None:
+            return None
+        weights = self._fit.weights
+        return {
+            "weights": None if weights is None else weights.tolist(),
+            "factor": self._fit.factor,
+            "floor_ratio": self._fit.floor_ratio,
+            "since": self._since_fit,
+            "size": self._fit_size,
+        }
+
+    def restore_fit(self, state: Mapping[str, Any]) -> None:
+        weights = state["weights"]
+        weights = None if weights is None else np.array(weights, dtype=float)
+        self._fit = _Fit(weights, float(state["factor"]), float(state["floor_ratio"]))
+        self._since_fit, self._fit_size, self._key_factors = state["since"], state["size"], {}
+
+    def key_factor(self, key: str, fit: _Fit) -> float:
+        """Program ``key``'s residual: the median measured / fit over its recent samples in the
+        window (1 for a program without any).
+
+        A compile-free run of a program is the best predictor of its next one: its factor is its
+        own recent median, taken in full from the first sample (a whole-step program next to
+        one-layer spans can sit 25x off the family's line). statistics.median: numpy's costs
+        ~10x more on lists this short."""
+        if key not in self._key_factors:
+            recent = list(self._by_key.get(key, ()))[-_KEY_WINDOW:]
+            ratios = []
+            if recent:
+                rows, measured = zip(*recent)
+                base = fit.bases(np.array(rows))
+                ratios = (np.array(measured)[base > 0] / base[base > 0]).tolist()
+            self._key_factors[key] = statistics.median(ratios) if ratios else 1.0
+        return self._key_factors[key]
+
+
+def _quantile(values: np.ndarray, q: float) -> float:
+    """``np.quantile(values, q)`` (linear interpolation) from one partition: the numpy call
+    costs several times more, and the scheduler asks after every sample."""
+    index = q * (len(values) - 1)
+    low = int(index)
+    high = min(low + 1, len(values) - 1)
+    ordered = np.partition(values, (low, high))
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (index - low))
 
 
 def _relative_ridge(x: np.ndarray, y: np.ndarray, prior: float, ridge: float) -> np.ndarray:
@@ -286,7 +383,7 @@ class Predictor:
     def clear_errors(self) -> None:
         """Forgets the error record (not the fit), so later statistics cover later runs only."""
         for family in self._families.values():
-            family.errors.clear()
+            family.clear_errors()
 
     def predict(self, key: str, **features: float) -> float:
         """Predicted seconds of one run of program `key`.
@@ -298,8 +395,10 @@ class Predictor:
         return self._predict(family, key, family.row(program.roofline_s, features))
 
     def _predict(self, family: _Family, key: str, row: tuple[float, ...]) -> float:
-        fit = family.fit(self._prior_factor, self._ridge, self._per_key)
-        predicted = fit.base(row) * fit.key_factors.get(key, 1.0)
+        fit = family.fit(self._prior_factor, self._ridge)
+        predicted = fit.base(row)
+        if self._per_key:
+            predicted *= family.key_factor(key, fit)
         if fit.weights is None:
             return predicted
         # A linear fit can extrapolate below anything ever measured, even below zero, for a bucket
@@ -374,6 +473,7 @@ class Predictor:
                     "feature_names": None if f.feature_names is None else list(f.feature_names),
                     "samples": [[key, *row, measured] for key, row, measured in f.samples],
                     "errors": [list(pair) for pair in f.errors],
+                    "fit": f.fit_state(),
                 }
                 for name, f in self._families.items()
             },
@@ -383,7 +483,7 @@ class Predictor:
     def from_state(cls, state: Mapping[str, Any]) -> Predictor:
         """The predictor `state()` describes; it predicts exactly as the original did."""
         version = state.get("version")
-        if version not in (1, _FORMAT_VERSION):
+        if version not in (1, 2, _FORMAT_VERSION):
             raise ValueError(f"unsupported predictor format {version!r}")
         predictor = cls(DeviceRates(**state["rates"]), **state["config"])
         for key, p in state["programs"].items():
@@ -397,8 +497,11 @@ class Predictor:
             for sample in saved["samples"]:
                 if version == 1:  # samples carried no program key
                     sample = ["", *sample]
-                family.samples.append((str(sample[0]), tuple(sample[1:-1]), sample[-1]))
-            family.errors.extend(tuple(e) for e in saved["errors"])
+                family.keep(str(sample[0]), tuple(sample[1:-1]), sample[-1])
+            for predicted_s, measured_s in saved["errors"]:
+                family.score(predicted_s, measured_s)
+            if saved.get("fit"):  # version 3: the fit in use, which may predate some samples
+                family.restore_fit(saved["fit"])
         return predictor
 
     def save(self, path: str | os.PathLike[str], meta: Mapping[str, Any] | None = None) -> None:

@@ -7,9 +7,12 @@ the paper) predicts the next inference step with the two-stage predictor, leaves
 TPOT SLO to fine-tuning, and fills it greedily with micro-steps whose predicted time still
 fits. Every prediction carries a margin: 5% plus the 99th percentile of how many seconds its
 family's recent predictions ran late (absolute, so a rare slow outlier of a short program does not
-scale every long one), at most half the prediction. Requests that arrive during fine-tune work
-join after the next step (the engine loop drains its inbox between a step and the work after it),
-so the next step's programs are known when its slack is planned: decode as the step just run,
+scale every long one), at most half the prediction; and the budget gives up what
+:class:`~harli_jax.sched.backoff.SloBackoff` learned keeps 99% of its iterations within the SLO
+(overruns no one program's record explains: a host stall, a slow step after a long program).
+Requests that arrive during fine-tune work join after the next step (the engine loop drains its
+inbox between a step and the work after it), so the next step's programs are known when its
+slack is planned: decode as the step just run,
 plus a prefill chunk priced as the slowest recent step that ran one. At the start of each train
 step it picks the cut that finishes a step in the fewest iterations when its predicted
 micro-steps are packed, in order, into the budgets of the recent iterations (ties: the coarser,
@@ -52,6 +55,7 @@ import numpy as np
 
 from harli_jax.engine.finetune import FineTuneJob, Granularity, granularities
 from harli_jax.engine.metrics import EngineMetrics
+from harli_jax.sched.backoff import SloBackoff
 from harli_jax.sched.costs import StepReport
 from harli_jax.sched.predictor import Predictor
 
@@ -76,6 +80,8 @@ class SchedulerConfig:
     # family's few samples all being one) is no margin's to absorb; it falls in the SLO's 1%.
     max_late: float = 0.5
     loop_overhead_s: float = 0.0005  # host time between steps the predictor does not see
+    # The share of harli's fine-tuning iterations to keep within the SLO (see SloBackoff).
+    slo_target: float = 0.99
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -131,7 +137,10 @@ class ColocationScheduler:
         self.calibration = calibration or Calibration()
         self._seen_inference: set[str] = set()  # a program's first step may compile
         self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
-        self._last_program_s = 0.0
+        self._last_seconds = 0.0
+        self._plan_s = deque(maxlen=16)  # host seconds of recent step starts: cut and plan
+        self.backoff = SloBackoff(config.slo_target, max_s=config.tpot_slo_s / 2)
+        self._filled_since: float | None = None  # end of the last step harli trained after
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
         self.on_job_failed = lambda job, error: None
 
@@ -164,14 +173,19 @@ class ColocationScheduler:
 
     def _advance(self, job: FineTuneJob, report: StepReport | None, will_prefill: bool) -> bool:
         if report is None or self.config.policy == "naive":
+            self._filled_since = None
             return self._run_whole_step(job)
         if self.config.policy == "static":
             return self._fill_static(job)
-        budget = self._harli_budget(report, will_prefill)
+        if self._filled_since is not None:
+            self.backoff.observe(report.ended_at - self._filled_since, self.config.tpot_slo_s)
+        budget = self._harli_budget(report, will_prefill) - self.backoff.seconds
         self._slack.append(budget)
-        # The cut only matters when a step starts; mid-step the open plan decides.
-        granularity = self._options(job)[-1] if job.in_step else self._harli_granularity(job)
-        return self._fill(job, budget, granularity)
+        # The next token is due one SLO after this step's: the host time since (the inbox,
+        # learning from the step) comes out of the budget too.
+        ran = self._fill(job, report.ended_at + budget)
+        self._filled_since = report.ended_at if ran else None
+        return ran
 
     # -- decisions --------------------------------------------------------------------------
     def _harli_budget(self, report: StepReport, will_prefill: bool) -> float:
@@ -232,15 +246,11 @@ class ColocationScheduler:
         """Predicted seconds (with the family's margin) of each micro-step of a step cut as
         ``option``, in run order; None for a cut not yet calibrated."""
         keys = self.calibration.cuts.get(_option_id(job, option))
-        if not keys:
+        if not keys or any(key not in self.predictor for key in keys):
             return None
-        sizes = []
-        for key in keys:
-            if key not in self.predictor:
-                return None
-            family = "train/" + key.split("/")[2]  # train/<shape>/<kind>/...
-            sizes.append(self._estimate(family, key))
-        return sizes
+        # train/<shape>/<kind>/...: a cut repeats a few programs many times; price each once.
+        estimate = {k: self._estimate("train/" + k.split("/")[2], k) for k in set(keys)}
+        return [estimate[key] for key in keys]
 
     def _estimate(self, family: str, key: str, **features: float) -> float:
         """Predicted seconds of program ``key`` with the family's safety margin."""
@@ -249,15 +259,16 @@ class ColocationScheduler:
         return predicted * self.config.min_margin + min(late, predicted * self.config.max_late)
 
     # -- running ----------------------------------------------------------------------------
-    def _fill(self, job: FineTuneJob, budget: float, granularity: Granularity) -> bool:
-        """Runs micro-steps while the next one's estimate fits what is left of ``budget`` by the
-        wall clock: planning a step, predicting and learning take host time between programs,
-        and a budget that counted only the programs overran it (on the H100, harli's median
-        iteration came out 5 ms over a 19 ms SLO)."""
-        deadline, ran = time.perf_counter() + budget, False
+    def _fill(self, job: FineTuneJob, deadline: float) -> bool:
+        """Runs micro-steps while the next one's estimate fits before ``deadline`` (a
+        ``time.perf_counter`` time): planning a step, predicting and learning take host time
+        between programs, and a budget that counted only the programs overran it (on the H100,
+        harli's median iteration came out 5 ms over a 19 ms SLO). Each new step gets its cut
+        from the budgets as they are then."""
+        ran = False
         while not job.done:
-            micro = job.next_micro_step(granularity)
-            if micro is None:  # no arena pages for a new step now: skip this turn
+            micro = self._next_micro_step(job, deadline)
+            if micro is None:  # no time to start a step, or no arena pages for one now
                 break
             key = self._train_key(job, micro.key)
             # Unknown programs are measured once when there is time to spare (idle loop).
@@ -268,6 +279,19 @@ class ColocationScheduler:
             self.run_micro_step(job, micro)
             ran = True
         return ran
+
+    def _next_micro_step(self, job: FineTuneJob, deadline: float):
+        """The open step's next micro-step; or, time allowing, the first of a new step, cut for
+        the recent budgets. Starting a step is host work (choosing the cut, leasing pages,
+        moving the batch: 3-4 ms on the H100's host) that must fit before ``deadline`` too."""
+        if job.in_step:
+            return job.next_micro_step(self._options(job)[-1])  # the open plan decides
+        start = time.perf_counter()
+        if max(self._plan_s, default=0.0) > deadline - start:
+            return None
+        micro = job.next_micro_step(self._harli_granularity(job))
+        self._plan_s.append(time.perf_counter() - start)
+        return micro
 
     def _fill_static(self, job: FineTuneJob) -> bool:
         """Micro-steps whose calibrated times fit the fixed budget; nothing is predicted."""
@@ -292,30 +316,30 @@ class ColocationScheduler:
 
     def _run_step(self, job: FineTuneJob, option: Granularity) -> list[tuple[str, float]]:
         """Runs micro-steps until the open step (or a new one cut as ``option``) completes;
-        returns (program key, program seconds) of each, in order."""
+        returns (program key, wall seconds) of each, in order."""
         ran = []
         while True:
             micro = job.next_micro_step(option)
             if micro is None:
                 return ran
             self.run_micro_step(job, micro)
-            ran.append((self._train_key(job, micro.key), self._last_program_s))
+            ran.append((self._train_key(job, micro.key), self._last_seconds))
             if not job.in_step:
                 return ran
 
     def run_micro_step(self, job: FineTuneJob, micro) -> float:
-        """Runs one micro-step, feeds its program's time to the predictor; returns the wall
-        seconds it took (bookkeeping and checkpoint writes included: they delay decode too)."""
+        """Runs one micro-step, feeds its wall seconds to the predictor and returns them: the
+        step's bookkeeping after its last program (0.5 ms on the H100's host) delays decode as
+        much as the program does (a rare checkpoint write is an outlier the margin caps)."""
         start = time.perf_counter()
-        program_seconds, metrics = job.run(micro)
-        seconds = time.perf_counter() - start
-        self._last_program_s = program_seconds
+        _, metrics = job.run(micro)
+        seconds = self._last_seconds = time.perf_counter() - start
         key = self._train_key(job, micro.key)
         warm = _WARM.setdefault(job, set())
         if key not in self.predictor:
             self.predictor.register(key, _family(micro.key), job.program_cost(micro.key))
         elif key in warm:
-            self.predictor.observe(key, program_seconds)
+            self.predictor.observe(key, seconds)
         # else: the job's first run of a known program compiled it: not a latency sample
         warm.add(key)
         if metrics is not None:

@@ -1,0 +1,31 @@
+"""The scheduler's last line of defence for the TPOT SLO: a margin on whole iterations.
+
+Each prediction already carries its family's margin, but an iteration can still overrun for
+reasons no single program's record shows (the host stalls, the step after a long train program
+runs slow). ``SloBackoff`` watches the iterations that ran fine-tune work and tracks the budget cut
+that keeps a share ``target`` of them within the SLO: it is the online quantile estimate (stochastic
+approximation; "frugal" streaming quantiles) of how far an iteration overruns, moved by ``step_s``
+up after each overrun and by ``step_s * (1 - target) / target`` down after each iteration on time,
+so that it settles where overruns are ``1 - target`` of iterations. On a quiet device it stays at
+zero and costs nothing.
+"""
+
+from __future__ import annotations
+
+
+class SloBackoff:
+    """Seconds to take off harli's fine-tune budget, learned from iterations' lengths."""
+
+    def __init__(self, target: float = 0.99, step_s: float = 0.0005, max_s: float = float("inf")):
+        if not 0 < target < 1:
+            raise ValueError(f"target must be in (0, 1), got {target}")
+        self.target, self.step_s, self.max_s = target, step_s, max_s
+        self.seconds = 0.0
+
+    def observe(self, iteration_s: float, slo_s: float) -> None:
+        """Learns from one iteration that ran fine-tune work and lasted ``iteration_s``."""
+        if iteration_s > slo_s:
+            self.seconds = min(self.max_s, self.seconds + self.step_s)
+        else:
+            down = self.step_s * (1 - self.target) / self.target
+            self.seconds = max(0.0, self.seconds - down)
