@@ -225,6 +225,7 @@ def run_one(llm, job, trace, config: SchedulerConfig, base: ColocationScheduler)
         decode_p99_rel_error=errors["inference"]["p99_rel_error"],
         predictor=errors,
         static_budget_ms=report["static_budget_ms"],
+        slo_backoff_ms=report["slo_backoff_ms"],
         decode_batch=decode_batch,
         busy_share=busy_s / report["elapsed_s"],
         finished=report["requests"]["finished"],

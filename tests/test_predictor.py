@@ -231,3 +231,25 @@ def test_saved_meta_and_copy(tmp_path):
     assert loaded.predict(key, batch=4, context=256) == original.predict(key, batch=4, context=256)
     twin.observe(key, 1.0, batch=4, context=256)  # a copy learns alone
     assert twin.predict(key, batch=4, context=256) != original.predict(key, batch=4, context=256)
+
+
+def test_a_fit_extrapolating_below_every_measured_ratio_yields_to_the_prior():
+    """On the H100 a decode step of one row (roofline 0.08 ms, measured 3 ms, host-bound) sat
+    outside a window of wide prefill steps, whose linear fit went negative there; the prediction
+    fell to the floor, 37x short. Below the fastest measured ratio the fit is not trusted: the
+    prior scaled by the program's own residual predicts it."""
+    predictor = Predictor(RATES)
+    predictor.register("one-row", "inference", {"flops": 0.0, "bytes accessed": 8e7})
+    for tokens in (256, 512, 768, 1024):
+        cost = {"flops": 0.0, "bytes accessed": 2e9 * tokens / 256}
+        predictor.register(f"prefill/{tokens}", "inference", cost)
+    predictor.observe("one-row", 0.003, tokens=1)
+    predictor.observe("one-row", 0.003, tokens=1)
+    rng = np.random.default_rng(0)
+    for _ in range(64):  # wide steps: 1 ms per 256 tokens over 2 ms of roofline, and a steep
+        tokens = int(rng.choice((256, 512, 768, 1024)))  # negative intercept in the fit
+        measured = 0.004 * tokens / 256 - 0.003
+        predictor.observe(
+            f"prefill/{tokens}", measured * (1 + 0.01 * rng.standard_normal()), tokens=tokens
+        )
+    assert predictor.predict("one-row", tokens=1) == pytest.approx(0.003, rel=0.05)

@@ -128,13 +128,17 @@ class _Fit:
     floor_ratio: float  # the fastest measured / roofline seen
 
     def base(self, row: tuple[float, ...]) -> float:
-        if self.weights is None:
-            return self.factor * row[1]
-        return float(np.dot(self.weights, row))
+        return float(self.bases(np.array([row]))[0])
 
     def bases(self, rows: np.ndarray) -> np.ndarray:
-        """``base`` of each row of ``rows``."""
-        return self.factor * rows[:, 1] if self.weights is None else rows @ self.weights
+        """The fit at each of ``rows``: the regression, except where it falls below the fastest
+        measured / roofline ratio (a linear fit extrapolated outside its window, even below
+        zero: no run was ever that fast), where the prior, factor * roofline, stands in."""
+        prior = self.factor * rows[:, 1]
+        if self.weights is None:
+            return prior
+        fitted = rows @ self.weights
+        return np.where(fitted >= self.floor_ratio * rows[:, 1], fitted, prior)
 
 
 class _Family:
@@ -401,8 +405,8 @@ class Predictor:
             predicted *= family.key_factor(key, fit)
         if fit.weights is None:
             return predicted
-        # A linear fit can extrapolate below anything ever measured, even below zero, for a bucket
-        # outside the window; no run was ever faster, relative to its roofline, than the fastest.
+        # No run was ever faster, relative to its roofline, than the fastest (a residual below
+        # one may take the fit there).
         return max(predicted, fit.floor_ratio * row[1])
 
     def observe(self, key: str, measured_s: float, **features: float) -> float:

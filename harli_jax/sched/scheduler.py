@@ -191,11 +191,16 @@ class ColocationScheduler:
     def _harli_budget(self, report: StepReport, will_prefill: bool) -> float:
         """The SLO minus the next inference step (with margin) and the loop overhead.
 
-        The next step is predicted as the one just run (same programs and batch). One that will
-        add a prefill chunk the last did not run is priced as the slowest recent such step:
-        requests admitted next are known now, so its program is, but not its batch's mix.
+        The next step is predicted as the one just run (same programs and batch), less the
+        prefill chunk it ran if none follows (its decode program alone). One that will add a
+        prefill chunk the last did not run is priced as the slowest recent such step: requests
+        admitted next are known now, so its program is, but not its batch's mix.
         """
-        next_step = self._estimate("inference", report.key, **inference_features(report))
+        key, features = report.key, inference_features(report)
+        decode_key = key.rsplit("+", 1)[-1]
+        if "+" in key and not will_prefill and decode_key in self.predictor:
+            key, features = decode_key, {**features, "prefill_tokens": 0.0, "calls": 1.0}
+        next_step = self._estimate("inference", key, **features)
         if will_prefill and not report.features.get("prefill_tokens"):
             next_step = max(next_step, max(self._prefill_steps, default=self.config.tpot_slo_s))
         return self.config.tpot_slo_s - next_step - self.config.loop_overhead_s
