@@ -168,7 +168,8 @@ class FineTuneJob:
         loss = float(metrics["loss"])
         self.losses.append(loss)
         self.tokens_trained += int(metrics["tokens"])
-        if self.step % self.config.checkpoint_every == 0 or self.done:
+        checkpointed = self.step % self.config.checkpoint_every == 0 or self.done
+        if checkpointed:
             self.checkpoint()
         if self.done:
             self.trainer.release()
@@ -185,7 +186,12 @@ class FineTuneJob:
                     indent=2,
                 )
             )
-        return {"loss": loss, "tokens": int(metrics["tokens"]), "step": self.step}
+        return {
+            "loss": loss,
+            "tokens": int(metrics["tokens"]),
+            "step": self.step,
+            "checkpointed": checkpointed,
+        }
 
     # -- micro-steps ------------------------------------------------------------------------
     def use_arena(self, arena: Arena) -> None:

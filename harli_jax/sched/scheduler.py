@@ -335,16 +335,18 @@ class ColocationScheduler:
     def run_micro_step(self, job: FineTuneJob, micro) -> float:
         """Runs one micro-step, feeds its wall seconds to the predictor and returns them: the
         step's bookkeeping after its last program (0.5 ms on the H100's host) delays decode as
-        much as the program does (a rare checkpoint write is an outlier the margin caps)."""
+        much as the program does. A step that wrote a checkpoint feeds its program's seconds:
+        the write (0.1 s on a CPU) comes every ``checkpoint_every`` steps, not with the program."""
         start = time.perf_counter()
-        _, metrics = job.run(micro)
+        program_seconds, metrics = job.run(micro)
         seconds = self._last_seconds = time.perf_counter() - start
+        sample = program_seconds if metrics and metrics["checkpointed"] else seconds
         key = self._train_key(job, micro.key)
         warm = _WARM.setdefault(job, set())
         if key not in self.predictor:
             self.predictor.register(key, _family(micro.key), job.program_cost(micro.key))
         elif key in warm:
-            self.predictor.observe(key, seconds)
+            self.predictor.observe(key, sample)
         # else: the job's first run of a known program compiled it: not a latency sample
         warm.add(key)
         if metrics is not None:
