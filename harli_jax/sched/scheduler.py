@@ -12,12 +12,12 @@ scale every long one), at most half the prediction; and the budget gives up what
 (overruns no one program's record explains: a host stall, a slow step after a long program).
 Requests that arrive during fine-tune work join after the next step (the engine loop drains its
 inbox between a step and the work after it), so the next step's programs are known when its
-slack is planned: decode as the step just run,
-plus a prefill chunk priced as the slowest recent step that ran one. At the start of each train
-step it picks the cut that finishes a step in the fewest iterations when its predicted
-micro-steps are packed, in order, into the budgets of the recent iterations (ties: the coarser,
-whose micro-steps waste less); a coarse cut whose big micro-steps fit only every other budget, or
-leave most of each budget unused, loses to a finer one.
+slack is planned: decode as the step just run, plus a prefill chunk priced as the slowest recent
+step that ran one. At the start of each train step it picks the cut that finishes a step in the
+fewest iterations when its predicted micro-steps are packed, in order, into the budgets of the
+recent iterations (ties: the coarser, whose micro-steps waste less); a coarse cut whose big
+micro-steps fit only every other budget, or leave most of each budget unused, loses to a finer
+one.
 The baselines share all the machinery and differ only in that decision:
 
 - ``serve-only``: no fine-tuning at all;
@@ -55,6 +55,7 @@ import numpy as np
 
 from harli_jax.engine.finetune import FineTuneJob, Granularity, granularities
 from harli_jax.engine.metrics import EngineMetrics
+from harli_jax.lora.train import MicroStep
 from harli_jax.sched.backoff import SloBackoff
 from harli_jax.sched.costs import StepReport
 from harli_jax.sched.predictor import Predictor
@@ -285,7 +286,7 @@ class ColocationScheduler:
             ran = True
         return ran
 
-    def _next_micro_step(self, job: FineTuneJob, deadline: float):
+    def _next_micro_step(self, job: FineTuneJob, deadline: float) -> MicroStep | None:
         """The open step's next micro-step; or, time allowing, the first of a new step, cut for
         the recent budgets. Starting a step is host work (choosing the cut, leasing pages,
         moving the batch: 3-4 ms on the H100's host) that must fit before ``deadline`` too."""
