@@ -6,15 +6,18 @@ samples, and returns what each request gained. A sequence is ``tokens = prompt +
 the first ``num_cached`` are in the cache; every step processes uncached tokens and, once a
 sequence is fully cached, samples its next token. Recompute-preemption (vLLM's) falls out of the
 same rule: a preempted sequence simply has ``num_cached = 0``.
+
+This module decides what a step runs: which sequences and how many tokens of each, the pages they
+need (preempting the youngest under pressure), and what their samples add to each request. A
+step's device inputs and its compiled programs are :mod:`harli_jax.engine.programs`'; a request's
+own state is :mod:`harli_jax.engine.sequence`'s.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import itertools
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,25 +29,15 @@ from flax import nnx
 
 from harli_jax.engine.adapters import AdapterBank
 from harli_jax.engine.output import OutputBuilder, RequestOutput
-from harli_jax.engine.sampling import (
-    FULL,
-    GREEDY,
-    PLAIN,
-    SamplerInputs,
-    SamplerVariant,
-    SamplingParams,
-    unpack,
-)
-from harli_jax.engine.steps import bucket, make_forward_step
+from harli_jax.engine.programs import PRECOMPILED_VARIANTS as PRECOMPILED_VARIANTS
+from harli_jax.engine.programs import StepPrograms
+from harli_jax.engine.sampling import SamplingParams, unpack
+from harli_jax.engine.sequence import Sequence
 from harli_jax.memory.arena import Arena
-from harli_jax.memory.kv_cache import SCRATCH_PAGE, KVCache, PagedBatch
-from harli_jax.memory.page_table import Owner, PageTable
-from harli_jax.memory.sizing import arena_pages, check_memory_fraction, temp_bytes
-from harli_jax.sched.costs import StepReport, compiled_cost, forward_cost
-
-# Compiled for every shape bucket at start-up: what a request without top-k/top-p or top
-# logprobs runs (temperature sampling and greedy); other variants compile on first use.
-PRECOMPILED_VARIANTS = (PLAIN, GREEDY)
+from harli_jax.memory.kv_cache import KVCache
+from harli_jax.memory.page_table import PageTable
+from harli_jax.memory.sizing import arena_pages, check_memory_fraction
+from harli_jax.sched.costs import StepReport
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,39 +58,10 @@ class EngineConfig:
     def __post_init__(self):
         check_memory_fraction(self.memory_fraction)
 
-
-@dataclasses.dataclass(eq=False)  # identity: `in` and `remove` on the running list stay cheap
-class _Sequence:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    output: OutputBuilder
-    seed: int
-    adapter_slot: int = 0
-    num_cached: int = 0
-    arrival: float = dataclasses.field(default_factory=time.perf_counter)
-    admitted: bool = False
-    # The lease's pages as a step's page-table row, grown in place (see EngineCore._page_row).
-    page_row: np.ndarray | None = None
-    pages_known: int = 0
-
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt_token_ids + self.output.token_ids
-
-    @property
-    def pending(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output.token_ids) - self.num_cached
-
-    def token_slice(self, start: int, stop: int) -> list[int]:
-        """``tokens[start:stop]`` without building ``tokens`` (a list as long as the context)."""
-        prompt = self.prompt_token_ids
-        if stop <= len(prompt):
-            return prompt[start:stop]
-        return (
-            prompt[start:stop]
-            + self.output.token_ids[max(0, start - len(prompt)) : stop - len(prompt)]
-        )
+    def prefill_rows(self) -> int:
+        """The most sequences one prefill batch takes."""
+        return max(1, self.max_prefill_tokens // self.prefill_chunk)
 
 
 class EngineCore:
@@ -124,7 +88,12 @@ class EngineCore:
             model = self.adapters.inject(model)
         self.graphdef, self.state = nnx.split(model)
         dtype = model.embed_tokens[...].dtype
-        self._forward = make_forward_step(self.graphdef, packed=True)
+        self.programs = StepPrograms(
+            self.graphdef, mc, config, self.pages_per_seq, self.adapters is not None
+        )
+        # Names bench/ and tests reach the step function and the compiled programs by.
+        self._forward, self._programs = self.programs.forward, self.programs.compiled
+        self.program_costs = self.programs.costs
         num_pages = config.num_pages
         if num_pages is None and config.memory_fraction is not None:
             num_pages = self._pages_from_memory(dtype, cache_sharding)
@@ -141,11 +110,9 @@ class EngineCore:
                 f"the arena ({num_pages} pages, {size:.1f} GiB) does not fit in device memory: "
                 f"lower --memory-fraction, or num_pages ({error})"
             ) from error
-        self._programs: dict[str, jax.stages.Compiled] = {}
-        self.program_costs: dict[str, dict[str, float]] = {}
         self.last_report: StepReport | None = None
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
         self._ids = itertools.count()
         self._queue_waits: list[float] = []
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
@@ -169,14 +136,7 @@ class EngineCore:
         mc, page_size = self.model_config, self.config.page_size
         shape = (mc.num_layers, self.pages_per_seq + 1, page_size, mc.num_kv_heads, mc.head_dim)
         spec = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        self.arena = Arena(KVCache(spec, spec))  # shapes only, for lowering
-        buckets = self.shape_buckets()
-        largest = {max(b for b in buckets if b[1] == width) for width in (1, buckets[-1][1])}
-        temporaries = 0
-        for rows, width, pages in largest:
-            blank = self._blank_inputs(rows, width, pages)
-            _, args = self._step_args(*blank, SamplerInputs.build([], [], [], rows), [])
-            temporaries = max(temporaries, temp_bytes(self._forward.lower(*args).compile()))
+        temporaries = self.programs.largest_temp_bytes(self.state, KVCache(spec, spec))
         page_bytes = 2 * math.prod(shape[:1] + shape[2:]) * jnp.dtype(dtype).itemsize
         reserve = temporaries + self.config.reserve_bytes
         num_pages = arena_pages(self.config.memory_fraction, page_bytes, reserve)
@@ -234,7 +194,7 @@ class EngineCore:
         output = OutputBuilder(self.tokenizer, params, self.eos_token_ids)
         slot = self.adapter_slot(params.adapter)
         self._waiting.append(
-            _Sequence(request_id, list(prompt_token_ids), params, output, seed, slot)
+            Sequence(request_id, list(prompt_token_ids), params, output, seed, slot)
         )
         return request_id
 
@@ -308,18 +268,14 @@ class EngineCore:
                 seq.admitted = True
                 self._queue_waits.append(time.perf_counter() - seq.arrival)
 
-    @property
-    def _prefill_rows(self) -> int:
-        return max(1, self.config.max_prefill_tokens // self.config.prefill_chunk)
-
-    def _prefill_batch(self, candidates: list[_Sequence]) -> list[_Sequence]:
+    def _prefill_batch(self, candidates: list[Sequence]) -> list[Sequence]:
         chosen = []
-        for seq in candidates[: self._prefill_rows]:
+        for seq in candidates[: self.config.prefill_rows]:
             if self._ensure_pages(seq, min(seq.pending, self.config.prefill_chunk)):
                 chosen.append(seq)
         return chosen
 
-    def _reserve_decode_pages(self, decode: list[_Sequence]) -> list[_Sequence]:
+    def _reserve_decode_pages(self, decode: list[Sequence]) -> list[Sequence]:
         """Gives each decoding sequence room for one token, preempting the youngest if needed."""
         ready = []
         for seq in decode:
@@ -336,8 +292,8 @@ class EngineCore:
                 ready.append(seq)
         return ready
 
-    def _ensure_pages(self, seq: _Sequence, new_tokens: int) -> bool:
-        owner = Owner("kv", seq.request_id)
+    def _ensure_pages(self, seq: Sequence, new_tokens: int) -> bool:
+        owner = seq.owner
         have = len(self.pages.pages(owner)) if owner in self.pages else 0
         need = math.ceil((seq.num_cached + new_tokens) / self.config.page_size) - have
         if need <= 0:
@@ -345,55 +301,28 @@ class EngineCore:
         # Fine-tune leases in the way yield first (arena.on_pressure): never refuse for them.
         return self.arena.lease(owner, need)
 
-    def _preempt(self, seq: _Sequence) -> None:
+    def _preempt(self, seq: Sequence) -> None:
         self._running.remove(seq)
         self._release(seq)
         seq.num_cached = 0
         self._waiting.appendleft(seq)
 
-    def _release(self, seq: _Sequence) -> None:
-        owner = Owner("kv", seq.request_id)
+    def _release(self, seq: Sequence) -> None:
+        owner = seq.owner
         if owner in self.pages:
             self.pages.free(owner)
 
-    def _run(self, seqs: list[_Sequence], max_chunk: int, keys: list[str]) -> list[RequestOutput]:
+    def _run(self, seqs: list[Sequence], max_chunk: int, keys: list[str]) -> list[RequestOutput]:
         """Processes up to ``max_chunk`` uncached tokens of each sequence in one device call;
         appends the program's key to ``keys``.
 
-        This host side is on every token's critical path (TPOT): the inputs are built with numpy
-        over rows and handed to the compiled call as host arrays, and only what the sampler
-        variant produced comes back, as one array."""
-        n, page_size = len(seqs), self.config.page_size
-        starts = np.fromiter((s.num_cached for s in seqs), np.int32, n)
-        chunks = np.minimum(np.fromiter((s.pending for s in seqs), np.int32, n), max_chunk)
-        needed = (starts + chunks + page_size - 1) // page_size  # pages each row reaches
-        rows, width = bucket(n), max_chunk
-        tokens, positions, slots, table, last = self._blank_inputs(
-            rows, width, self._page_bucket(int(needed.max()))
+        The sequences' chunks are decided here; :meth:`StepPrograms.step_inputs` lays them out."""
+        chunks = [min(seq.pending, max_chunk) for seq in seqs]
+        key, args, variant = self.programs.step_inputs(
+            self.state, self.cache, self.pages, seqs, chunks, max_chunk
         )
-        page_rows = [self._page_row(s, need) for s, need in zip(seqs, needed.tolist())]
-        table[:n] = np.stack(page_rows)[:, : table.shape[1]]
-        for row, (seq, chunk) in enumerate(zip(seqs, chunks.tolist())):
-            tokens[row, :chunk] = seq.token_slice(seq.num_cached, seq.num_cached + chunk)
-        offsets = np.arange(width, dtype=np.int32)
-        real = offsets < chunks[:, None]  # [n, width]: the row's tokens, not padding
-        pos = starts[:, None] + offsets
-        positions[:n] = np.where(real, pos, 0)
-        # Padding positions may lie past the row's pages: clamp, then send them to scratch.
-        page = np.take_along_axis(table[:n], np.minimum(pos // page_size, table.shape[1] - 1), 1)
-        slots[:n] = np.where(real, page * page_size + pos % page_size, slots[:n])
-        last[:n] = chunks - 1
-        params = [s.params for s in seqs]
-        sampler = SamplerInputs.build(
-            params, [s.seed for s in seqs], [len(s.output.token_ids) for s in seqs], rows
-        )
-        variant = SamplerVariant.of(params)
-        key, args = self._step_args(
-            tokens, positions, slots, table, last, sampler, [s.adapter_slot for s in seqs]
-        )
-        key += variant.suffix
         keys.append(key)
-        self.cache, packed = self._program(key, args, variant)(*args)
+        self.cache, packed = self.programs.program(key, args, variant)(*args)
         # The program packs what its variant computed into one array: one device-to-host copy.
         sampled = unpack(np.asarray(packed), variant)
         new_tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()
@@ -401,7 +330,7 @@ class EngineCore:
         if sampled.top_ids is not None:
             top_ids, top_logprobs = sampled.top_ids.tolist(), sampled.top_logprobs.tolist()
         outputs = []
-        for row, (seq, chunk) in enumerate(zip(seqs, chunks.tolist())):
+        for row, (seq, chunk) in enumerate(zip(seqs, chunks)):
             seq.num_cached += chunk
             if seq.pending == 0:
                 n_top = seq.params.logprobs or 0
@@ -411,43 +340,10 @@ class EngineCore:
                 outputs.append(self._emit(seq, new_tokens[row], logprobs[row], top))
         return outputs
 
-    def _page_row(self, seq: _Sequence, need: int) -> np.ndarray:
-        """``seq``'s pages, scratch-padded to ``pages_per_seq``, holding at least ``need`` pages.
-
-        The row is kept on the sequence and only the pages leased since the last step are copied
-        in: a KV lease only grows until it is released (finish, abort, preemption), and a released
-        sequence starts again from ``num_cached == 0``, where the row is rebuilt."""
-        if seq.page_row is None or seq.num_cached == 0:
-            seq.page_row = np.full(self.pages_per_seq, SCRATCH_PAGE, np.int32)
-            seq.pages_known = 0
-        if seq.pages_known < need:
-            pages = self.pages.pages(Owner("kv", seq.request_id))
-            seq.page_row[seq.pages_known : len(pages)] = pages[seq.pages_known :]
-            seq.pages_known = len(pages)
-        return seq.page_row
-
-    def _page_bucket(self, pages: int) -> int:
-        return min(bucket(pages), self.pages_per_seq)
-
-    def _blank_inputs(self, rows: int, width: int, pages: int) -> tuple[np.ndarray, ...]:
-        """Host arrays of one step, every row padding: tokens, positions, slots, table, last."""
-        return (
-            np.zeros((rows, width), np.int32),
-            np.zeros((rows, width), np.int32),
-            np.full((rows, width), SCRATCH_PAGE * self.config.page_size, np.int32),
-            np.full((rows, pages), SCRATCH_PAGE, np.int32),
-            np.zeros(rows, np.int32),
-        )
-
     def shape_buckets(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens per row, pages per row) a step can run: decode, then prefill.
         :meth:`compile_all` compiles :data:`PRECOMPILED_VARIANTS` of each."""
-        pages = sorted({self._page_bucket(n) for n in range(1, self.pages_per_seq + 1)})
-        decode_rows = sorted({bucket(n) for n in range(1, self.config.max_num_seqs + 1)})
-        prefill_rows = sorted({bucket(n) for n in range(1, self._prefill_rows + 1)})
-        return [(r, 1, p) for r in decode_rows for p in pages] + [
-            (r, self.config.prefill_chunk, p) for r in prefill_rows for p in pages
-        ]
+        return self.programs.shape_buckets()
 
     def compile_all(
         self,
@@ -458,83 +354,20 @@ class EngineCore:
         (:data:`PRECOMPILED_VARIANTS`; others compile on first use), and runs each once; returns
         the seconds it took.
 
-        ``progress(done, total)`` counts shape buckets, on the calling thread. Tracing and
-        lowering are Python and run here; XLA's compilation releases the GIL, so the programs
+        ``progress(done, total)`` counts shape buckets, on the calling thread; the programs
         compile in ``workers`` threads (default: one per CPU core; 1 compiles serially).
         """
-        start, shapes = time.perf_counter(), self.shape_buckets()
-        workers = workers or os.cpu_count() or 1
-        left = [0] * len(shapes)  # programs of each bucket still compiling
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {}
-            for index, (rows, width, pages) in enumerate(shapes):
-                blank = self._blank_inputs(rows, width, pages)
-                key, args = self._step_args(*blank, SamplerInputs.build([], [], [], rows), [])
-                for variant in PRECOMPILED_VARIANTS:
-                    if key + variant.suffix in self._programs:
-                        continue
-                    lowered = self._forward.lower(*args, variant=variant)
-                    futures[pool.submit(lowered.compile)] = (index, key + variant.suffix, args)
-                    left[index] += 1
-            done = sum(count == 0 for count in left)
-            if done:
-                progress(done, len(shapes))
-            for future in concurrent.futures.as_completed(futures):
-                index, key, args = futures[future]
-                self._add_program(key, args, future.result())
-                left[index] -= 1
-                if left[index] == 0:
-                    done += 1
-                    progress(done, len(shapes))
+        start = time.perf_counter()
+        self.programs.compile_all(self.state, self.cache, progress, workers)
         # A program's first run loads its kernels (on the H100, 20-80 ms more than its later
         # runs): that belongs here, not on the TPOT of the first request to reach its bucket.
-        for rows, width, pages in shapes:
+        for shape in self.programs.shape_buckets():
             for variant in PRECOMPILED_VARIANTS:
-                self._run_blank(rows, width, pages, variant)
+                self.cache = self.programs.run_blank(self.state, self.cache, shape, variant)
         return time.perf_counter() - start
 
-    def _run_blank(self, rows: int, width: int, pages: int, variant: SamplerVariant) -> None:
-        """One step of padding rows (they write the scratch page only) through a compiled
-        program."""
-        blank = self._blank_inputs(rows, width, pages)
-        key, args = self._step_args(*blank, SamplerInputs.build([], [], [], rows), [])
-        self.cache, packed = self._programs[key + variant.suffix](*args)
-        jax.block_until_ready(packed)
-
-    def _step_args(self, tokens, positions, slots, table, last, sampler, adapter_slots):
-        """The program key (without the sampler variant) and device arguments of one step from
-        its host arrays."""
-        rows, width = tokens.shape
-        slot_ids = None
-        if self.adapters is not None:
-            slot_ids = np.zeros(rows, np.int32)
-            slot_ids[: len(adapter_slots)] = adapter_slots
-        # Host arrays go to the compiled call as they are: its C++ path transfers them all, which
-        # measured 5x cheaper on the CPU than one jax.device_put of the tuple (or jnp.asarray each).
-        args = (self.state, self.cache, tokens, positions, PagedBatch(slots, table), last, sampler)
-        return f"forward/r{rows}/t{width}/p{table.shape[1]}", (*args, slot_ids)
-
-    def _program(
-        self, key: str, args: tuple, variant: SamplerVariant = FULL
-    ) -> jax.stages.Compiled:
-        """The compiled program for ``key`` (compiled now if it is new) with sampler ``variant``
-        (which ``key`` must name)."""
-        if key not in self._programs:
-            self._add_program(key, args, self._forward.lower(*args, variant=variant).compile())
-        return self._programs[key]
-
-    def _add_program(self, key: str, args: tuple, compiled: jax.stages.Compiled) -> None:
-        """Keeps ``compiled`` under ``key`` with its cost (XLA's, else the analytic one)."""
-        rows, width = args[2].shape
-        context = args[4].page_table.shape[1] * self.config.page_size
-        fallback = forward_cost(
-            self.model_config, rows, width, context, self.cache.k.dtype.itemsize
-        )
-        self._programs[key] = compiled
-        self.program_costs[key] = compiled_cost(compiled, fallback)
-
     def _emit(
-        self, seq: _Sequence, token: int, logprob: float, top: dict[int, float]
+        self, seq: Sequence, token: int, logprob: float, top: dict[int, float]
     ) -> RequestOutput:
         at_limit = len(seq.prompt_token_ids) + len(seq.output.token_ids) + 1 >= self.max_model_len
         delta, finish = seq.output.append(token, logprob, top, at_limit)
