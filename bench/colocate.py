@@ -77,7 +77,8 @@ from harli_jax.engine.metrics import EngineMetrics  # noqa: E402
 from harli_jax.engine.sampling import SamplingParams  # noqa: E402
 from harli_jax.llm import LLM  # noqa: E402
 from harli_jax.lora import LoraConfig  # noqa: E402
-from harli_jax.sched.predictor import Predictor, measure_device_rates  # noqa: E402
+from harli_jax.sched.predictor import Predictor  # noqa: E402
+from harli_jax.sched.roofline import measure_device_rates  # noqa: E402
 from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig  # noqa: E402
 from harli_jax.sched.trace import synthetic_trace  # noqa: E402
 

@@ -59,7 +59,8 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from harli_jax.engine.jobs import JobManager
-    from harli_jax.sched.predictor import Predictor, measure_device_rates
+    from harli_jax.sched.predictor import Predictor
+    from harli_jax.sched.roofline import measure_device_rates
     from harli_jax.serve import create_app
 
     if args.max_queued < 1:

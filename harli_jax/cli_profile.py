@@ -62,7 +62,7 @@ def engine_shape(core) -> dict:
 
 
 def lora_shape(r: int, target_modules: str, batch_size: int, seq_len: int) -> str | None:
-    """`scheduler.job_shape` of the job these CLI flags make (a bad flag: None, which no
+    """`calibration.job_shape` of the job these CLI flags make (a bad flag: None, which no
     profile matches; the command itself reports the flag)."""
     from harli_jax.lora.config import LoraConfig
 
@@ -83,8 +83,8 @@ def default_path(identity: dict, device: str) -> Path:
 def read_profile(path: Path, expected: dict):
     """The (Predictor, Calibration) a profile holds; UsageError naming ``--profile`` if it was
     made for something other than ``expected`` (keys among device, model, engine, lora)."""
+    from harli_jax.sched.calibration import Calibration
     from harli_jax.sched.predictor import Predictor
-    from harli_jax.sched.scheduler import Calibration
 
     try:
         predictor, meta = Predictor.load_with_meta(path)
@@ -133,8 +133,10 @@ def _profile(args: argparse.Namespace) -> None:
     from harli_jax.engine.metrics import EngineMetrics
     from harli_jax.lora.config import LoraConfig
     from harli_jax.lora.data import DataError
-    from harli_jax.sched.predictor import Predictor, measure_device_rates
-    from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig, job_shape
+    from harli_jax.sched.calibration import job_shape
+    from harli_jax.sched.predictor import Predictor
+    from harli_jax.sched.roofline import measure_device_rates
+    from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
 
     if args.tpot_slo_ms <= 0:
         raise UsageError(f"--tpot-slo-ms={args.tpot_slo_ms} must be positive")

@@ -24,8 +24,10 @@ from harli_jax.engine.loop import Engine, QueueFull, RequestStream
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.engine.sampling import SamplingParams
 from harli_jax.llm import LLM
-from harli_jax.sched.predictor import Predictor, measure_device_rates
-from harli_jax.sched.scheduler import Calibration, ColocationScheduler, SchedulerConfig
+from harli_jax.sched.calibration import Calibration
+from harli_jax.sched.predictor import Predictor
+from harli_jax.sched.roofline import measure_device_rates
+from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
 from harli_jax.sched.trace import TracedRequest
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,17 +18,21 @@ from harli_jax.demo_task import write_dataset
 from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.config import LoraConfig
-from harli_jax.sched.costs import StepReport
-from harli_jax.sched.predictor import DeviceRates, Predictor, measure_device_rates
-from harli_jax.sched.scheduler import (
+from harli_jax.sched.calibration import (
     Calibration,
+    inference_features,
+    job_shape,
+    option_id,
+    train_key,
+)
+from harli_jax.sched.costs import StepReport
+from harli_jax.sched.predictor import Predictor
+from harli_jax.sched.roofline import DeviceRates, measure_device_rates
+from harli_jax.sched.scheduler import (
+    _STALL_LIMIT,
     ColocationScheduler,
     SchedulerConfig,
-    _option_id,
-    inference_features,
     iterations_per_step,
-    job_shape,
-    train_key,
 )
 from harli_jax.sched.trace import synthetic_trace
 
@@ -102,7 +107,7 @@ def scheduler_with_cuts(job, cut_ms: dict[int, list[float]], policy="harli", **c
             predictor.register(key, "train/fwd", {"flops": 0.0, "bytes accessed": ms * 1e9})
             calibration.seconds[key] = ms * 1e-3
             keys.append(key)
-        calibration.cuts[_option_id(job, options[index])] = keys
+        calibration.cuts[option_id(job, options[index])] = keys
     return scheduler, options
 
 
@@ -129,6 +134,23 @@ def test_harli_picks_the_cut_that_finishes_a_step_in_fewest_iterations():
     scheduler, options = scheduler_with_cuts(job, {0: [12.0, 1.0], 1: [6.0] * 4})
     scheduler._slack.extend([0.010] * 8)
     assert scheduler._harli_granularity(job) == options[1]
+
+
+def test_a_step_that_stops_fitting_is_dropped_and_cut_again():
+    """An open step never changes its cut: when its next micro-step (15 ms) fits none of the
+    budgets the load now leaves (10 ms), it is abandoned after `_STALL_LIMIT` iterations in a
+    row, not left to stall the job for good."""
+    job = fake_job()
+    job.done, job.in_step = False, True
+    job.next_micro_step = lambda cut: SimpleNamespace(key=("fwd", "cut", 0, 0))
+    job.abandon = lambda: setattr(job, "in_step", False)
+    scheduler, _ = scheduler_with_cuts(job, {0: [15.0]})
+    for _ in range(_STALL_LIMIT - 1):
+        assert not scheduler._fill(job, time.perf_counter() + 0.010)
+    assert job.in_step
+    scheduler._fill(job, time.perf_counter() + 0.010)
+    assert not job.in_step
+    assert scheduler.metrics.summary()["finetune_steps_dropped"] == 1
 
 
 def test_static_budget_is_the_slo_less_the_p99_calibrated_step_and_never_adapts():

@@ -1,4 +1,5 @@
-"""Specification of the two-stage latency predictor (harli_jax.sched.predictor)."""
+"""Specification of the two-stage latency predictor (harli_jax.sched.predictor, .roofline and
+.correction)."""
 
 import math
 
@@ -7,12 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from harli_jax.sched.predictor import (
-    DeviceRates,
-    Predictor,
-    measure_device_rates,
-    roofline_seconds,
-)
+from harli_jax.sched.predictor import Predictor
+from harli_jax.sched.roofline import DeviceRates, measure_device_rates, roofline_seconds
 
 # Round numbers, so a cost dict's bytes translate to seconds by eye.
 RATES = DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)

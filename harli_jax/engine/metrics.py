@@ -29,6 +29,7 @@ class EngineMetrics:
         self.tpot_s: deque[tuple[float, float]] = deque(maxlen=_KEEP)  # (time, gap)
         self.finetune: deque[tuple[float, int]] = deque(maxlen=_KEEP)  # (time, tokens)
         self.finetune_tokens = 0
+        self.finetune_steps_dropped = 0  # open steps the scheduler abandoned (batch retrained)
         self.output_tokens = 0
         self.requests_finished = 0
 
@@ -63,12 +64,17 @@ class EngineMetrics:
             self.finetune.append((self.clock(), tokens))
             self.finetune_tokens += tokens
 
+    def on_finetune_abandoned(self) -> None:
+        with self.lock:
+            self.finetune_steps_dropped += 1
+
     def summary(self) -> dict[str, float]:
         with self.lock:
             gaps = np.array([gap for _, gap in self.tpot_s])
             ttft = np.array(self.ttft_s)
             elapsed = self.clock() - self.start
             finetune_tokens, output_tokens = self.finetune_tokens, self.output_tokens
+            dropped = self.finetune_steps_dropped
             finished = self.requests_finished
 
         def pct(values: np.ndarray, q: float) -> float:
@@ -88,4 +94,5 @@ class EngineMetrics:
             "slo_attainment": attainment,
             "finetune_tokens": finetune_tokens,
             "finetune_tok_s": finetune_tokens / elapsed if elapsed > 0 else 0.0,
+            "finetune_steps_dropped": dropped,
         }

@@ -13,11 +13,12 @@ scale every long one), at most half the prediction; and the budget gives up what
 Requests that arrive during fine-tune work join after the next step (the engine loop drains its
 inbox between a step and the work after it), so the next step's programs are known when its
 slack is planned: decode as the step just run, plus a prefill chunk priced as the slowest recent
-step that ran one. At the start of each train step it picks the cut that finishes a step in the
-fewest iterations when its predicted micro-steps are packed, in order, into the budgets of the
-recent iterations (ties: the coarser, whose micro-steps waste less); a coarse cut whose big
-micro-steps fit only every other budget, or leave most of each budget unused, loses to a finer
-one.
+step that ran one. Every few train steps it picks the cut that finishes a step in the fewest
+iterations when its predicted micro-steps are packed, in order, into the time fine-tuning was
+left in the recent iterations (ties: the coarser, whose micro-steps waste less); a coarse cut
+whose big micro-steps fit only every other budget, or leave most of each budget unused, loses to
+a finer one. A step whose next micro-step has not fitted for several iterations in a row (the
+load rose after it was cut) is dropped and its batch cut again.
 The baselines share all the machinery and differ only in that decision:
 
 - ``serve-only``: no fine-tuning at all;
@@ -45,11 +46,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 import weakref
 from collections import deque
-from typing import Any
 
 import numpy as np
 
@@ -57,10 +56,19 @@ from harli_jax.engine.finetune import FineTuneJob, Granularity, granularities
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.train import MicroStep
 from harli_jax.sched.backoff import SloBackoff
+from harli_jax.sched.calibration import (
+    Calibration,
+    inference_features,
+    job_shape,
+    option_id,
+    train_key,
+)
 from harli_jax.sched.costs import StepReport
 from harli_jax.sched.predictor import Predictor
 
 POLICIES = ("serve-only", "naive", "static", "harli")
+_RECUT_EVERY = 4  # step starts that reuse harli's choice of cut
+_STALL_LIMIT = 8  # iterations an open step may wait for a micro-step to fit
 # Stage 2 fits one correction per family: inference steps, and each kind of train micro-step
 # (a forward span, a backward span, the loss head, the optimiser update differ in shape).
 FAMILIES = ("inference", "train/fwd", "train/bwd", "train/head", "train/update")
@@ -95,31 +103,6 @@ class SchedulerConfig:
 _WARM: weakref.WeakKeyDictionary[FineTuneJob, set[str]] = weakref.WeakKeyDictionary()
 
 
-@dataclasses.dataclass
-class Calibration:
-    """What calibration measured beyond the predictor's samples: each cut's micro-steps (program
-    keys, in run order), each train program's slowest calibrated run, and the inference steps'
-    times. Plain data, so a profile file or a benchmark can hand it to a fresh scheduler."""
-
-    cuts: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    inference_s: list[float] = dataclasses.field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Calibration:
-        return cls(
-            cuts={k: list(v) for k, v in data.get("cuts", {}).items()},
-            seconds={k: float(v) for k, v in data.get("seconds", {}).items()},
-            inference_s=[float(s) for s in data.get("inference_s", [])],
-        )
-
-    def copy(self) -> Calibration:
-        return Calibration.from_json(self.to_json())
-
-
 class ColocationScheduler:
     """Implements the engine loop's ``Colocator``: runs fine-tune jobs in inference slack."""
 
@@ -140,6 +123,11 @@ class ColocationScheduler:
         self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
         self._last_seconds = 0.0
         self._plan_s = deque(maxlen=16)  # host seconds of recent step starts: cut and plan
+        # Pricing every cut costs 2-3 ms of host time on the H100's host: the choice is kept
+        # for a few steps (and dropped when its step stalls).
+        self._cut: Granularity | None = None
+        self._cut_uses = 0
+        self._stalls = 0  # iterations in a row in which the open step could not go on
         self.backoff = SloBackoff(config.slo_target, max_s=config.tpot_slo_s / 2)
         self._filled_since: float | None = None  # end of the last step harli trained after
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
@@ -180,11 +168,14 @@ class ColocationScheduler:
             return self._fill_static(job)
         if self._filled_since is not None:
             self.backoff.observe(report.ended_at - self._filled_since, self.config.tpot_slo_s)
-        budget = self._harli_budget(report, will_prefill) - self.backoff.seconds
-        self._slack.append(budget)
         # The next token is due one SLO after this step's: the host time since (the inbox,
         # learning from the step) comes out of the budget too.
-        ran = self._fill(job, report.ended_at + budget)
+        deadline = report.ended_at + self._harli_budget(report, will_prefill)
+        deadline -= self.backoff.seconds
+        # Cuts are chosen for the time fine-tuning actually gets: a cut chosen for the nominal
+        # budget had micro-steps that never fitted what was left of it, and stalled its step.
+        self._slack.append(deadline - time.perf_counter())
+        ran = self._fill(job, deadline)
         self._filled_since = report.ended_at if ran else None
         return ran
 
@@ -226,7 +217,7 @@ class ColocationScheduler:
             return options[self.config.static_granularity]
         budget = self.static_budget()
         for option in options:
-            keys = self.calibration.cuts.get(_option_id(job, option))
+            keys = self.calibration.cuts.get(option_id(job, option))
             seconds = [self.calibration.seconds.get(k, math.inf) for k in keys or ()]
             if seconds and max(seconds) <= budget:
                 return option
@@ -251,7 +242,7 @@ class ColocationScheduler:
     def _planned_seconds(self, job: FineTuneJob, option: Granularity) -> list[float] | None:
         """Predicted seconds (with the family's margin) of each micro-step of a step cut as
         ``option``, in run order; None for a cut not yet calibrated."""
-        keys = self.calibration.cuts.get(_option_id(job, option))
+        keys = self.calibration.cuts.get(option_id(job, option))
         if not keys or any(key not in self.predictor for key in keys):
             return None
         # train/<shape>/<kind>/...: a cut repeats a few programs many times; price each once.
@@ -281,10 +272,22 @@ class ColocationScheduler:
             if key not in self.predictor:
                 break
             if self._estimate(_family(micro.key), key) > deadline - time.perf_counter():
+                if not ran:
+                    self._stalled(job)
                 break
             self.run_micro_step(job, micro)
-            ran = True
+            ran, self._stalls = True, 0
         return ran
+
+    def _stalled(self, job: FineTuneJob) -> None:
+        """Counts an iteration in which the open step's next micro-step did not fit; after
+        ``_STALL_LIMIT`` in a row the step was cut for budgets the load no longer leaves (a
+        cut is never changed mid-step), so it is dropped and its batch cut again."""
+        self._stalls += 1
+        if self._stalls >= _STALL_LIMIT and job.in_step:
+            job.abandon()
+            self._stalls, self._cut = 0, None
+            self.metrics.on_finetune_abandoned()
 
     def _next_micro_step(self, job: FineTuneJob, deadline: float) -> MicroStep | None:
         """The open step's next micro-step; or, time allowing, the first of a new step, cut for
@@ -293,9 +296,15 @@ class ColocationScheduler:
         if job.in_step:
             return job.next_micro_step(self._options(job)[-1])  # the open plan decides
         start = time.perf_counter()
-        if max(self._plan_s, default=0.0) > deadline - start:
+        # The median, not the slowest: one slow start (rebuilding the data iterator after an
+        # abandoned step: 55 ms on the H100's host) kept every later one waiting for a budget
+        # that large, and with no start, no faster sample ever came to replace it.
+        if _quantile(self._plan_s, 0.5) > deadline - start:
             return None
-        micro = job.next_micro_step(self._harli_granularity(job))
+        if self._cut is None or self._cut_uses >= _RECUT_EVERY:
+            self._cut, self._cut_uses = self._harli_granularity(job), 0
+        self._cut_uses += 1
+        micro = job.next_micro_step(self._cut)
         self._plan_s.append(time.perf_counter() - start)
         return micro
 
@@ -362,14 +371,14 @@ class ColocationScheduler:
         for measuring in (False, True) if measure else (False,):
             for option in self._options(job):
                 ran = self._run_step(job, option)
-                self.calibration.cuts[_option_id(job, option)] = [key for key, _ in ran]
+                self.calibration.cuts[option_id(job, option)] = [key for key, _ in ran]
                 for key, seconds in ran if measuring else ():
                     known = self.calibration.seconds.get(key, 0.0)
                     self.calibration.seconds[key] = max(known, seconds)
 
     def is_warm(self, job: FineTuneJob) -> bool:
         """Whether every program of every calibrated cut of ``job`` has run in it already."""
-        keys = [self.calibration.cuts.get(_option_id(job, o)) for o in self._options(job)]
+        keys = [self.calibration.cuts.get(option_id(job, o)) for o in self._options(job)]
         warm = _WARM.get(job, set())
         return all(k is not None and set(k) <= warm for k in keys)
 
@@ -391,21 +400,6 @@ class ColocationScheduler:
         return train_key(job_shape(job), program_key)
 
 
-def job_shape(job: FineTuneJob) -> str:
-    """What a train program's time depends on beyond its micro-step: LoRA rank and targets
-    (dropout, if any), and the batch's rows x seq_len. E.g. ``r16-q_proj.v_proj-4x512``."""
-    lora = job.config.lora
-    targets = lora.target_modules
-    targets = targets if isinstance(targets, str) else ".".join(targets)
-    dropout = f"-d{lora.dropout:g}" if lora.dropout else ""
-    return f"r{lora.r}-{targets}{dropout}-{job.config.batch_size}x{job.config.seq_len}"
-
-
-def train_key(shape: str, program_key: tuple) -> str:
-    """The predictor's key of a train program: ``train/<shape>/<kind>/...``."""
-    return f"train/{shape}/" + "/".join(str(part) for part in program_key)
-
-
 def iterations_per_step(sizes: list[float], budgets: list[float]) -> float:
     """Iterations a step of micro-steps ``sizes`` (seconds, in order) takes when each iteration
     runs the next ones while they fit its budget, the budgets being ``budgets`` over and over;
@@ -424,25 +418,8 @@ def iterations_per_step(sizes: list[float], budgets: list[float]) -> float:
     return float(iterations)
 
 
-_PROGRAM = re.compile(r"r(\d+)/t(\d+)/p(\d+)")
-
-
-def inference_features(report: StepReport) -> dict[str, float]:
-    """The stage-2 features of an inference step: the engine's (decode rows, prefill tokens),
-    the number of programs it ran (each costs a dispatch and a host round trip), and the pages
-    bucket of its decode program (the paged-attention kernel's latency grows with it even where
-    the KV bytes, and so the roofline, barely do)."""
-    programs = [_PROGRAM.search(part) for part in report.key.split("+")]
-    decode_pages = [int(m.group(3)) for m in programs if m is not None and m.group(2) == "1"]
-    return {
-        **report.features,
-        "calls": float(len(programs)),
-        "decode_pages": float(decode_pages[0]) if decode_pages else 0.0,
-    }
-
-
-def _option_id(job: FineTuneJob, option: Granularity) -> str:
-    return f"{job_shape(job)}|{option[0]}|" + ",".join(f"{a}-{b}" for a, b in option[1])
+def _quantile(values: deque[float], q: float) -> float:
+    return float(np.quantile(values, q)) if values else 0.0
 
 
 def _family(program_key: tuple) -> str:
