@@ -134,11 +134,13 @@ def arena_trainer(model, num_pages: int = 64) -> tuple:
 
 
 @pytest.mark.parametrize(
-    "token_chunks, layer_spans",
+    "token_chunks, layer_spans, num_pages, mode",
     [
-        (2, [(0, 1), (1, 2), (2, 3), (3, 4)]),
-        pytest.param(1, [(0, LAYERS)], marks=pytest.mark.slow),
-        pytest.param(2, [(0, 1), (1, 3), (3, 4)], marks=pytest.mark.slow),
+        # An arena with room keeps the spans' residuals; a small one recomputes them.
+        (2, [(0, 1), (1, 2), (2, 3), (3, 4)], 256, "kept"),
+        (2, [(0, 1), (1, 2), (2, 3), (3, 4)], 64, "recomputed"),
+        pytest.param(1, [(0, LAYERS)], 256, "kept", marks=pytest.mark.slow),
+        pytest.param(2, [(0, 1), (1, 3), (3, 4)], 64, "recomputed", marks=pytest.mark.slow),
     ],
 )
 def test_micro_steps_in_the_arena_compute_the_one_program_step(
@@ -146,11 +148,15 @@ def test_micro_steps_in_the_arena_compute_the_one_program_step(
     one_program_step,  # noqa: F811
     token_chunks,
     layer_spans,
+    num_pages,
+    mode,
 ):
     expected_params, expected_loss = one_program_step
-    trainer, arena = arena_trainer(lora_model(base))
+    trainer, arena = arena_trainer(lora_model(base), num_pages)
 
-    metrics = trainer.run_plan(trainer.plan(packed_batch(), token_chunks, layer_spans))
+    plan = trainer.plan(packed_batch(), token_chunks, layer_spans)
+    assert trainer._arena_steps.mode == mode
+    metrics = trainer.run_plan(plan)
 
     assert float(metrics["loss"]) == pytest.approx(expected_loss, rel=1e-6)
     for got, want in zip(parameters(trainer), expected_params, strict=True):
@@ -160,8 +166,12 @@ def test_micro_steps_in_the_arena_compute_the_one_program_step(
     assert arena.pages.used_by("finetune") == 0
 
 
-def test_train_micro_step_programs_alias_the_arena_and_abandoned_plans_stop(base):  # noqa: F811
-    trainer, arena = arena_trainer(lora_model(base))
+@pytest.mark.parametrize("num_pages", [64, 256])  # residuals recomputed, kept
+def test_train_micro_step_programs_alias_the_arena_and_abandoned_plans_stop(
+    base,  # noqa: F811
+    num_pages,
+):
+    trainer, arena = arena_trainer(lora_model(base), num_pages)
     plan = trainer.plan(packed_batch(), 2, [(0, 1), (1, 3), (3, 4)])
     trainer.run_plan(plan)
     keys = {step.key for step in plan}
@@ -174,4 +184,4 @@ def test_train_micro_step_programs_alias_the_arena_and_abandoned_plans_stop(base
     trainer.release()
     with pytest.raises(RuntimeError, match="abandoned"):
         plan.steps[1].run()
-    assert not trainer.reserve(ROWS, SEQ, 2, 3) or trainer.holds_pages
+    assert not trainer.reserve(ROWS, SEQ, 2, [(0, 1), (1, 3), (3, 4)]) or trainer.holds_pages

@@ -58,7 +58,7 @@ def test_a_burst_makes_the_job_yield_and_it_still_trains_the_undisturbed_adapter
     llm, job = make(tmp_path, "alone")
     assert run(llm, job, burst=False) == [] and job.yields == 0
     expected = [np.asarray(x) for x in jax.tree.leaves(job.trainer.lora)]
-    lease = job.trainer._lease_size
+    lease = job.trainer._arena_steps.lease_size
     # Room for the burst's KV pages, or for the job's lease, never for both at once.
     kv_pages = BURST * -(-(PROMPT + OUTPUT) // 32)
     llm, job = make(tmp_path, "pressed", num_pages=1 + kv_pages + lease - 1)

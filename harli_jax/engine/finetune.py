@@ -220,7 +220,7 @@ class FineTuneJob:
         if self._plan is None:
             self._rewind()
             rows, seq_len = self.config.batch_size, self.config.seq_len
-            if not self.trainer.reserve(rows, seq_len, granularity[0], len(granularity[1])):
+            if not self.trainer.reserve(rows, seq_len, *granularity):
                 return None
             self._data_before_plan = self.batches.state()
             self._plan = self.trainer.plan(next(self.batches), *granularity)

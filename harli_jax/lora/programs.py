@@ -1,16 +1,18 @@
 """The device programs of LoRA training, as pure functions of flat lists of arrays.
 
 This module owns what runs inside `jax.jit` for `harli_jax.lora.train`: the loss, the whole train
-step, a span of layers' forward and backward (`jax.vjp`, recomputing the forward), the loss head
-and the optimiser update, plus `StateLayout`, which flattens a state to the list of arrays the
-programs take and relabels its layers. Relabelling presents a middle span's layers as layers
-[0, n) by permuting that list (no copy), so every middle span of length n shares one program.
+step, a span of layers' forward and backward (one `jax.vjp` split into two programs: `Residuals`
+says what passes between them), the loss head and the optimiser update, plus `StateLayout`, which
+flattens a state to the list of arrays the programs take and relabels its layers. Relabelling
+presents a middle span's layers as layers [0, n) by permuting that list (no copy), so every
+middle span of length n shares one program.
 The programs depend only on the model's structure and the optimiser, never on a trainer's state.
 
 Co-located, the micro-step programs have `arena_*` twins that keep a step's boundary activations,
-its running gradient and its gradient sums in pages of the unified arena (`ArenaSlots` says what
-one slot holds): they take the arena buffer donated plus the page indices to read and write, and
-return the new buffer, so a job's pages can move between calls without recompiling.
+its spans' residuals, its running gradient and its gradient sums in pages of the unified arena
+(`ArenaSlots` says what one slot holds): they take the arena buffer donated plus the page indices
+to read and write, and return the new buffer, so a job's pages can move between calls without
+recompiling.
 """
 
 from __future__ import annotations
@@ -103,6 +105,42 @@ class ArenaSlots:
 
     hidden: jax.ShapeDtypeStruct
     layer_grads: tuple[jax.ShapeDtypeStruct, ...]
+
+
+# What a span's forward keeps for its backward, by mode. "kept": the outputs of its matrix
+# products with no batch dimension (the projections, LoRA's included), where attention scores and
+# elementwise results are recomputed; "recomputed": nothing, the backward runs the forward again
+# (a third more work per step, for a fraction of the memory).
+POLICIES = {
+    "kept": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "recomputed": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Residuals:
+    """A span's `jax.vjp` pullback taken apart, so the forward and backward can be separate
+    programs: its structure, and for each of its arrays either the position of the span program's
+    input it is (the frozen weights, the LoRA leaves, the input activation: never stored twice) or
+    None, for an array the forward computed (`saved`, in order: what the forward returns and the
+    backward takes back)."""
+
+    mode: str  # a key of POLICIES
+    treedef: jax.tree_util.PyTreeDef
+    sources: tuple[int | None, ...]
+    saved: tuple[jax.ShapeDtypeStruct, ...]
+
+    def pullback(self, inputs: tuple, saved: list) -> Any:
+        """The pullback again, from the span program's ``inputs`` and the ``saved`` arrays."""
+        flat, saved = jax.tree.leaves(inputs), iter(saved)
+        leaves = [next(saved) if source is None else flat[source] for source in self.sources]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+def _sources(leaves: list, inputs: tuple) -> tuple[int | None, ...]:
+    """For each of ``leaves`` (traced), the position of the input it is, else None."""
+    position = {id(x): i for i, x in enumerate(jax.tree.leaves(inputs))}
+    return tuple(position.get(id(leaf)) for leaf in leaves)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -199,24 +237,46 @@ class TrainPrograms:
         metrics = {"loss": loss, "grad_norm": global_norm(grads)}
         return lora, jax.tree.leaves(opt_state), metrics
 
-    def span_forward(self, span: Span, lora, frozen, hidden, chunk, key, step, offset):
-        model = self.merged(lora, frozen, key, step, offset, chunk["tokens"].shape[0])
-        return run_span(model, span, hidden, chunk)
+    def residuals(self, span: Span, mode: str, *inputs) -> Residuals:
+        """What the span's forward keeps for its backward in ``mode``, traced (not run) on
+        ``inputs`` (``lora, frozen, hidden, chunk, key, step, offset``; arrays or specs)."""
+        found = []
+
+        def probe(*inputs):
+            _, pullback = self._span_pullback(span, mode, *inputs)
+            leaves, treedef = jax.tree.flatten(pullback)
+            sources = _sources(leaves, inputs)
+            found.append((treedef, sources))
+            return [leaf for leaf, source in zip(leaves, sources) if source is None]
+
+        saved = jax.eval_shape(probe, *inputs)
+        treedef, sources = found[0]
+        return Residuals(mode, treedef, sources, tuple(saved))
+
+    def span_forward(self, span: Span, residuals: Residuals, lora, frozen, hidden, *batch_args):
+        """The span's output, and the residuals its backward needs that are not its inputs."""
+        inputs = (lora, frozen, hidden, *batch_args)
+        out, pullback = self._span_pullback(span, residuals.mode, *inputs)
+        leaves = jax.tree.leaves(pullback)
+        if _sources(leaves, inputs) != residuals.sources:
+            raise RuntimeError(f"the {span.place} span's residuals changed between traces")
+        return out, [leaf for leaf, source in zip(leaves, residuals.sources) if source is None]
 
     def span_backward(
-        self, span: Span, lora, frozen, grads, hidden, grad_out, chunk, key, step, offset
-    ):
+        self, span: Span, residuals: Residuals, lora, frozen, grads, hidden, saved, grad_out,
+        *batch_args,
+    ):  # fmt: skip
         trained = self.lora.in_layers(span.layers)
-        grad_trained, grad_in = self._span_vjp(
-            span, lora, frozen, hidden, grad_out, chunk, key, step, offset
-        )
+        pullback = residuals.pullback((lora, frozen, hidden, *batch_args), saved)
+        grad_trained, grad_in = pullback(grad_out)
         grads = list(grads)
         for i, grad in zip(trained, grad_trained):
             grads[i] = grads[i] + grad
         return grads, grad_in
 
-    def _span_vjp(self, span: Span, lora, frozen, hidden, grad_out, chunk, key, step, offset):
-        """Gradients of the span's LoRA leaves (in `in_layers` order) and of its input."""
+    def _span_pullback(self, span: Span, mode: str, lora, frozen, hidden, chunk, key, step, offset):
+        """The span's output and its `jax.vjp` pullback with respect to the span's LoRA leaves
+        (in `in_layers` order) and its input, keeping what ``mode``'s policy saves."""
         trained = self.lora.in_layers(span.layers)
         rows = chunk["tokens"].shape[0]
 
@@ -227,8 +287,8 @@ class TrainPrograms:
             model = self.merged(leaves, frozen, key, step, offset, rows)
             return run_span(model, span, hidden, chunk)
 
-        _, vjp = jax.vjp(forward, [lora[i] for i in trained], hidden)
-        return vjp(grad_out)
+        forward = jax.checkpoint(forward, policy=POLICIES[mode])
+        return jax.vjp(forward, [lora[i] for i in trained], hidden)
 
     def head(self, lora, frozen, hidden, chunk, denominator, loss):
         model = self.model(lora, frozen)
@@ -253,12 +313,14 @@ class TrainPrograms:
     # ``acc_pages`` [layers, n] the gradient sums of the span's layers (in its relabelled order).
 
     def arena_forward(
-        self, span: Span, slots: ArenaSlots, arena: KVCache, lora, frozen, hidden_pages,
-        out_pages, chunk, key, step, offset,
+        self, span: Span, slots: ArenaSlots, residuals: Residuals, arena: KVCache, lora, frozen,
+        hidden_pages, out_pages, saved_pages, chunk, key, step, offset,
     ):  # fmt: skip
         hidden = None if hidden_pages is None else load(arena, hidden_pages, slots.hidden)
-        out = self.span_forward(span, lora, frozen, hidden, chunk, key, step, offset)
-        return store(arena, out_pages, out)
+        out, saved = self.span_forward(
+            span, residuals, lora, frozen, hidden, chunk, key, step, offset
+        )
+        return store(store(arena, out_pages, out), saved_pages, saved)
 
     def arena_head(
         self, slots: ArenaSlots, arena: KVCache, lora, frozen, hidden_pages, grad_pages, chunk,
@@ -269,14 +331,15 @@ class TrainPrograms:
         return store(arena, grad_pages, grad), loss
 
     def arena_backward(
-        self, span: Span, slots: ArenaSlots, arena: KVCache, lora, frozen, hidden_pages,
-        grad_pages, acc_pages, chunk, key, step, offset,
+        self, span: Span, slots: ArenaSlots, residuals: Residuals, arena: KVCache, lora, frozen,
+        hidden_pages, saved_pages, grad_pages, acc_pages, chunk, key, step, offset,
     ):  # fmt: skip
         hidden = None if hidden_pages is None else load(arena, hidden_pages, slots.hidden)
+        saved = load(arena, saved_pages, list(residuals.saved))
         grad_out = load(arena, grad_pages, slots.hidden)
-        grad_trained, grad_in = self._span_vjp(
-            span, lora, frozen, hidden, grad_out, chunk, key, step, offset
-        )
+        batch_args = (chunk, key, step, offset)
+        pullback = residuals.pullback((lora, frozen, hidden, *batch_args), saved)
+        grad_trained, grad_in = pullback(grad_out)
         position = {i: n for n, i in enumerate(self.lora.in_layers(span.layers))}
         for row, layer in enumerate(range(span.layers.start, span.layers.stop)):
             sums = load(arena, acc_pages[row], list(slots.layer_grads))

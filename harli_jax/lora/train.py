@@ -1,26 +1,27 @@
 """LoRA training: a one-program train step, and the same step cut into micro-steps.
 
-This module owns `Trainer`, the host side of training (its device programs live in
-`harli_jax.lora.programs`). A trainer holds a LoRA-injected model as (graphdef, trainable LoRA
-state, frozen state) plus the optimiser state. The frozen state is never donated or copied: it is
-the same base arrays that serving uses. `Trainer.train_step` runs a whole step as one program.
+This module owns `Trainer`, the host side of training, and the `ProgramCache` its programs are
+jitted into. The device programs live in `harli_jax.lora.programs`, the plan types (`MicroStep`,
+`TrainPlan`, re-exported here) in `harli_jax.lora.plan`, and the co-located side, where a step's
+state lives in arena pages, in `harli_jax.lora.arena_steps`. A trainer holds a LoRA-injected
+model as (graphdef, trainable LoRA state, frozen state) plus the optimiser state. The frozen state
+is never donated or copied: it is the same base arrays that serving uses. `Trainer.train_step`
+runs a whole step as one program.
 
 The co-location scheduler cannot afford a whole step between two decode steps, so `Trainer.plan`
 cuts one step into `MicroStep`s whose size the scheduler chooses: the batch's rows are split into
 token chunks, the decoder's layers into spans, and for each chunk the plan runs the spans' forward
-passes (keeping only the activations at span boundaries), the loss head, then each span's backward
-in reverse (a `jax.vjp` that recomputes the span's forward), accumulating LoRA gradients; the
+passes (keeping the activations at span boundaries and each span's projection outputs), the loss
+head, then each span's backward in reverse (the span's `jax.vjp` pullback, rebuilt from what its
+forward kept), accumulating LoRA gradients; the
 optimiser update follows the last chunk. Gradients are weighted by the whole batch's masked-token
 count, so any split computes the unsplit mean loss and its gradient.
 
 Each micro-step calls a jitted program whose key depends only on (rows, seq_len, span length)
 and where the span sits (first, middle, last), so steady state never compiles. Programs take flat
 lists of arrays, which keeps a micro-step's host overhead to a list permutation and one dispatch.
-Co-located (`Trainer.use_arena`), a plan keeps its boundary activations, its running gradient and
-its gradient sums in pages of the unified arena, leased to the job's owner when the plan is made
-(`Trainer.reserve`) and given back on `Trainer.release`, which drops the open step: it is planned
-again from the start, never half-applied. The LoRA parameters and optimiser moments stay outside
-the arena (small, and they must survive a release).
+Here a plan keeps its boundary activations and gradient sums in the trainer's own buffers;
+co-located (`Trainer.use_arena`), an `ArenaSteps` plans it in leased arena pages instead.
 
 The model must follow `Llama`'s protocol: ``model.layers``, ``model(tokens, positions,
 segment_ids=, layers=slice, hidden=)`` and ``model.logits(hidden)``.
@@ -28,76 +29,33 @@ segment_ids=, layers=slice, hidden=)`` and ``model.logits(hidden)``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
+from harli_jax.lora.arena_steps import ArenaSteps
+from harli_jax.lora.plan import MicroStep, ProgramKey, TrainPlan
 from harli_jax.lora.programs import (
-    ArenaSlots,
     Batch,
     Leaves,
+    Residuals,
     Span,
     StateLayout,
     TrainPrograms,
     loss_fn,
 )
-from harli_jax.memory import arena as pages_io
 from harli_jax.memory.arena import Arena
-from harli_jax.memory.kv_cache import KVCache
-from harli_jax.memory.page_table import OutOfPages, Owner
+from harli_jax.memory.page_table import Owner
 
-ProgramKey = tuple
 __all__ = ["MicroStep", "ProgramCache", "TrainPlan", "Trainer", "loss_fn"]
 
 
-@dataclasses.dataclass(frozen=True)
-class MicroStep:
-    """One bounded piece of a train step: ``kind`` is "fwd", "bwd", "head" or "update"; ``key``
-    names its compiled program (see `Trainer.executable`)."""
-
-    kind: str
-    key: ProgramKey
-    _run: Callable[[], Any] = dataclasses.field(repr=False)
-
-    def run(self) -> Any:
-        """Dispatches the program; returns its outputs, for a caller timing it to block on."""
-        return self._run()
-
-
-class TrainPlan:
-    """The micro-steps of one train step, to run in order; `metrics` is set by the last one."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.steps: list[MicroStep] = []
-        self.metrics: dict[str, Any] | None = None
-        self._next = 0
-
-    def __iter__(self) -> Iterator[MicroStep]:
-        return iter(self.steps)
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def _add(self, kind: str, key: ProgramKey, run: Callable[[], Any]) -> None:
-        index = len(self.steps)
-
-        def checked() -> Any:
-            if self._next != index:
-                raise RuntimeError(f"micro-step {index} run out of order (next is {self._next})")
-            outputs = run()
-            self._next += 1
-            return outputs
-
-        self.steps.append(MicroStep(kind, key, checked))
-
+_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")  # a batch's arrays
 
 # Jitted programs by (graphdef, optimizer or None, program key). A program is a pure function of
 # those (jit keys it further by argument types), so trainers of one model and optimizer that share
@@ -143,11 +101,8 @@ class Trainer:
         self._cache = ProgramCache() if programs is None else programs
         self._jitted: dict[ProgramKey, tuple[Callable, Any]] = {}
         self._frozen_relabelled: dict[int, Leaves] = {}
-        self._arena: Arena | None = None
-        self._owner: Owner | None = None
-        self._open: TrainPlan | None = None  # co-located: the plan whose pages are leased
-        self._lease_shape: tuple[int, int, int] | None = None  # (spans, pages per slot, per layer)
-        self._span_acc: dict[tuple[tuple[int, ...], ...], list[jax.Array]] = {}
+        self._residuals: dict[tuple, Residuals] = {}  # by span place, length and chunk shape
+        self._arena_steps: ArenaSteps | None = None  # co-located: plans in arena pages
         self._grads, self._loss = self._call(("zeros",), self._p.zeros, (), self._lora)
         self._accumulating = False
 
@@ -194,76 +149,33 @@ class Trainer:
         self.step += 1
         return {**metrics, "tokens": int(np.sum(batch["loss_mask"]))}
 
-    # -- co-location: a step's state in arena pages ---------------------------------------------
+    # -- co-location: a step's state in arena pages (see `ArenaSteps`) ---------------------------
 
     def use_arena(self, arena: Arena, owner: Owner) -> None:
         """From the next plan on, keeps a step's state in pages of ``arena`` leased to ``owner``."""
-        if any(path[0] != "layers" for path in self._p.lora.paths):
-            raise ValueError("arena micro-steps need every LoRA weight inside model.layers")
+        arena_steps = ArenaSteps(self, arena, owner)
         self.release()
-        self._arena, self._owner = arena, owner
+        self._arena_steps = arena_steps
         self._jitted.clear()  # the micro-step keys now name the arena programs
 
-    def _slots(self, rows: int, seq_len: int) -> ArenaSlots:
-        embed = self._frozen[self._p.frozen.paths.index(("embed_tokens",))]
-        hidden = jax.ShapeDtypeStruct((rows, seq_len, embed.shape[-1]), embed.dtype)
-        one_layer = self._p.lora.in_layers(slice(0, 1))
-        grads = tuple(_shape_of(self._lora[i]) for i in one_layer)
-        return ArenaSlots(hidden, grads)
-
-    def reserve(self, rows: int, seq_len: int, token_chunks: int, spans: int) -> bool:
+    def reserve(
+        self, rows: int, seq_len: int, token_chunks: int, layer_spans: list[tuple[int, int]]
+    ) -> bool:
         """Leases the pages a step of ``rows`` x ``seq_len`` cut into ``token_chunks`` and
-        ``spans`` layer spans needs (keeping a lease of the right size); False if they cannot be
-        had now, ValueError if they never could. Always True outside co-location."""
-        if self._arena is None:
+        ``layer_spans`` needs (keeping a lease of the right size); False if they cannot be had
+        now, ValueError if they never could. Always True outside co-location."""
+        if self._arena_steps is None:
             return True
-        slots = self._slots(rows // token_chunks, seq_len)
-        per_slot = self._arena.pages_for(slots.hidden)
-        per_layer = self._arena.pages_for(slots.layer_grads)
-        need = self._lease_size = (spans + 1) * per_slot + self.num_layers * per_layer
-        table = self._arena.pages
-        if need > table.num_pages - table.reserved:  # waiting would never help: fail the job
-            raise ValueError(
-                f"a train step of {rows}x{seq_len} tokens needs {need} arena pages, the arena has "
-                f"{table.num_pages - table.reserved}: give the engine more memory "
-                "(--memory-fraction, num_pages) or train with a smaller batch or sequence length"
-            )
-        if self._owner in table and self._lease_shape != (spans, per_slot, per_layer):
-            self.release()
-        if self._owner not in table:
-            if not self._arena.lease(self._owner, need):
-                return False
-            # The page arrays go to the device once per lease, in one transfer: one per slot
-            # and per span, every step, cost 7-22 ms of host time per step on the H100 host.
-            pages = self._arena.page_array(self._owner)
-            split = (spans + 1) * per_slot
-            self._acc_pages = pages[split:].reshape(self.num_layers, per_layer)
-            slot_pages = list(pages[:split].reshape(spans + 1, per_slot))
-            self._slot_pages, self._acc_device = jax.device_put((slot_pages, self._acc_pages))
-            self._lease_shape, self._span_acc = (spans, per_slot, per_layer), {}
-        return True
-
-    def _span_acc_pages(self, spans: list[Span]) -> list[jax.Array]:
-        """The gradient-sum pages of each span's layers (as its backward program reads them),
-        on the device; transferred once per lease and cut."""
-        n = self.num_layers
-        layers = tuple(
-            tuple((i + s.shift) % n for i in range(s.layers.start, s.layers.stop)) for s in spans
-        )
-        if layers not in self._span_acc:
-            self._span_acc[layers] = jax.device_put([self._acc_pages[list(ls)] for ls in layers])
-        return self._span_acc[layers]
+        return self._arena_steps.reserve(rows, seq_len, token_chunks, self._spans(layer_spans))
 
     def release(self) -> None:
         """Drops the open co-located step (it is planned again later) and frees its pages."""
-        self._open = None
-        if self._arena is not None and self._owner in self._arena.pages:
-            self._arena.pages.free(self._owner)
-        self._lease_shape = None
+        if self._arena_steps is not None:
+            self._arena_steps.release()
 
     @property
     def holds_pages(self) -> bool:
-        return self._arena is not None and self._owner in self._arena.pages
+        return self._arena_steps is not None and self._arena_steps.holds_pages
 
     def plan(
         self, batch: Batch, token_chunks: int, layer_spans: list[tuple[int, int]]
@@ -275,17 +187,14 @@ class Trainer:
         if token_chunks < 1 or rows % token_chunks:
             raise ValueError(f"token_chunks={token_chunks} must divide the batch's {rows} rows")
         spans = self._spans(layer_spans)
-        if self._arena is not None:
-            return self._plan_in_arena(batch, token_chunks, spans)
+        if self._arena_steps is not None:
+            return self._arena_steps.plan(batch, token_chunks, spans)
         if self._accumulating:  # an earlier plan stopped before its update: drop its sums
             self._grads, self._loss = self._call(("zeros",), self._p.zeros, (), self._lora)
         plan = TrainPlan(self.step)
         count = int(np.sum(batch["loss_mask"]))
-        chunk_rows = rows // token_chunks
-        for first_row, chunk in zip(
-            range(0, rows, chunk_rows), _device_chunks(batch, token_chunks)
-        ):
-            self._plan_chunk(plan, spans, chunk, first_row, np.float32(max(count, 1)))
+        for batch_args in self._chunks(batch, token_chunks, plan.step):
+            self._plan_chunk(plan, spans, batch_args, np.float32(max(count, 1)))
         plan._add("update", ("update",), functools.partial(self._run_update, plan, count))
         return plan
 
@@ -297,21 +206,34 @@ class Trainer:
 
     # -- micro-step plumbing ------------------------------------------------------------------
 
+    def _chunks(self, batch: Batch, token_chunks: int, step: int) -> list[tuple]:
+        """The batch arguments of the micro-step programs for each of ``batch``'s row chunks:
+        (the chunk on the device, the dropout key, ``step``, the chunk's first row)."""
+        rows = np.shape(batch["tokens"])[0]
+        first_rows = range(0, rows, rows // token_chunks)
+        chunks = _device_chunks(batch, token_chunks)
+        return [(c, self._key, np.int32(step), np.int32(r)) for r, c in zip(first_rows, chunks)]
+
     def _plan_chunk(
-        self, plan: TrainPlan, spans: list[Span], chunk: dict, first_row: int, denominator
+        self, plan: TrainPlan, spans: list[Span], batch_args: tuple, denominator: np.float32
     ) -> None:
+        chunk = batch_args[0]
         rows, seq_len = chunk["tokens"].shape
-        batch_args = (chunk, self._key, np.int32(plan.step), np.int32(first_row))
         # Span s reads hidden[s] (None for the first span, which embeds the tokens) and appends
-        # its output; backward pops them in reverse, so each activation dies once used.
+        # its output and residuals; backward pops them in reverse, so each dies once used.
         hidden: list[jax.Array | None] = [None]
+        saved: list[Leaves] = []
         grad: list[jax.Array | None] = [None]  # d loss / d (the current span's output)
 
         def fwd(span: Span, key: ProgramKey) -> jax.Array:
             lora = self._p.lora.relabel(self._lora, span.shift)
             args = (lora, self._frozen_for(span.shift), hidden[-1], *batch_args)
-            hidden.append(self._call(key, functools.partial(self._p.span_forward, span), (), *args))
-            return hidden[-1]
+            residuals = self.residuals(span, rows, seq_len, "kept")
+            program = functools.partial(self._p.span_forward, span, residuals)
+            out, kept = self._call(key, program, (), *args)
+            hidden.append(out)
+            saved.append(kept)
+            return out
 
         def head() -> jax.Array:
             self._accumulating = True
@@ -322,115 +244,62 @@ class Trainer:
         def bwd(span: Span, key: ProgramKey) -> Leaves:
             lora = self._p.lora.relabel(self._lora, span.shift)
             grads = self._p.lora.relabel(self._grads, span.shift)
-            args = (lora, self._frozen_for(span.shift), grads, hidden.pop(), grad[0], *batch_args)
+            args = (lora, self._frozen_for(span.shift), grads, hidden.pop(), saved.pop(), grad[0])
             # The output gradient's buffer becomes the input gradient's; the first span has
             # none (it starts from tokens).
-            donate = (2,) if span.place in ("first", "whole") else (2, 4)
-            program = functools.partial(self._p.span_backward, span)
-            grads, grad[0] = self._call(key, program, donate, *args)
+            donate = (2,) if span.place in ("first", "whole") else (2, 5)
+            residuals = self.residuals(span, rows, seq_len, "kept")
+            program = functools.partial(self._p.span_backward, span, residuals)
+            grads, grad[0] = self._call(key, program, donate, *args, *batch_args)
             self._grads = self._p.lora.relabel(grads, -span.shift)
             return grads
 
         for span in spans:
-            key = ("fwd", span.place, span.length, rows, seq_len)
+            key = ("fwd", span.place, span.length, rows, seq_len, "kept")
             plan._add("fwd", key, functools.partial(fwd, span, key))
         plan._add("head", ("head", rows, seq_len), head)
         for span in reversed(spans):
-            key = ("bwd", span.place, span.length, rows, seq_len)
+            key = ("bwd", span.place, span.length, rows, seq_len, "kept")
             plan._add("bwd", key, functools.partial(bwd, span, key))
-
-    def _plan_in_arena(self, batch: Batch, token_chunks: int, spans: list[Span]) -> TrainPlan:
-        rows, seq_len = np.shape(batch["tokens"])
-        if not self.reserve(rows, seq_len, token_chunks, len(spans)):
-            raise OutOfPages(self._lease_size, self._arena.pages.num_free)
-        plan = self._open = TrainPlan(self.step)
-        acc = self._acc_device
-        buffer = self._arena.buffer
-        self._arena.buffer = self._call(("zero-grads",), pages_io.zero, (0,), buffer, acc)
-        self._loss = jnp.zeros((), jnp.float32)
-        count = int(np.sum(batch["loss_mask"]))
-        chunk_rows = rows // token_chunks
-        slots = self._slots(chunk_rows, seq_len)
-        for first_row, chunk in zip(
-            range(0, rows, chunk_rows), _device_chunks(batch, token_chunks)
-        ):
-            args = (chunk, self._key, np.int32(plan.step), np.int32(first_row))
-            self._plan_chunk_in_arena(plan, spans, slots, args, np.float32(max(count, 1)))
-
-        def update() -> Leaves:
-            args = (self._lora, self._opt, acc, self._loss)
-            program = functools.partial(self._p.arena_update, slots)
-            outputs = self._in_arena(plan, ("update",), program, (0, 1), args)
-            self._lora, self._opt, metrics = outputs
-            self._open = None
-            self.step += 1
-            plan.metrics = {**metrics, "tokens": count}
-            return self._lora
-
-        plan._add("update", ("update",), update)
-        return plan
-
-    def _plan_chunk_in_arena(
-        self, plan: TrainPlan, spans: list[Span], slots: ArenaSlots, batch_args, denominator
-    ) -> None:
-        """Span s writes its output to slot s and reads slot s - 1; the last slot holds the
-        running gradient."""
-        act, grad = self._slot_pages[:-1], self._slot_pages[-1]
-        span_acc = self._span_acc_pages(spans)
-        rows, seq_len = batch_args[0]["tokens"].shape
-
-        def fwd(s: int, span: Span, key: ProgramKey) -> KVCache:
-            lora = self._p.lora.relabel(self._lora, span.shift)
-            inputs = act[s - 1] if s else None
-            args = (lora, self._frozen_for(span.shift), inputs, act[s], *batch_args)
-            program = functools.partial(self._p.arena_forward, span, slots)
-            return self._in_arena(plan, key, program, (), args)
-
-        def head() -> jax.Array:
-            args = (self._lora, self._frozen, act[-1], grad, batch_args[0], denominator, self._loss)
-            program = functools.partial(self._p.arena_head, slots)
-            (self._loss,) = self._in_arena(plan, ("head", rows, seq_len), program, (), args)
-            return self._loss
-
-        def bwd(s: int, span: Span, key: ProgramKey) -> KVCache:
-            lora = self._p.lora.relabel(self._lora, span.shift)
-            inputs = act[s - 1] if s else None
-            frozen = self._frozen_for(span.shift)
-            args = (lora, frozen, inputs, grad, span_acc[s], *batch_args)
-            program = functools.partial(self._p.arena_backward, span, slots)
-            return self._in_arena(plan, key, program, (), args)
-
-        for s, span in enumerate(spans):
-            key = ("fwd", span.place, span.length, rows, seq_len)
-            plan._add("fwd", key, functools.partial(fwd, s, span, key))
-        plan._add("head", ("head", rows, seq_len), head)
-        for s, span in reversed(list(enumerate(spans))):
-            key = ("bwd", span.place, span.length, rows, seq_len)
-            plan._add("bwd", key, functools.partial(bwd, s, span, key))
-
-    def _in_arena(self, plan: TrainPlan, key: ProgramKey, fn: Callable, donate, args):
-        """Runs an arena program of ``plan`` with the arena donated; keeps the new buffer and
-        returns the program's other outputs (or the buffer, if it has none)."""
-        if self._open is not plan:
-            raise RuntimeError("this plan was abandoned (its pages were released): plan again")
-        donate = (0, *(i + 1 for i in donate))
-        out = self._call(key, fn, donate, self._arena.buffer, *args)
-        if isinstance(out, KVCache):
-            self._arena.buffer = out
-            return out
-        self._arena.buffer, *rest = out
-        return rest
 
     def _run_update(self, plan: TrainPlan, count: int) -> Leaves:
         if plan.step != self.step:
             raise RuntimeError(f"plan for step {plan.step} is stale (trainer is at {self.step})")
         args = (self._lora, self._opt, self._grads, self._loss)
         outputs = self._call(("update",), self._p.update, (0, 1, 2), *args)
-        self._lora, self._opt, self._grads, self._loss, metrics = outputs
+        lora, opt, self._grads, self._loss, metrics = outputs
         self._accumulating = False
+        return self._finish(plan, lora, opt, metrics, count)
+
+    def _finish(
+        self, plan: TrainPlan, lora: Leaves, opt: Leaves, metrics: dict[str, Any], tokens: int
+    ) -> Leaves:
+        """Takes the parameters and optimiser state that ``plan``'s update returned: the step is
+        done. Both planners end here, so a step counts the same in or out of the arena."""
+        self._lora, self._opt = lora, opt
         self.step += 1
-        plan.metrics = {**metrics, "tokens": count}
+        plan.metrics = {**metrics, "tokens": tokens}
         return self._lora
+
+    def residuals(self, span: Span, rows: int, seq_len: int, mode: str) -> Residuals:
+        """What ``span``'s forward keeps for its backward in ``mode`` (`programs.POLICIES`), on
+        row chunks of ``rows`` x ``seq_len`` tokens."""
+        key = (span.place, span.length, rows, seq_len, mode)
+        if key not in self._residuals:
+            embed = self._frozen[self._p.frozen.paths.index(("embed_tokens",))]
+            hidden = jax.ShapeDtypeStruct((rows, seq_len, embed.shape[-1]), embed.dtype)
+            self._residuals[key] = self._p.residuals(
+                span,
+                mode,
+                self._p.lora.relabel(self._lora, span.shift),
+                self._frozen_for(span.shift),
+                None if span.place in ("first", "whole") else hidden,
+                {name: jax.ShapeDtypeStruct((rows, seq_len), np.int32) for name in _FIELDS},
+                self._key,
+                np.int32(0),
+                np.int32(0),
+            )
+        return self._residuals[key]
 
     def _spans(self, layer_spans: list[tuple[int, int]]) -> list[Span]:
         n_layers = self.num_layers
@@ -464,7 +333,7 @@ class Trainer:
         if key not in self._jitted:
             uses_optimizer = key[0] in ("step", "update")
             # Arena programs share their micro-step's key but not its signature.
-            in_arena = self._arena is not None and key[0] != "step"
+            in_arena = self._arena_steps is not None and key[0] != "step"
             owner = (self.graphdef, self.optimizer if uses_optimizer else None, in_arena)
             if (*owner, key) not in self._cache:
                 self._cache[(*owner, key)] = jax.jit(fn, donate_argnums=donate)
@@ -488,6 +357,5 @@ def _leaves_of(tree: Any, treedef: jax.tree_util.PyTreeDef, name: str) -> Leaves
 def _device_chunks(batch: Batch, chunks: int) -> list[dict[str, jax.Array]]:
     """``batch`` split into ``chunks`` equal row chunks, on the device in one transfer (one per
     array cost ~0.2 ms each on the H100's host, on the co-located step's critical path)."""
-    names = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-    split = {name: np.split(np.asarray(batch[name], np.int32), chunks) for name in names}
-    return jax.device_put([{name: split[name][i] for name in names} for i in range(chunks)])
+    split = {name: np.split(np.asarray(batch[name], np.int32), chunks) for name in _FIELDS}
+    return jax.device_put([{name: split[name][i] for name in _FIELDS} for i in range(chunks)])
