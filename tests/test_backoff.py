@@ -15,7 +15,7 @@ SLO = 0.020
 def test_on_time_iterations_cost_nothing():
     backoff = SloBackoff()
     for _ in range(1000):
-        backoff.observe(SLO * 0.9, SLO)
+        backoff.observe(SLO * 0.9, SLO, fine_tune_s=SLO / 2)
     assert backoff.seconds == 0.0
 
 
@@ -26,7 +26,7 @@ def test_settles_where_the_target_share_is_on_time():
     overruns = rng.exponential(0.002, size=200_000) - 0.004
     backoff, settled = SloBackoff(target=0.99, step_s=0.0002), []
     for i, overrun in enumerate(overruns):
-        backoff.observe(SLO + overrun - backoff.seconds, SLO)
+        backoff.observe(SLO + overrun - backoff.seconds, SLO, fine_tune_s=SLO / 2)
         if i >= len(overruns) // 2:
             settled.append(backoff.seconds)
     want = np.quantile(overruns, 0.99)  # the cut that leaves 1% of iterations over
@@ -36,10 +36,19 @@ def test_settles_where_the_target_share_is_on_time():
     )
 
 
+def test_overruns_the_inference_side_made_alone_are_not_counted():
+    backoff = SloBackoff()
+    for _ in range(1000):  # a stall longer than the SLO, after a little fine-tune work
+        backoff.observe(2 * SLO, SLO, fine_tune_s=0.1 * SLO)
+    assert backoff.seconds == 0.0
+    backoff.observe(1.05 * SLO, SLO, fine_tune_s=0.1 * SLO)  # fine-tuning made this one late
+    assert backoff.seconds > 0.0
+
+
 def test_never_takes_more_than_its_cap():
     backoff = SloBackoff(max_s=0.005)
     for _ in range(1000):
-        backoff.observe(2 * SLO, SLO)
+        backoff.observe(2 * SLO, SLO, fine_tune_s=SLO)
     assert backoff.seconds == 0.005
 
 

@@ -9,7 +9,8 @@ fits. Every prediction carries a margin: 5% plus the 99th percentile of how many
 family's recent predictions ran late (absolute, so a rare slow outlier of a short program does not
 scale every long one), at most half the prediction; and the budget gives up what
 :class:`~harli_jax.sched.backoff.SloBackoff` learned keeps 99% of its iterations within the SLO
-(overruns no one program's record explains: a host stall, a slow step after a long program).
+(overruns no one program's record explains, counted only where the fine-tune work made them: a
+host stall that alone outlasts the SLO is no budget's to prevent).
 Requests that arrive during fine-tune work join after the next step (the engine loop drains its
 inbox between a step and the work after it), so the next step's programs are known when its
 slack is planned: decode as the step just run, plus a prefill chunk priced as the slowest recent
@@ -130,6 +131,7 @@ class ColocationScheduler:
         self._stalls = 0  # iterations in a row in which the open step could not go on
         self.backoff = SloBackoff(config.slo_target, max_s=config.tpot_slo_s / 2)
         self._filled_since: float | None = None  # end of the last step harli trained after
+        self._filled_s = 0.0  # ... and the seconds of fine-tune work it ran then
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
         self.on_job_failed = lambda job, error: None
 
@@ -167,7 +169,8 @@ class ColocationScheduler:
         if self.config.policy == "static":
             return self._fill_static(job)
         if self._filled_since is not None:
-            self.backoff.observe(report.ended_at - self._filled_since, self.config.tpot_slo_s)
+            iteration_s = report.ended_at - self._filled_since
+            self.backoff.observe(iteration_s, self.config.tpot_slo_s, self._filled_s)
         # The next token is due one SLO after this step's: the host time since (the inbox,
         # learning from the step) comes out of the budget too.
         deadline = report.ended_at + self._harli_budget(report, will_prefill)
@@ -175,9 +178,9 @@ class ColocationScheduler:
         # Cuts are chosen for the time fine-tuning actually gets: a cut chosen for the nominal
         # budget had micro-steps that never fitted what was left of it, and stalled its step.
         self._slack.append(deadline - time.perf_counter())
-        ran = self._fill(job, deadline)
-        self._filled_since = report.ended_at if ran else None
-        return ran
+        self._filled_s = self._fill(job, deadline)
+        self._filled_since = report.ended_at if self._filled_s else None
+        return bool(self._filled_s)
 
     # -- decisions --------------------------------------------------------------------------
     def _harli_budget(self, report: StepReport, will_prefill: bool) -> float:
@@ -256,13 +259,13 @@ class ColocationScheduler:
         return predicted * self.config.min_margin + min(late, predicted * self.config.max_late)
 
     # -- running ----------------------------------------------------------------------------
-    def _fill(self, job: FineTuneJob, deadline: float) -> bool:
+    def _fill(self, job: FineTuneJob, deadline: float) -> float:
         """Runs micro-steps while the next one's estimate fits before ``deadline`` (a
         ``time.perf_counter`` time): planning a step, predicting and learning take host time
         between programs, and a budget that counted only the programs overran it (on the H100,
         harli's median iteration came out 5 ms over a 19 ms SLO). Each new step gets its cut
-        from the budgets as they are then."""
-        ran = False
+        from the budgets as they are then. Returns the seconds of fine-tune work it ran."""
+        ran = 0.0
         while not job.done:
             micro = self._next_micro_step(job, deadline)
             if micro is None:  # no time to start a step, or no arena pages for one now
@@ -275,8 +278,8 @@ class ColocationScheduler:
                 if not ran:
                     self._stalled(job)
                 break
-            self.run_micro_step(job, micro)
-            ran, self._stalls = True, 0
+            ran += self.run_micro_step(job, micro)
+            self._stalls = 0
         return ran
 
     def _stalled(self, job: FineTuneJob) -> None:
