@@ -64,7 +64,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument(
         "--init-random",
         default="",
-        help="models to initialise at random on the device instead of loading a checkpoint",
+        help="models to initialise at random on the device (ours and HF) instead of loading a "
+        "checkpoint",
     )
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--no-engine", action="store_true", help="skip the engine_ms column")
@@ -86,11 +87,21 @@ def _checkpoint(args: argparse.Namespace, name: str) -> Path:
     return directory
 
 
+def _config_only(args: argparse.Namespace, name: str) -> Path:
+    """A directory holding ``name``'s config.json alone: HF builds random weights from it."""
+    from transformers import LlamaConfig
+
+    directory = args.ckpt_root / f"{name}-config"
+    LlamaConfig(**common.SHAPES[name]).save_pretrained(directory)
+    return directory
+
+
 def _hf_part(args, names, rows, prefill, started) -> None:
     from bench import hf_baseline
 
     for name in names:
-        ckpt = _checkpoint(args, name)
+        ckpt = _config_only(args, name) if name in args.init_random.split(",") else None
+        ckpt = ckpt or _checkpoint(args, name)
         for context in args.contexts:
             for batch in args.batches:
                 if time.perf_counter() - started > args.deadline_s:
