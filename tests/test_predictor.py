@@ -250,3 +250,18 @@ def test_a_fit_extrapolating_below_every_measured_ratio_yields_to_the_prior():
             f"prefill/{tokens}", measured * (1 + 0.01 * rng.standard_normal()), tokens=tokens
         )
     assert predictor.predict("one-row", tokens=1) == pytest.approx(0.003, rel=0.05)
+
+
+def test_a_rarely_run_program_keeps_its_residual_after_leaving_the_window():
+    """A whole-step train program runs once in a while among hundreds of short spans: the
+    family's line, fitted on the spans alone, underprices it 4x; its own last run still prices
+    it once that run has left the family's window."""
+    predictor = Predictor(RATES, window=64)
+    predictor.register("span", "train", {"flops": 1e11, "bytes accessed": 1e8})  # 1 ms roofline
+    predictor.register("whole", "train", {"flops": 2.2e12, "bytes accessed": 1e8})  # 22 ms
+    predictor.observe("span", 0.003)
+    predictor.observe("whole", 0.024)
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # the spans: 3 ms each, with noise; "whole" leaves the window
+        predictor.observe("span", 0.003 * (1 + 0.01 * rng.standard_normal()))
+    assert predictor.predict("whole") == pytest.approx(0.024, rel=0.05)

@@ -73,7 +73,8 @@ class Family:
         self._x: np.ndarray | None = None  # [window, features]: allocated at the first sample
         self._y = np.zeros(window)
         self._added = 0  # samples ever added: the next one goes to slot _added % window
-        self._by_key: dict[str, deque[tuple[tuple[float, ...], float]]] = {}  # in the window
+        # Each program's last _KEY_WINDOW samples, in the window or not.
+        self._by_key: dict[str, deque[tuple[tuple[float, ...], float]]] = {}
         self._fit: Fit | None = None
         self._since_fit = 0  # samples added since the fit
         self._fit_size = 0  # samples the fit was made from
@@ -96,6 +97,24 @@ class Family:
         return [
             (self._keys[i], tuple(self._x[i].tolist()), float(self._y[i])) for i in self._order()
         ]
+
+    def has_samples(self, key: str) -> bool:
+        return key in self._by_key
+
+    @property
+    def program_samples(self) -> dict[str, list[tuple[tuple[float, ...], float]]]:
+        """Each program's last (row, measured seconds), behind its residual factor."""
+        return {key: list(samples) for key, samples in self._by_key.items()}
+
+    def restore_program_samples(
+        self, samples: Mapping[str, list[tuple[tuple[float, ...], float]]]
+    ) -> None:
+        """Sets what ``program_samples`` returned (after the window's samples are kept)."""
+        self._by_key = {
+            key: deque(((tuple(row), float(y)) for row, y in pairs), maxlen=_KEY_WINDOW)
+            for key, pairs in samples.items()
+        }
+        self._key_factors = {}
 
     def _order(self) -> np.ndarray:
         """The window's ring slots, oldest first."""
@@ -127,16 +146,12 @@ class Family:
             self._x = np.zeros((self._window, len(row)))
         slot = self._added % self._window
         if self._added >= self._window:  # the oldest sample leaves the window
-            evicted = self._by_key[self._keys[slot]]
-            evicted.popleft()
-            if not evicted:
-                del self._by_key[self._keys[slot]]
             self._keys[slot] = key
         else:
             self._keys.append(key)
         self._x[slot], self._y[slot] = row, measured_s
         self._added += 1
-        self._by_key.setdefault(key, deque()).append((row, measured_s))
+        self._by_key.setdefault(key, deque(maxlen=_KEY_WINDOW)).append((row, measured_s))
         self._since_fit += 1
         self._key_factors.pop(key, None)
         self._late = {}
@@ -188,15 +203,17 @@ class Family:
         self._since_fit, self._fit_size, self._key_factors = state["since"], state["size"], {}
 
     def key_factor(self, key: str, fit: Fit) -> float:
-        """Program ``key``'s residual: the median measured / fit over its recent samples in the
-        window (1 for a program without any).
+        """Program ``key``'s residual: the median measured / fit over its last ``_KEY_WINDOW``
+        samples (1 for a program without any), kept when they leave the family's window: a
+        program run rarely (a whole-step cut, chosen once in a while) lost its residual there,
+        and the family's line, fitted on short spans, priced a 24 ms program at 5 ms.
 
         A compile-free run of a program is the best predictor of its next one: its factor is its
         own recent median, taken in full from the first sample (a whole-step program next to
         one-layer spans can sit 25x off the family's line). statistics.median: numpy's costs
         ~10x more on lists this short."""
         if key not in self._key_factors:
-            recent = list(self._by_key.get(key, ()))[-_KEY_WINDOW:]
+            recent = self._by_key.get(key, ())
             ratios = []
             if recent:
                 rows, measured = zip(*recent)

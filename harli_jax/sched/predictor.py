@@ -27,7 +27,7 @@ import numpy as np
 from harli_jax.sched.correction import Family
 from harli_jax.sched.roofline import CostAnalysis, DeviceRates, cost_dict, roofline_seconds
 
-_FORMAT_VERSION = 3
+_FORMAT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -122,12 +122,12 @@ class Predictor:
     def _predict(self, family: Family, key: str, row: tuple[float, ...]) -> float:
         fit = family.fit(self._prior_factor, self._ridge)
         predicted = fit.base(row)
-        if self._per_key:
-            predicted *= family.key_factor(key, fit)
+        if self._per_key and family.has_samples(key):
+            # Its own runs price it, however far off the family's line and fastest ratio it sits.
+            return predicted * family.key_factor(key, fit)
         if fit.weights is None:
             return predicted
-        # No run was ever faster, relative to its roofline, than the fastest (a residual below
-        # one may take the fit there).
+        # No run was ever faster, relative to its roofline, than the fastest in the window.
         return max(predicted, fit.floor_ratio * row[1])
 
     def observe(self, key: str, measured_s: float, **features: float) -> float:
@@ -197,6 +197,10 @@ class Predictor:
                 name: {
                     "feature_names": None if f.feature_names is None else list(f.feature_names),
                     "samples": [[key, *row, measured] for key, row, measured in f.samples],
+                    "program_samples": {
+                        key: [[*row, measured] for row, measured in pairs]
+                        for key, pairs in f.program_samples.items()
+                    },
                     "errors": [list(pair) for pair in f.errors],
                     "fit": f.fit_state(),
                 }
@@ -208,7 +212,7 @@ class Predictor:
     def from_state(cls, state: Mapping[str, Any]) -> Predictor:
         """The predictor `state()` describes; it predicts exactly as the original did."""
         version = state.get("version")
-        if version not in (1, 2, _FORMAT_VERSION):
+        if version not in (1, 2, 3, _FORMAT_VERSION):
             raise ValueError(f"unsupported predictor format {version!r}")
         predictor = cls(DeviceRates(**state["rates"]), **state["config"])
         for key, p in state["programs"].items():
@@ -223,6 +227,13 @@ class Predictor:
                 if version == 1:  # samples carried no program key
                     sample = ["", *sample]
                 family.keep(str(sample[0]), tuple(sample[1:-1]), sample[-1])
+            if "program_samples" in saved:  # version 4: each program's, beyond the window
+                family.restore_program_samples(
+                    {
+                        k: [(p[:-1], p[-1]) for p in pairs]
+                        for k, pairs in saved["program_samples"].items()
+                    }
+                )
             for predicted_s, measured_s in saved["errors"]:
                 family.score(predicted_s, measured_s)
             if saved.get("fit"):  # version 3: the fit in use, which may predate some samples
