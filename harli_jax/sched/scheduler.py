@@ -299,9 +299,9 @@ class ColocationScheduler:
         if job.in_step:
             return job.next_micro_step(self._options(job)[-1])  # the open plan decides
         start = time.perf_counter()
-        # The median, not the slowest: one slow start (rebuilding the data iterator after an
-        # abandoned step: 55 ms on the H100's host) kept every later one waiting for a budget
-        # that large, and with no start, no faster sample ever came to replace it.
+        # The median, not the slowest: one slow start (55 ms on the H100's host) kept every
+        # later one waiting for a budget that large, and with no start, no faster sample ever
+        # came to replace it.
         if _quantile(self._plan_s, 0.5) > deadline - start:
             return None
         if self._cut is None or self._cut_uses >= _RECUT_EVERY:
