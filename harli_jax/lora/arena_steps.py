@@ -55,10 +55,11 @@ class ArenaSteps:
 
     def _slots(self, rows: int, seq_len: int) -> ArenaSlots:
         t = self._trainer
-        embed = t._frozen[t._p.frozen.paths.index(("embed_tokens",))]
-        hidden = jax.ShapeDtypeStruct((rows, seq_len, embed.shape[-1]), embed.dtype)
         one_layer = (t._lora[i] for i in t._p.lora.in_layers(slice(0, 1)))
-        return ArenaSlots(hidden, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in one_layer))
+        return ArenaSlots(
+            t.hidden_spec(rows, seq_len),
+            tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in one_layer),
+        )
 
     def reserve(self, rows: int, seq_len: int, token_chunks: int, spans: list[Span]) -> bool:
         """`Trainer.reserve`, co-located."""

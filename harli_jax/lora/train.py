@@ -281,19 +281,22 @@ class Trainer:
         plan.metrics = {**metrics, "tokens": tokens}
         return self._lora
 
+    def hidden_spec(self, rows: int, seq_len: int) -> jax.ShapeDtypeStruct:
+        """The shape of the activations between layers, for ``rows`` x ``seq_len`` tokens."""
+        embed = self._frozen[self._p.frozen.paths.index(("embed_tokens",))]
+        return jax.ShapeDtypeStruct((rows, seq_len, embed.shape[-1]), embed.dtype)
+
     def residuals(self, span: Span, rows: int, seq_len: int, mode: str) -> Residuals:
         """What ``span``'s forward keeps for its backward in ``mode`` (`programs.POLICIES`), on
         row chunks of ``rows`` x ``seq_len`` tokens."""
         key = (span.place, span.length, rows, seq_len, mode)
         if key not in self._residuals:
-            embed = self._frozen[self._p.frozen.paths.index(("embed_tokens",))]
-            hidden = jax.ShapeDtypeStruct((rows, seq_len, embed.shape[-1]), embed.dtype)
             self._residuals[key] = self._p.residuals(
                 span,
                 mode,
                 self._p.lora.relabel(self._lora, span.shift),
                 self._frozen_for(span.shift),
-                None if span.place in ("first", "whole") else hidden,
+                None if span.place in ("first", "whole") else self.hidden_spec(rows, seq_len),
                 {name: jax.ShapeDtypeStruct((rows, seq_len), np.int32) for name in _FIELDS},
                 self._key,
                 np.int32(0),
