@@ -233,6 +233,7 @@ def run_one(llm, job, trace, config: SchedulerConfig, base: ColocationScheduler)
         predictor=errors,
         static_budget_ms=report["static_budget_ms"],
         slo_backoff_ms=report["slo_backoff_ms"],
+        fill_share=report["fill_share"],
         decode_batch=decode_batch,
         busy_share=busy_s / report["elapsed_s"],
         finished=report["requests"]["finished"],

@@ -199,6 +199,7 @@ def run_colocated(
         "started_calibrated": calibrated,
         "static_budget_ms": scheduler.static_budget() * 1e3,
         "slo_backoff_ms": scheduler.backoff.seconds * 1e3,  # harli's, at the end of the run
+        "fill_share": scheduler.gate.fill_share,  # harli's iterations its fill gate let fill
         "requests": dataclasses.asdict(result),
         "finetune_steps": job.step - steps_before,
         "finetune_tokens": job.tokens_trained - tokens_before,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from harli_jax.lora.plan import ProgramKey, TrainPlan
-from harli_jax.lora.programs import ArenaSlots, Batch, Leaves, Span
+from harli_jax.lora.programs import HEAD, ArenaSlots, Batch, Leaves, Span
 from harli_jax.memory import arena as pages_io
 from harli_jax.memory.arena import Arena
 from harli_jax.memory.kv_cache import KVCache
@@ -170,23 +170,24 @@ class ArenaSteps:
         rows, seq_len = batch_args[0]["tokens"].shape
 
         def fwd(s: int, span: Span, key: ProgramKey) -> KVCache:
-            lora = t._p.lora.relabel(t._lora, span.shift)
+            lora = t._p.lora.take(t._lora, span)
             inputs = act[s - 1] if s else None
-            args = (lora, t._frozen_for(span.shift), inputs, act[s], saved[s], *batch_args)
+            args = (lora, t._frozen_view(span), inputs, act[s], saved[s], *batch_args)
             residuals = t.residuals(span, rows, seq_len, self.mode)
             program = functools.partial(t._p.arena_forward, span, slots, residuals)
             return self._run(plan, key, program, (), args)
 
         def head() -> jax.Array:
-            args = (t._lora, t._frozen, act[-1], grad, batch_args[0], denominator, self._loss)
+            lora, frozen = t._p.lora.take(t._lora, HEAD), t._frozen_view(HEAD)
+            args = (lora, frozen, act[-1], grad, batch_args[0], denominator, self._loss)
             program = functools.partial(t._p.arena_head, slots)
             (self._loss,) = self._run(plan, ("head", rows, seq_len), program, (), args)
             return self._loss
 
         def bwd(s: int, span: Span, key: ProgramKey) -> KVCache:
-            lora = t._p.lora.relabel(t._lora, span.shift)
+            lora = t._p.lora.take(t._lora, span)
             inputs = act[s - 1] if s else None
-            args = (lora, t._frozen_for(span.shift), inputs, saved[s], grad, span_acc[s])
+            args = (lora, t._frozen_view(span), inputs, saved[s], grad, span_acc[s])
             residuals = t.residuals(span, rows, seq_len, self.mode)
             program = functools.partial(t._p.arena_backward, span, slots, residuals)
             return self._run(plan, key, program, (), (*args, *batch_args))

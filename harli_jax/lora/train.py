@@ -41,6 +41,7 @@ from flax import nnx
 from harli_jax.lora.arena_steps import ArenaSteps
 from harli_jax.lora.plan import MicroStep, ProgramKey, TrainPlan
 from harli_jax.lora.programs import (
+    HEAD,
     Batch,
     Leaves,
     Residuals,
@@ -100,7 +101,7 @@ class Trainer:
         self._key = jax.random.key(seed)
         self._cache = ProgramCache() if programs is None else programs
         self._jitted: dict[ProgramKey, tuple[Callable, Any]] = {}
-        self._frozen_relabelled: dict[int, Leaves] = {}
+        self._frozen_views: dict[tuple[int, int, int], Leaves] = {}
         self._residuals: dict[tuple, Residuals] = {}  # by span place, length and chunk shape
         self._arena_steps: ArenaSteps | None = None  # co-located: plans in arena pages
         self._grads, self._loss = self._call(("zeros",), self._p.zeros, (), self._lora)
@@ -226,8 +227,8 @@ class Trainer:
         grad: list[jax.Array | None] = [None]  # d loss / d (the current span's output)
 
         def fwd(span: Span, key: ProgramKey) -> jax.Array:
-            lora = self._p.lora.relabel(self._lora, span.shift)
-            args = (lora, self._frozen_for(span.shift), hidden[-1], *batch_args)
+            lora = self._p.lora.take(self._lora, span)
+            args = (lora, self._frozen_view(span), hidden[-1], *batch_args)
             residuals = self.residuals(span, rows, seq_len, "kept")
             program = functools.partial(self._p.span_forward, span, residuals)
             out, kept = self._call(key, program, (), *args)
@@ -237,21 +238,22 @@ class Trainer:
 
         def head() -> jax.Array:
             self._accumulating = True
-            args = (self._lora, self._frozen, hidden.pop(), chunk, denominator, self._loss)
+            lora, frozen = self._p.lora.take(self._lora, HEAD), self._frozen_view(HEAD)
+            args = (lora, frozen, hidden.pop(), chunk, denominator, self._loss)
             self._loss, grad[0] = self._call(("head", rows, seq_len), self._p.head, (2,), *args)
             return grad[0]
 
         def bwd(span: Span, key: ProgramKey) -> Leaves:
-            lora = self._p.lora.relabel(self._lora, span.shift)
-            grads = self._p.lora.relabel(self._grads, span.shift)
-            args = (lora, self._frozen_for(span.shift), grads, hidden.pop(), saved.pop(), grad[0])
+            lora = self._p.lora.take(self._lora, span)
+            grads = self._p.lora.take(self._grads, span)
+            args = (lora, self._frozen_view(span), grads, hidden.pop(), saved.pop(), grad[0])
             # The output gradient's buffer becomes the input gradient's; the first span has
             # none (it starts from tokens).
             donate = (2,) if span.place in ("first", "whole") else (2, 5)
             residuals = self.residuals(span, rows, seq_len, "kept")
             program = functools.partial(self._p.span_backward, span, residuals)
             grads, grad[0] = self._call(key, program, donate, *args, *batch_args)
-            self._grads = self._p.lora.relabel(grads, -span.shift)
+            self._grads = self._p.lora.put(self._grads, grads, span)
             return grads
 
         for span in spans:
@@ -294,8 +296,8 @@ class Trainer:
             self._residuals[key] = self._p.residuals(
                 span,
                 mode,
-                self._p.lora.relabel(self._lora, span.shift),
-                self._frozen_for(span.shift),
+                self._p.lora.take(self._lora, span),
+                self._frozen_view(span),
                 None if span.place in ("first", "whole") else self.hidden_spec(rows, seq_len),
                 {name: jax.ShapeDtypeStruct((rows, seq_len), np.int32) for name in _FIELDS},
                 self._key,
@@ -326,10 +328,12 @@ class Trainer:
                 spans.append(Span("middle", slice(0, b - a), a))
         return spans
 
-    def _frozen_for(self, shift: int) -> Leaves:
-        if shift not in self._frozen_relabelled:
-            self._frozen_relabelled[shift] = self._p.frozen.relabel(self._frozen, shift)
-        return self._frozen_relabelled[shift]
+    def _frozen_view(self, span: Span) -> Leaves:
+        """``span``'s view of the frozen state (`StateLayout.take`), which never changes."""
+        key = (span.layers.start, span.layers.stop, span.shift)
+        if key not in self._frozen_views:
+            self._frozen_views[key] = self._p.frozen.take(self._frozen, span)
+        return self._frozen_views[key]
 
     def _call(self, key: ProgramKey, fn: Callable, donate: tuple[int, ...], *args):
         """Runs the program ``key`` (``fn`` jitted on first use) on ``args``."""

@@ -19,7 +19,9 @@ iterations when its predicted micro-steps are packed, in order, into the time fi
 left in the recent iterations (ties: the coarser, whose micro-steps waste less); a coarse cut
 whose big micro-steps fit only every other budget, or leave most of each budget unused, loses to
 a finer one. A step whose next micro-step has not fitted for several iterations in a row (the
-load rose after it was cut) is dropped and its batch cut again.
+load rose after it was cut) is dropped and its batch cut again. Where decode leaves enough idle
+time, training whole steps only there trains more than filling iterations, which stretches
+requests over that idle time: :class:`~harli_jax.sched.fill_gate.FillGate` decides which.
 The baselines share all the machinery and differ only in that decision:
 
 - ``serve-only``: no fine-tuning at all;
@@ -65,6 +67,7 @@ from harli_jax.sched.calibration import (
     train_key,
 )
 from harli_jax.sched.costs import StepReport
+from harli_jax.sched.fill_gate import FillGate
 from harli_jax.sched.predictor import Predictor
 
 POLICIES = ("serve-only", "naive", "static", "harli")
@@ -130,6 +133,7 @@ class ColocationScheduler:
         self._cut_uses = 0
         self._stalls = 0  # iterations in a row in which the open step could not go on
         self.backoff = SloBackoff(config.slo_target, max_s=config.tpot_slo_s / 2)
+        self.gate = FillGate()
         self._filled_since: float | None = None  # end of the last step harli trained after
         self._filled_s = 0.0  # ... and the seconds of fine-tune work it ran then
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
@@ -171,6 +175,10 @@ class ColocationScheduler:
         if self._filled_since is not None:
             iteration_s = report.ended_at - self._filled_since
             self.backoff.observe(iteration_s, self.config.tpot_slo_s, self._filled_s)
+            self.gate.on_filled_iteration(iteration_s)
+        if not self.gate.should_fill():  # training in idle time would train more
+            self._filled_since = None
+            return False
         # The next token is due one SLO after this step's: the host time since (the inbox,
         # learning from the step) comes out of the budget too.
         deadline = report.ended_at + self._harli_budget(report, will_prefill)
@@ -278,8 +286,11 @@ class ColocationScheduler:
                 if not ran:
                     self._stalled(job)
                 break
+            tokens = job.tokens_trained
             ran += self.run_micro_step(job, micro)
             self._stalls = 0
+            if job.tokens_trained > tokens:
+                self.gate.on_fill_trained(job.tokens_trained - tokens)
         return ran
 
     def _stalled(self, job: FineTuneJob) -> None:
@@ -330,7 +341,11 @@ class ColocationScheduler:
     def _run_whole_step(self, job: FineTuneJob) -> bool:
         """Finishes the open step (whatever its cut) or runs a new one uncut; False if nothing
         ran (no arena pages for a new step), so an idle loop waits rather than spins."""
-        return bool(self._run_step(job, self._options(job)[0]))
+        uncut, tokens, start = not job.in_step, job.tokens_trained, time.perf_counter()
+        ran = self._run_step(job, self._options(job)[0])
+        if uncut and ran and not job.in_step:
+            self.gate.on_whole_step(job.tokens_trained - tokens, time.perf_counter() - start)
+        return bool(ran)
 
     def _run_step(self, job: FineTuneJob, option: Granularity) -> list[tuple[str, float]]:
         """Runs micro-steps until the open step (or a new one cut as ``option``) completes;
@@ -388,6 +403,8 @@ class ColocationScheduler:
     # -- predictor plumbing -----------------------------------------------------------------
     def observe_inference(self, report: StepReport, calibrating: bool = False) -> None:
         """Learns from an inference step (``calibrating``: also keeps it for ``static``)."""
+        if not calibrating:
+            self.gate.on_inference(report.features["rows"], report.seconds)
         if report.key not in self.predictor:
             self.predictor.register(report.key, "inference", report.cost)
         elif report.key in self._seen_inference:
