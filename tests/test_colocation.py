@@ -71,6 +71,23 @@ def test_every_request_is_served_and_training_follows_the_policy(llm, policy, tm
         assert report["finetune_tokens"] > 0
 
 
+def test_an_idle_loop_trains_whole_steps_as_one_program_outside_the_arena(llm, tmp_path):
+    """Co-located, a step the idle loop starts runs as `train_step`'s one program: no arena
+    pages, none of the whole cut's page round trips."""
+    config = FineTuneConfig(
+        data=write_dataset(tmp_path / "task.jsonl"), out_dir=tmp_path / "job", steps=20
+    )
+    job = FineTuneJob("job", config, llm.model, llm.tokenizer)
+    job.use_arena(llm.engine.arena)
+    metrics = EngineMetrics()
+    scheduler = ColocationScheduler(SchedulerConfig(), Predictor(measure_device_rates()), metrics)
+    scheduler.add_job(job)
+    assert scheduler.after_step(None)
+    assert job.step == 1 and not job.holds_pages
+    assert set(job.trainer._jitted) | set(job.trainer._ahead) == {("step", 4, 256)}
+    assert metrics.summary()["finetune_tokens"] == job.tokens_trained > 0
+
+
 @pytest.mark.slow
 def test_main_job_learns_the_demo_task(tmp_path, capsys):
     assert main(["train-colocated", "--out", str(tmp_path), "--duration", "10"]) == 0

@@ -101,6 +101,7 @@ class Trainer:
         self._key = jax.random.key(seed)
         self._cache = ProgramCache() if programs is None else programs
         self._jitted: dict[ProgramKey, tuple[Callable, Any]] = {}
+        self._ahead: dict[ProgramKey, jax.stages.Compiled] = {}  # compiled before a first run
         self._frozen_views: dict[tuple[int, int, int], Leaves] = {}
         self._residuals: dict[tuple, Residuals] = {}  # by span place, length and chunk shape
         self._arena_steps: ArenaSteps | None = None  # co-located: plans in arena pages
@@ -136,6 +137,8 @@ class Trainer:
 
     def executable(self, key: ProgramKey) -> jax.stages.Compiled:
         """The compiled program of a key this trainer has run, for cost and memory analysis."""
+        if key in self._ahead:
+            return self._ahead[key]
         jitted, args = self._jitted[key]
         return jitted.lower(*args).compile()
 
@@ -143,12 +146,28 @@ class Trainer:
         """One whole step as one program; returns ``loss``, ``grad_norm`` (device scalars) and
         ``tokens`` (the masked-token count)."""
         (arrays,) = _device_chunks(batch, 1)
-        args = (self._lora, self._opt, self._frozen, arrays, self._key, np.int32(self.step))
-        key = ("step", *arrays["tokens"].shape, *(("remat",) if self.remat else ()))
-        program = functools.partial(self._p.whole_step, remat=self.remat)
+        args = self._step_args(arrays)
+        key, program = self._step_program(*arrays["tokens"].shape)
         self._lora, self._opt, metrics = self._call(key, program, (0, 1), *args)
         self.step += 1
         return {**metrics, "tokens": int(np.sum(batch["loss_mask"]))}
+
+    def step_executable(self, rows: int, seq_len: int) -> jax.stages.Compiled:
+        """`train_step`'s program on ``rows`` x ``seq_len`` batches, compiled ahead of its first
+        run (which then uses it): its memory analysis says whether it fits before it runs."""
+        key, program = self._step_program(rows, seq_len)
+        if key not in self._jitted:
+            batch = {name: jax.ShapeDtypeStruct((rows, seq_len), np.int32) for name in _FIELDS}
+            args = jax.tree.map(_shape_of, self._step_args(batch))
+            self._ahead[key] = self._jit(key, program, (0, 1), args).lower(*args).compile()
+        return self.executable(key)
+
+    def _step_program(self, rows: int, seq_len: int) -> tuple[ProgramKey, Callable]:
+        key = ("step", rows, seq_len, *(("remat",) if self.remat else ()))
+        return key, functools.partial(self._p.whole_step, remat=self.remat)
+
+    def _step_args(self, batch: Batch) -> tuple:
+        return (self._lora, self._opt, self._frozen, batch, self._key, np.int32(self.step))
 
     # -- co-location: a step's state in arena pages (see `ArenaSteps`) ---------------------------
 
@@ -337,17 +356,23 @@ class Trainer:
 
     def _call(self, key: ProgramKey, fn: Callable, donate: tuple[int, ...], *args):
         """Runs the program ``key`` (``fn`` jitted on first use) on ``args``."""
+        if key in self._ahead:
+            return self._ahead[key](*args)
         if key not in self._jitted:
-            uses_optimizer = key[0] in ("step", "update")
-            # Arena programs share their micro-step's key but not its signature.
-            in_arena = self._arena_steps is not None and key[0] != "step"
-            owner = (self.graphdef, self.optimizer if uses_optimizer else None, in_arena)
-            if (*owner, key) not in self._cache:
-                self._cache[(*owner, key)] = jax.jit(fn, donate_argnums=donate)
-            jitted = self._cache[(*owner, key)]
-            # Shapes, not arrays, so `executable` can lower it again without keeping them alive.
-            self._jitted[key] = (jitted, jax.tree.map(_shape_of, args))
+            self._jit(key, fn, donate, jax.tree.map(_shape_of, args))
         return self._jitted[key][0](*args)
+
+    def _jit(self, key: ProgramKey, fn: Callable, donate: tuple[int, ...], shapes: Any) -> Callable:
+        """``fn`` jitted as program ``key`` (from the shared cache where it is there), recorded
+        with the ``shapes`` of its arguments so that `executable` can lower it again."""
+        uses_optimizer = key[0] in ("step", "update")
+        # Arena programs share their micro-step's key but not its signature.
+        in_arena = self._arena_steps is not None and key[0] != "step"
+        owner = (self.graphdef, self.optimizer if uses_optimizer else None, in_arena)
+        if (*owner, key) not in self._cache:
+            self._cache[(*owner, key)] = jax.jit(fn, donate_argnums=donate)
+        self._jitted[key] = (self._cache[(*owner, key)], shapes)
+        return self._jitted[key][0]
 
 
 def _shape_of(x: Any) -> jax.ShapeDtypeStruct:

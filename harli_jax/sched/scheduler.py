@@ -339,13 +339,16 @@ class ColocationScheduler:
         return ran
 
     def _run_whole_step(self, job: FineTuneJob) -> bool:
-        """Finishes the open step (whatever its cut) or runs a new one uncut; False if nothing
-        ran (no arena pages for a new step), so an idle loop waits rather than spins."""
-        uncut, tokens, start = not job.in_step, job.tokens_trained, time.perf_counter()
-        ran = self._run_step(job, self._options(job)[0])
-        if uncut and ran and not job.in_step:
-            self.gate.on_whole_step(job.tokens_trained - tokens, time.perf_counter() - start)
-        return bool(ran)
+        """Finishes the open step (whatever its cut) or runs a new one as one program (as the
+        whole cut in arena pages where that does not fit); False if nothing ran (no arena pages
+        for a new step), so an idle loop waits rather than spins."""
+        if job.in_step or not job.whole_step_fits():
+            return bool(self._run_step(job, self._options(job)[0]))
+        start = time.perf_counter()
+        tokens = job.train_step()["tokens"]
+        self.metrics.on_finetune_tokens(tokens)
+        self.gate.on_whole_step(tokens, time.perf_counter() - start)
+        return True
 
     def _run_step(self, job: FineTuneJob, option: Granularity) -> list[tuple[str, float]]:
         """Runs micro-steps until the open step (or a new one cut as ``option``) completes;
@@ -386,6 +389,7 @@ class ColocationScheduler:
         ``measure``, runs each once more, so that each program has a measured, compile-free run
         for the predictor and a calibrated time for ``static``. Records each cut's micro-steps."""
         job.abandon()  # a step left open by an earlier run would hide the cuts' own programs
+        job.whole_step_fits()  # compiles the idle loop's one-program step
         for measuring in (False, True) if measure else (False,):
             for option in self._options(job):
                 ran = self._run_step(job, option)
