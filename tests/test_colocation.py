@@ -77,7 +77,7 @@ def test_an_idle_loop_trains_whole_steps_as_one_program_outside_the_arena(llm, t
     config = FineTuneConfig(
         data=write_dataset(tmp_path / "task.jsonl"), out_dir=tmp_path / "job", steps=20
     )
-    job = FineTuneJob("job", config, llm.model, llm.tokenizer)
+    job = FineTuneJob("idle", config, llm.model, llm.tokenizer)  # its own arena owner
     job.use_arena(llm.engine.arena)
     metrics = EngineMetrics()
     scheduler = ColocationScheduler(SchedulerConfig(), Predictor(measure_device_rates()), metrics)
@@ -168,6 +168,18 @@ def test_a_step_that_stops_fitting_is_dropped_and_cut_again():
     scheduler._fill(job, time.perf_counter() + 0.010)
     assert not job.in_step
     assert scheduler.metrics.summary()["finetune_steps_dropped"] == 1
+
+
+def test_a_slow_step_start_does_not_block_later_starts_for_good():
+    """Starts are gated on the median recent start time; one slow start (11 ms, in 9 ms
+    budgets) is forgotten after `_STALL_LIMIT` gated iterations, as no new sample can come."""
+    job = fake_job()
+    job.in_step = False
+    job.next_micro_step = lambda cut: SimpleNamespace(key=("fwd", "cut", 0, 0))
+    scheduler, _ = scheduler_with_cuts(job, {0: [5.0]})
+    scheduler._plan_s.append(0.011)
+    starts = [scheduler._next_micro_step(job, time.perf_counter() + 0.009) for _ in range(9)]
+    assert starts[:_STALL_LIMIT] == [None] * _STALL_LIMIT and starts[-1] is not None
 
 
 def test_static_budget_is_the_slo_less_the_p99_calibrated_step_and_never_adapts():

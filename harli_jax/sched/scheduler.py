@@ -127,6 +127,7 @@ class ColocationScheduler:
         self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
         self._last_seconds = 0.0
         self._plan_s = deque(maxlen=16)  # host seconds of recent step starts: cut and plan
+        self._plans_gated = 0  # iterations in a row too short for a step start
         # Pricing every cut costs 2-3 ms of host time on the H100's host: the choice is kept
         # for a few steps (and dropped when its step stalls).
         self._cut: Granularity | None = None
@@ -311,10 +312,16 @@ class ColocationScheduler:
             return job.next_micro_step(self._options(job)[-1])  # the open plan decides
         start = time.perf_counter()
         # The median, not the slowest: one slow start (55 ms on the H100's host) kept every
-        # later one waiting for a budget that large, and with no start, no faster sample ever
-        # came to replace it.
+        # later one waiting for a budget that large. And while starts wait, no new sample comes
+        # to replace the slow ones, so after a few iterations the oldest is dropped: a run's
+        # first start (11 ms with its first lease, against ~9 ms budgets) blocked all others.
         if _quantile(self._plan_s, 0.5) > deadline - start:
+            self._plans_gated += 1
+            if self._plans_gated >= _STALL_LIMIT:
+                self._plan_s.popleft()
+                self._plans_gated = 0
             return None
+        self._plans_gated = 0
         if self._cut is None or self._cut_uses >= _RECUT_EVERY:
             self._cut, self._cut_uses = self._harli_granularity(job), 0
         self._cut_uses += 1
