@@ -2,7 +2,7 @@
 
 Filling stretches every iteration toward the SLO, so requests run longer and the loop is idle
 less; idle time is where fine-tuning runs whole steps, which train faster than micro-steps (one
-cut, no arena round trip per span, no dispatch per span: on the H100, ~42k against ~27k tokens/s
+cut, no arena round trip per span, no dispatch per span: on the H100, 41k against ~28k tokens/s
 for the TinyLlama shape). Where decode leaves much of the time idle, training only there beats
 filling; where it leaves little, filling wins. ``FillGate`` decides from a model of the loop fed
 with measured rates:
