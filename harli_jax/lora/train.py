@@ -18,8 +18,9 @@ optimiser update follows the last chunk. Gradients are weighted by the whole bat
 count, so any split computes the unsplit mean loss and its gradient.
 
 Each micro-step calls a jitted program whose key depends only on (rows, seq_len, span length)
-and where the span sits (first, middle, last), so steady state never compiles. Programs take flat
-lists of arrays, which keeps a micro-step's host overhead to a list permutation and one dispatch.
+and where the span sits (first, middle, last), so steady state never compiles. A span's program
+takes flat lists of only its view of the state (its layers' arrays and those outside the
+layers), which keeps a micro-step's host overhead to picking them and one dispatch.
 Here a plan keeps its boundary activations and gradient sums in the trainer's own buffers;
 co-located (`Trainer.use_arena`), an `ArenaSteps` plans it in leased arena pages instead.
 
