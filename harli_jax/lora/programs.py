@@ -61,6 +61,11 @@ class Span:
     def length(self) -> int:
         return self.layers.stop - self.layers.start
 
+    @property
+    def view_key(self) -> tuple[int, int, int]:
+        """What picks the arrays its program takes (`StateLayout.take`)."""
+        return self.layers.start, self.layers.stop, self.shift
+
 
 HEAD = Span("head", slice(0, 0), 0)  # the loss head reads no layer's arrays
 
@@ -116,7 +121,7 @@ class StateLayout:
     def _view(self, span: Span) -> tuple[list[int], list[int]]:
         """(positions in the relabelled list, indices in the state's own list) of the arrays of
         ``span``'s view. Relabelling presents layer i as layer (i - shift) % num_layers."""
-        key = (span.layers.start, span.layers.stop, span.shift)
+        key = span.view_key
         if key not in self._views:
             index = {path: i for i, path in enumerate(self.paths)}
             positions, indices = [], []

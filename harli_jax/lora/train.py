@@ -350,10 +350,9 @@ class Trainer:
 
     def _frozen_view(self, span: Span) -> Leaves:
         """``span``'s view of the frozen state (`StateLayout.take`), which never changes."""
-        key = (span.layers.start, span.layers.stop, span.shift)
-        if key not in self._frozen_views:
-            self._frozen_views[key] = self._p.frozen.take(self._frozen, span)
-        return self._frozen_views[key]
+        if span.view_key not in self._frozen_views:
+            self._frozen_views[span.view_key] = self._p.frozen.take(self._frozen, span)
+        return self._frozen_views[span.view_key]
 
     def _call(self, key: ProgramKey, fn: Callable, donate: tuple[int, ...], *args):
         """Runs the program ``key`` (``fn`` jitted on first use) on ``args``."""

@@ -67,6 +67,7 @@ class FillGate:
         now = self._clock()
         dt, self._last = max(0.0, now - self._last), now
         aging = [self._wall, self._rows, self._steps, self._step_s]
+        aging += [self._whole_tokens, self._whole_s]
         if self.filling:
             aging += [self._iterations, self._iteration_s, self._fill_tokens]
         for counter in aging:
