@@ -21,6 +21,7 @@ from bench import decode_profile
 from bench.common import SHAPES
 from harli_jax.engine.core import EngineConfig, EngineCore
 from harli_jax.engine.sampling import FULL, SamplerInputs, SamplerVariant, SamplingParams
+from harli_jax.engine.step_inputs import pack_inputs
 from harli_jax.engine.steps import make_decode_steps, make_forward_step
 from harli_jax.kernels import paged_attention
 from harli_jax.kernels.paged_attention import Tuning
@@ -79,12 +80,13 @@ def load_model(name: str, checkpoint: Path | None) -> tuple[Llama, float]:
     return model, time.perf_counter() - start
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-@functools.partial(jax.jit, donate_argnums=0)
+# keep_unused: the pattern never reads the cache, and jit drops an unread argument, donated or
+# not; the output then got a buffer of its own beside the cache (8B B=64 context 4096 ran out of
+# memory on the H100 in this program, 32 GiB short).
+@functools.partial(jax.jit, donate_argnums=0, keep_unused=True)
 def _fill(cache: KVCache) -> KVCache:
     """Overwrites the cache in place with a deterministic, non-constant pattern in [-1, 1]: one
-    fused program into the donated buffer. Run eagerly, the float32 pattern of each half was
-    materialised beside the cache (an out-of-memory at 8B B=64 context 4096 on the H100)."""
+    fused program into the donated buffer."""
 
     def pattern(x: jax.Array) -> jax.Array:
         phase = sum(
@@ -109,21 +111,34 @@ def _engine(model: Llama, batch: int, context: int) -> EngineCore:
 
 
 def _decode_inputs(engine: EngineCore, batch: int, context: int, rng) -> tuple:
-    """Decode inputs as the engine builds them: one token per row at position ``context - 1``."""
+    """Decode inputs as the engine builds them (host arrays): one token per row at position
+    ``context - 1``."""
     per_row = context // PAGE_SIZE
     pool = rng.permutation(np.arange(1, engine.cache.num_pages))[: batch * per_row]
     table = pool.reshape(batch, per_row).astype(np.int32)
     position = context - 1
     slots = table[:, position // PAGE_SIZE] * PAGE_SIZE + position % PAGE_SIZE
+    tokens = rng.integers(0, engine.model_config.vocab_size, (batch, 1)).astype(np.int32)
+    positions = np.full((batch, 1), position, np.int32)
+    return tokens, positions, slots[:, None].astype(np.int32), table, np.zeros(batch, np.int32)
+
+
+def _step_args(inputs: tuple) -> tuple[tuple, tuple]:
+    """Device arguments of host step ``inputs`` (tokens, positions, slots, table, last) with the
+    bench's sampling: for :func:`make_forward_step`'s programs, and the engine's packed array."""
+    tokens, positions, slots, table, last = inputs
+    batch = tokens.shape[0]
     sampler = SamplerInputs.build([PARAMS] * batch, list(range(batch)), [0] * batch, batch)
-    return (
-        jnp.asarray(rng.integers(0, engine.model_config.vocab_size, (batch, 1)), jnp.int32),
-        jnp.full((batch, 1), position, jnp.int32),
-        PagedBatch(jnp.asarray(slots[:, None], jnp.int32), jnp.asarray(table)),
-        jnp.zeros(batch, jnp.int32),
+    packed = pack_inputs(*inputs, sampler, np.zeros(batch, np.int32))
+    separate = (
+        jnp.asarray(tokens),
+        jnp.asarray(positions),
+        PagedBatch(jnp.asarray(slots), jnp.asarray(table)),
+        jnp.asarray(last),
         SamplerInputs(*(jnp.asarray(x) for x in sampler)),
         None,  # no adapter slots: the base model
     )
+    return separate, (jnp.asarray(packed),)
 
 
 @contextlib.contextmanager
@@ -229,26 +244,31 @@ def _variant(engine: EngineCore, name: str, inputs: tuple, profile: bool):
     return cache, timing, info
 
 
+def _engine_step(engine: EngineCore, width: int, cache: KVCache, inputs: jax.Array):
+    """The engine's own program (``EngineCore._forward``) on its packed inputs."""
+    return engine._forward(engine.state, cache, inputs, width=width, variant=VARIANT)
+
+
 def time_decode(
     model: Llama, batch: int, context: int, variants: list[str], profile: bool, engine: bool
 ) -> dict[str, Any]:
     """The row's measurements: the engine's own step, the engine loop, and any variants."""
     rng = np.random.default_rng(batch * 100003 + context)
     eng = _engine(model, batch, context)
-    inputs = _decode_inputs(eng, batch, context, rng)
+    inputs, packed = _step_args(_decode_inputs(eng, batch, context, rng))
     out: dict[str, Any] = {}
     try:
         started = time.perf_counter()
-        step = lambda cache, *a: eng._forward(eng.state, cache, *a, variant=VARIANT)  # noqa: E731
-        eng.cache, timing = _time_chained(step, eng.cache, inputs)
+        step = functools.partial(_engine_step, eng, 1)
+        eng.cache, timing = _time_chained(step, eng.cache, packed)
         out |= timing | {"first_call_s": time.perf_counter() - started, "sampler": VARIANT.suffix}
         if profile:  # the engine's own program: cached by the call above, so no recompile
             started = time.perf_counter()
-            lowered = eng._forward.lower(eng.state, eng.cache, *inputs, variant=VARIANT)
+            lowered = eng._forward.lower(eng.state, eng.cache, *packed, width=1, variant=VARIANT)
             compiled = lowered.compile()
             out["hlo"] = decode_profile.hlo_summary(compiled.as_text())
             out["lookup_s"] = time.perf_counter() - started
-            eng.cache, out["kernels"] = _kernel_profile(step, eng.cache, inputs, 1)
+            eng.cache, out["kernels"] = _kernel_profile(step, eng.cache, packed, 1)
         if engine:
             out |= _time_engine(eng, batch, context, rng)
         for name in variants:
@@ -289,20 +309,14 @@ def time_prefill(model: Llama, batch: int, length: int) -> float | None:
     table = np.arange(1, 1 + batch * per_row, dtype=np.int32).reshape(batch, per_row)
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
     slots = np.take_along_axis(table, positions // PAGE_SIZE, axis=1) * PAGE_SIZE
-    sampler = SamplerInputs.build([PARAMS] * batch, list(range(batch)), [0] * batch, batch)
-    args = (
-        jnp.asarray(rng.integers(0, engine.model_config.vocab_size, (batch, length)), jnp.int32),
-        jnp.asarray(positions),
-        PagedBatch(jnp.asarray(slots + positions % PAGE_SIZE), jnp.asarray(table)),
-        jnp.full(batch, length - 1, jnp.int32),
-        SamplerInputs(*(jnp.asarray(x) for x in sampler)),
-        None,
-    )
+    tokens = rng.integers(0, engine.model_config.vocab_size, (batch, length)).astype(np.int32)
+    last = np.full(batch, length - 1, np.int32)
+    _, (inputs,) = _step_args((tokens, positions, slots + positions % PAGE_SIZE, table, last))
     times = []
     try:
         for _ in range(6):
             start = time.perf_counter()
-            engine.cache, out = engine._forward(engine.state, engine.cache, *args, variant=VARIANT)
+            engine.cache, out = _engine_step(engine, length, engine.cache, inputs)
             jax.block_until_ready(out)
             times.append(time.perf_counter() - start)
     except Exception as err:  # reported, not fatal: the other rows still count

@@ -204,9 +204,14 @@ def test_train_keys_carry_the_lora_shape():
 
 def test_inference_features_count_programs_and_decode_pages():
     report = StepReport("forward/r8/t128/p4+forward/r2/t1/p8", {}, {"rows": 2.0}, 0.01)
-    assert inference_features(report) == {"rows": 2.0, "calls": 2.0, "decode_pages": 8.0}
+    assert inference_features(report, after_train=True) == {
+        "rows": 2.0,
+        "calls": 2.0,
+        "decode_pages": 8.0,
+        "after_train": 1.0,
+    }
     report = StepReport("forward/r1/t1/p2/topkp", {}, {"rows": 1.0}, 0.01)
-    assert inference_features(report)["decode_pages"] == 2.0
+    assert inference_features(report, after_train=False)["decode_pages"] == 2.0
 
 
 def test_harli_budget_is_the_slo_less_the_next_step_with_its_absolute_margin():
@@ -219,9 +224,9 @@ def test_harli_budget_is_the_slo_less_the_next_step_with_its_absolute_margin():
     scheduler.observe_inference(decode)  # registers the program; the first run may compile
     late = [0.0] * 95 + [0.001] * 5  # seconds each observed step ran over its prediction
     for extra in late:
-        measured = predictor.predict(decode.key, **inference_features(decode)) + extra
+        measured = predictor.predict(decode.key, **inference_features(decode, False)) + extra
         scheduler.observe_inference(dataclasses.replace(decode, seconds=measured))
-    predicted = predictor.predict(decode.key, **inference_features(decode))
+    predicted = predictor.predict(decode.key, **inference_features(decode, after_train=True))
     margin = predictor.quantile_error_s("inference", 0.99)
     assert margin == pytest.approx(np.quantile(late, 0.99), abs=2e-4)
     expected = 0.02 - (predicted * 1.05 + margin) - config.loop_overhead_s

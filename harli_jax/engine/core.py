@@ -318,13 +318,13 @@ class EngineCore:
 
         The sequences' chunks are decided here; :meth:`StepPrograms.step_inputs` lays them out."""
         chunks = [min(seq.pending, max_chunk) for seq in seqs]
-        key, args, variant = self.programs.step_inputs(
+        step = self.programs.step_inputs(
             self.state, self.cache, self.pages, seqs, chunks, max_chunk
         )
-        keys.append(key)
-        self.cache, packed = self.programs.program(key, args, variant)(*args)
+        keys.append(step.key)
+        self.cache, packed = self.programs.program(step)(*step.args)
         # The program packs what its variant computed into one array: one device-to-host copy.
-        sampled = unpack(np.asarray(packed), variant)
+        sampled = unpack(np.asarray(packed), step.variant)
         new_tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()
         top_ids = top_logprobs = None
         if sampled.top_ids is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import numpy as np
@@ -23,8 +23,9 @@ from flax import nnx
 
 from harli_jax.engine.sampling import FULL, GREEDY, PLAIN, SamplerInputs, SamplerVariant
 from harli_jax.engine.sequence import Sequence
-from harli_jax.engine.steps import bucket, make_forward_step
-from harli_jax.memory.kv_cache import SCRATCH_PAGE, KVCache, PagedBatch
+from harli_jax.engine.step_inputs import pack_inputs
+from harli_jax.engine.steps import bucket, make_engine_step
+from harli_jax.memory.kv_cache import SCRATCH_PAGE, KVCache
 from harli_jax.memory.page_table import PageTable
 from harli_jax.memory.sizing import temp_bytes
 from harli_jax.models.config import ModelConfig
@@ -40,9 +41,27 @@ PRECOMPILED_VARIANTS = (PLAIN, GREEDY)
 Shape = tuple[int, int, int]  # (rows, tokens per row, pages per row)
 
 
+class Step(NamedTuple):
+    """One step as the device runs it: its program's key (sampler variant included), shape
+    bucket and sampler variant, and the compiled program's arguments (state, cache, inputs)."""
+
+    key: str
+    shape: Shape
+    variant: SamplerVariant
+    args: tuple
+
+
+def _step(
+    state: nnx.State, cache: KVCache, inputs: np.ndarray, shape: Shape, variant: SamplerVariant
+) -> Step:
+    rows, width, pages = shape
+    key = f"forward/r{rows}/t{width}/p{pages}{variant.suffix}"
+    return Step(key, shape, variant, (state, cache, inputs))
+
+
 class StepPrograms:
-    """The packed forward step (:func:`~harli_jax.engine.steps.make_forward_step`) compiled per
-    shape bucket and sampler variant: ``compiled`` and ``costs`` are keyed alike,
+    """The engine's step (:func:`~harli_jax.engine.steps.make_engine_step`) compiled per shape
+    bucket and sampler variant: ``compiled`` and ``costs`` are keyed alike,
     ``forward/r{rows}/t{tokens}/p{pages}`` plus the variant's suffix."""
 
     def __init__(
@@ -54,13 +73,12 @@ class StepPrograms:
         lora: bool,
     ):
         """``lora``: the model carries an adapter bank, so every step takes each row's slot."""
-        self.forward = make_forward_step(graphdef, packed=True)
+        self.forward = make_engine_step(graphdef, lora)
         self.compiled: dict[str, jax.stages.Compiled] = {}
         self.costs: dict[str, dict[str, float]] = {}
         self._model_config = model_config
         self._config = config
         self._pages_per_seq = pages_per_seq
-        self._lora = lora
 
     def _page_bucket(self, pages: int) -> int:
         """The page-table width a row reaching ``pages`` pages is padded to."""
@@ -94,13 +112,12 @@ class StepPrograms:
         seqs: list[Sequence],
         chunks: list[int],
         width: int,
-    ) -> tuple[str, tuple, SamplerVariant]:
-        """The program key (sampler variant included), device arguments and sampler variant of a
-        step that processes the next ``chunks[i]`` (at most ``width``) uncached tokens of
+    ) -> Step:
+        """The step that processes the next ``chunks[i]`` (at most ``width``) uncached tokens of
         ``seqs[i]``.
 
         This host side is on every token's critical path (TPOT): the inputs are built with numpy
-        over rows and handed to the compiled call as host arrays."""
+        over rows and packed into one array for the compiled call."""
         n, page_size = len(seqs), self._config.page_size
         starts = np.fromiter((s.num_cached for s in seqs), np.int32, n)
         sizes = np.array(chunks, np.int32)
@@ -127,58 +144,38 @@ class StepPrograms:
         sampler = SamplerInputs.build(
             params, [s.seed for s in seqs], [len(s.output.token_ids) for s in seqs], rows
         )
-        variant = SamplerVariant.of(params)
-        adapter_slots = [s.adapter_slot for s in seqs]
-        key, args = self._step_args(
-            state, cache, tokens, positions, slots, table, last, sampler, adapter_slots
-        )
-        return key + variant.suffix, args, variant
+        adapter_slots = np.zeros(rows, np.int32)
+        adapter_slots[:n] = [s.adapter_slot for s in seqs]
+        inputs = pack_inputs(tokens, positions, slots, table, last, sampler, adapter_slots)
+        shape = (rows, width, table.shape[1])
+        return _step(state, cache, inputs, shape, SamplerVariant.of(params))
 
-    def _step_args(
-        self,
-        state: nnx.State,
-        cache: KVCache,
-        tokens: np.ndarray,
-        positions: np.ndarray,
-        slots: np.ndarray,
-        table: np.ndarray,
-        last: np.ndarray,
-        sampler: SamplerInputs,
-        adapter_slots: list[int],
-    ) -> tuple[str, tuple]:
-        """The program key (without the sampler variant) and device arguments of one step from
-        its host arrays."""
-        rows, width = tokens.shape
-        slot_ids = None
-        if self._lora:
-            slot_ids = np.zeros(rows, np.int32)
-            slot_ids[: len(adapter_slots)] = adapter_slots
-        # Host arrays go to the compiled call as they are: its C++ path transfers them all, which
-        # measured 5x cheaper on the CPU than one jax.device_put of the tuple (or jnp.asarray each).
-        args = (state, cache, tokens, positions, PagedBatch(slots, table), last, sampler)
-        return f"forward/r{rows}/t{width}/p{table.shape[1]}", (*args, slot_ids)
+    def _blank_step(
+        self, state: nnx.State, cache: KVCache, shape: Shape, variant: SamplerVariant
+    ) -> Step:
+        """A step of ``shape`` whose rows are all padding (they write the scratch page only)."""
+        rows = shape[0]
+        sampler = SamplerInputs.build([], [], [], rows)
+        inputs = pack_inputs(*self._blank_inputs(*shape), sampler, np.zeros(rows, np.int32))
+        return _step(state, cache, inputs, shape, variant)
 
-    def _blank_args(self, state: nnx.State, cache: KVCache, shape: Shape) -> tuple[str, tuple]:
-        """:meth:`_step_args` of a step of padding rows only."""
-        blank = self._blank_inputs(*shape)
-        sampler = SamplerInputs.build([], [], [], shape[0])
-        return self._step_args(state, cache, *blank, sampler, [])
+    def _lower(self, step: Step) -> jax.stages.Lowered:
+        return self.forward.lower(*step.args, width=step.shape[1], variant=step.variant)
 
-    def program(self, key: str, args: tuple, variant: SamplerVariant = FULL) -> jax.stages.Compiled:
-        """The compiled program for ``key`` (compiled now if it is new) with sampler ``variant``
-        (which ``key`` must name)."""
-        if key not in self.compiled:
-            self._add(key, args, self.forward.lower(*args, variant=variant).compile())
-        return self.compiled[key]
+    def program(self, step: Step) -> jax.stages.Compiled:
+        """The compiled program of ``step`` (compiled now if it is new)."""
+        if step.key not in self.compiled:
+            self._add(step, self._lower(step).compile())
+        return self.compiled[step.key]
 
-    def _add(self, key: str, args: tuple, compiled: jax.stages.Compiled) -> None:
-        """Keeps ``compiled`` under ``key`` with its cost (XLA's, else the analytic one)."""
-        rows, width = args[2].shape
-        context = args[4].page_table.shape[1] * self._config.page_size
-        itemsize = args[1].k.dtype.itemsize
+    def _add(self, step: Step, compiled: jax.stages.Compiled) -> None:
+        """Keeps ``compiled`` under ``step.key`` with its cost (XLA's, else the analytic one)."""
+        rows, width, pages = step.shape
+        itemsize = step.args[1].k.dtype.itemsize
+        context = pages * self._config.page_size
         fallback = forward_cost(self._model_config, rows, width, context, itemsize)
-        self.compiled[key] = compiled
-        self.costs[key] = compiled_cost(compiled, fallback)
+        self.compiled[step.key] = compiled
+        self.costs[step.key] = compiled_cost(compiled, fallback)
 
     def compile_all(
         self,
@@ -199,19 +196,18 @@ class StepPrograms:
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
             futures = {}
             for index, shape in enumerate(shapes):
-                key, args = self._blank_args(state, cache, shape)
                 for variant in PRECOMPILED_VARIANTS:
-                    if key + variant.suffix in self.compiled:
+                    step = self._blank_step(state, cache, shape, variant)
+                    if step.key in self.compiled:
                         continue
-                    lowered = self.forward.lower(*args, variant=variant)
-                    futures[pool.submit(lowered.compile)] = (index, key + variant.suffix, args)
+                    futures[pool.submit(self._lower(step).compile)] = (index, step)
                     left[index] += 1
             done = sum(count == 0 for count in left)
             if done:
                 progress(done, len(shapes))
             for future in concurrent.futures.as_completed(futures):
-                index, key, args = futures[future]
-                self._add(key, args, future.result())
+                index, step = futures[future]
+                self._add(step, future.result())
                 left[index] -= 1
                 if left[index] == 0:
                     done += 1
@@ -220,10 +216,10 @@ class StepPrograms:
     def run_blank(
         self, state: nnx.State, cache: KVCache, shape: Shape, variant: SamplerVariant
     ) -> KVCache:
-        """One step of padding rows (they write the scratch page only) through a compiled
-        program; returns the cache it donated ``cache`` into."""
-        key, args = self._blank_args(state, cache, shape)
-        cache, packed = self.compiled[key + variant.suffix](*args)
+        """One step of padding rows through a compiled program; returns the cache it donated
+        ``cache`` into."""
+        step = self._blank_step(state, cache, shape, variant)
+        cache, packed = self.compiled[step.key](*step.args)
         jax.block_until_ready(packed)
         return cache
 
@@ -234,6 +230,6 @@ class StepPrograms:
         shapes = self.shape_buckets()
         largest = {max(s for s in shapes if s[1] == width) for width in (1, shapes[-1][1])}
         return max(
-            temp_bytes(self.forward.lower(*self._blank_args(state, cache, shape)[1]).compile())
+            temp_bytes(self._lower(self._blank_step(state, cache, shape, FULL)).compile())
             for shape in largest
         )

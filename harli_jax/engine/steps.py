@@ -1,9 +1,10 @@
 """The jitted device programs of inference, with their shape buckets.
 
-One program, :func:`make_forward_step`, serves both chunked prefill ([rows, chunk] tokens) and
-decode ([rows, 1]): it writes the new tokens' K/V into the donated cache, attends through the page
-table, and samples one token per row at that row's last real position. Shapes are rounded up to
-buckets so that steady state never recompiles. :func:`make_decode_steps` runs several decode
+One step, :func:`forward_step`, serves both chunked prefill ([rows, chunk] tokens) and decode
+([rows, 1]): it writes the new tokens' K/V into the donated cache, attends through the page table,
+and samples one token per row at that row's last real position. The engine runs it as
+:func:`make_engine_step`, its inputs and samples each packed into one array; shapes are rounded up
+to buckets so that steady state never recompiles. :func:`make_decode_steps` runs several decode
 steps in one program (each feeds its sampled token to the next), so one host dispatch covers them.
 """
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from harli_jax.engine.sampling import FULL, Sampled, SamplerInputs, SamplerVariant, pack, sample
+from harli_jax.engine.step_inputs import unpack_inputs
 from harli_jax.lora.inject import set_slots
 from harli_jax.memory.kv_cache import KVCache, PagedBatch
 
@@ -31,15 +33,13 @@ def bucket(n: int, smallest: int = 1) -> int:
 ForwardStep = Callable[..., tuple[KVCache, Sampled]]
 
 
-def make_forward_step(graphdef: nnx.GraphDef, packed: bool = False) -> ForwardStep:
+def forward_step(graphdef: nnx.GraphDef) -> ForwardStep:
     """``step(state, cache, tokens, positions, paged, last, sampler, slot_ids, variant=FULL)``
-    ``-> (cache, Sampled)``.
+    ``-> (cache, Sampled)``, not jitted.
 
     ``last`` [rows] is the index of each row's last real token; ``slot_ids`` [rows] each row's
-    adapter slot (None for a model without a LoRA bank); ``variant`` (static, a
-    :class:`SamplerVariant`) picks the sampler's parts; the cache argument is donated.
-    ``packed`` returns the samples as one array (:func:`~harli_jax.engine.sampling.pack`) instead
-    of a :class:`Sampled`, so that the host reads them back in one transfer.
+    adapter slot (None for a model without a LoRA bank); ``variant`` (a :class:`SamplerVariant`)
+    picks the sampler's parts.
     """
 
     def step(
@@ -58,10 +58,31 @@ def make_forward_step(graphdef: nnx.GraphDef, packed: bool = False) -> ForwardSt
             set_slots(model, slot_ids)
         hidden, cache = model(tokens, positions, cache, paged)
         rows = jnp.arange(tokens.shape[0])
-        sampled = sample(model.logits(hidden[rows, last]), sampler, variant)
-        return cache, pack(sampled) if packed else sampled
+        return cache, sample(model.logits(hidden[rows, last]), sampler, variant)
 
-    return jax.jit(step, donate_argnums=(1,), static_argnames=("variant",))
+    return step
+
+
+def make_forward_step(graphdef: nnx.GraphDef) -> ForwardStep:
+    """:func:`forward_step` jitted: ``variant`` is static and the cache argument is donated."""
+    return jax.jit(forward_step(graphdef), donate_argnums=(1,), static_argnames=("variant",))
+
+
+def make_engine_step(graphdef: nnx.GraphDef, lora: bool) -> Callable[..., tuple]:
+    """``step(state, cache, inputs, width=..., variant=FULL) -> (cache, packed samples)``: the
+    engine's program, :func:`forward_step` over one host array of inputs
+    (:func:`~harli_jax.engine.step_inputs.pack_inputs`) with its samples packed into one array
+    (:func:`~harli_jax.engine.sampling.pack`): one copy each way per step. ``width`` (the tokens
+    per row) and ``variant`` are static; ``lora``: the model carries an adapter bank, so each
+    row's adapter slot is set. The cache argument is donated."""
+    body = forward_step(graphdef)
+
+    def step(state, cache, inputs, width: int, variant: SamplerVariant = FULL):
+        *arrays, slot_ids = unpack_inputs(inputs, width)
+        cache, sampled = body(state, cache, *arrays, slot_ids if lora else None, variant)
+        return cache, pack(sampled)
+
+    return jax.jit(step, donate_argnums=(1,), static_argnames=("width", "variant"))
 
 
 def make_decode_steps(

@@ -27,7 +27,8 @@ import numpy as np
 from harli_jax.sched.correction import Family
 from harli_jax.sched.roofline import CostAnalysis, DeviceRates, cost_dict, roofline_seconds
 
-_FORMAT_VERSION = 4
+# 5: inference steps gained the feature "after_train"; an older file's inference family lacks it.
+_FORMAT_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,11 @@ class Predictor:
     def from_state(cls, state: Mapping[str, Any]) -> Predictor:
         """The predictor `state()` describes; it predicts exactly as the original did."""
         version = state.get("version")
-        if version not in (1, 2, 3, _FORMAT_VERSION):
-            raise ValueError(f"unsupported predictor format {version!r}")
+        if version != _FORMAT_VERSION:
+            raise ValueError(
+                f"unsupported predictor format {version!r} (this version writes and reads "
+                f"{_FORMAT_VERSION}): run `harli-jax profile` again"
+            )
         predictor = cls(DeviceRates(**state["rates"]), **state["config"])
         for key, p in state["programs"].items():
             predictor._add_program(key, p["family"], p["flops"], p["bytes_accessed"])
@@ -224,19 +228,12 @@ class Predictor:
             if saved["feature_names"] is not None:
                 family.feature_names = tuple(saved["feature_names"])
             for sample in saved["samples"]:
-                if version == 1:  # samples carried no program key
-                    sample = ["", *sample]
                 family.keep(str(sample[0]), tuple(sample[1:-1]), sample[-1])
-            if "program_samples" in saved:  # version 4: each program's, beyond the window
-                family.restore_program_samples(
-                    {
-                        k: [(p[:-1], p[-1]) for p in pairs]
-                        for k, pairs in saved["program_samples"].items()
-                    }
-                )
+            programs = saved["program_samples"].items()
+            family.restore_program_samples({k: [(p[:-1], p[-1]) for p in v] for k, v in programs})
             for predicted_s, measured_s in saved["errors"]:
                 family.score(predicted_s, measured_s)
-            if saved.get("fit"):  # version 3: the fit in use, which may predate some samples
+            if saved["fit"]:  # the fit in use, which may predate some samples
                 family.restore_fit(saved["fit"])
         return predictor
 

@@ -124,6 +124,7 @@ class ColocationScheduler:
         self._slack = deque(maxlen=64)  # recent fine-tune budgets, for choosing granularity
         self.calibration = calibration or Calibration()
         self._seen_inference: set[str] = set()  # a program's first step may compile
+        self._after_train = False  # whether fine-tune work ran since the last inference step
         self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
         self._last_seconds = 0.0
         self._plan_s = deque(maxlen=16)  # host seconds of recent step starts: cut and plan
@@ -153,6 +154,10 @@ class ColocationScheduler:
         any."""
         if report is not None:
             self.observe_inference(report)
+        self._after_train = self._work(report, will_prefill)
+        return self._after_train
+
+    def _work(self, report: StepReport | None, will_prefill: bool) -> bool:
         if self.config.policy == "serve-only" or not self.jobs:
             return False
         job = self.jobs[0]
@@ -195,12 +200,13 @@ class ColocationScheduler:
     def _harli_budget(self, report: StepReport, will_prefill: bool) -> float:
         """The SLO minus the next inference step (with margin) and the loop overhead.
 
-        The next step is predicted as the one just run (same programs and batch), less the
-        prefill chunk it ran if none follows (its decode program alone). One that will add a
-        prefill chunk the last did not run is priced as the slowest recent such step: requests
-        admitted next are known now, so its program is, but not its batch's mix.
+        The next step is predicted as the one just run (same programs and batch) but after
+        fine-tune work, less the prefill chunk it ran if none follows (its decode program alone).
+        One that will add a prefill chunk the last did not run is priced as the slowest recent
+        such step: requests admitted next are known now, so its program is, but not its batch's
+        mix.
         """
-        key, features = report.key, inference_features(report)
+        key, features = report.key, inference_features(report, after_train=True)
         decode_key = key.rsplit("+", 1)[-1]
         if "+" in key and not will_prefill and decode_key in self.predictor:
             key, features = decode_key, {**features, "prefill_tokens": 0.0, "calls": 1.0}
@@ -419,7 +425,8 @@ class ColocationScheduler:
         if report.key not in self.predictor:
             self.predictor.register(report.key, "inference", report.cost)
         elif report.key in self._seen_inference:
-            self.predictor.observe(report.key, report.seconds, **inference_features(report))
+            features = inference_features(report, self._after_train)
+            self.predictor.observe(report.key, report.seconds, **features)
             if report.features.get("prefill_tokens"):
                 self._prefill_steps.append(report.seconds)
             elif calibrating:  # static's budget is tuned on decode iterations

@@ -1,0 +1,34 @@
+"""A step's inputs travel to the device as one packed array and come back out unchanged."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from harli_jax.engine.sampling import SamplerInputs, SamplingParams
+from harli_jax.engine.step_inputs import pack_inputs, unpack_inputs
+
+
+def test_packed_step_inputs_unpack_to_the_same_arrays_inside_a_program() -> None:
+    rng = np.random.default_rng(0)
+    rows, width, pages = 4, 3, 5
+    ints = lambda *shape: rng.integers(-(2**31), 2**31 - 1, shape).astype(np.int32)  # noqa: E731
+    tokens, positions, slots, table, last = (
+        ints(rows, width),
+        ints(rows, width),
+        ints(rows, width),
+        ints(rows, pages),
+        ints(rows),
+    )
+    params = [SamplingParams(temperature=0.7, top_p=0.9, top_k=40), SamplingParams(top_p=1e-3)]
+    sampler = SamplerInputs.build(params, [2**32 - 1, 7], [0, 12], rows)
+    adapter_slots = np.array([0, 3, 1, 0], np.int32)
+    packed = pack_inputs(tokens, positions, slots, table, last, sampler, adapter_slots)
+
+    out = jax.jit(unpack_inputs, static_argnums=1)(packed, width)
+
+    expected = (tokens, positions, slots, table, last, *sampler, adapter_slots)
+    got = (out[0], out[1], *out[2], out[3], *out[4], out[5])
+    for want, have in zip(expected, got, strict=True):
+        assert np.asarray(have).dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(have), want)
