@@ -136,6 +136,7 @@ def _profile(args: argparse.Namespace) -> None:
     from harli_jax.sched.calibration import job_shape
     from harli_jax.sched.predictor import Predictor
     from harli_jax.sched.roofline import measure_device_rates
+    from harli_jax.sched.runner import cuts
     from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
 
     if args.tpot_slo_ms <= 0:
@@ -179,14 +180,14 @@ def _profile(args: argparse.Namespace) -> None:
         compile_s = core.compile_all(lambda done, total: bar.update(1))
     print(f"compiled {len(core.shape_buckets())} inference programs in {compile_s:.1f} s")
     print("compiling and measuring every cut of the train step ...", flush=True)
-    scheduler.calibrate(job)
+    scheduler.runner.calibrate(job)
     print("measuring inference steps over the shape buckets ...", flush=True)
     _inference_pass(llm, scheduler)
     # A scored pass: each measurement is compared with the prediction made just before it.
     scheduler.predictor.clear_errors()
     _inference_pass(llm, scheduler)
-    for option in scheduler._options(job):
-        scheduler._run_step(job, option)
+    for option in cuts(job):
+        scheduler.runner.run_step(job, option)
     errors = {f: scheduler.predictor.error_stats(f) for f in scheduler.predictor.families()}
     identity = model_identity(args.model, args.dtype)
     device = device_kind()

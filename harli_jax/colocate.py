@@ -78,7 +78,7 @@ def calibrate(
         core.compile_all(lambda done, total: bar.update(1))
     verb = "compiling and calibrating" if measure else "compiling"
     progress(f"{verb} the train step's micro-steps ...")
-    scheduler.calibrate(job, measure=measure)
+    scheduler.runner.calibrate(job, measure=measure)
     if measure:
         calibrate_inference(llm, scheduler)
     return time.perf_counter() - start
@@ -164,7 +164,7 @@ def run_colocated(
     )
     say = print if show_progress else _quiet
     job.use_arena(llm.engine.arena)  # its step state shares the KV cache's pages
-    if calibrated and scheduler.is_warm(job):
+    if calibrated and scheduler.runner.is_warm(job):
         compile_s = 0.0
     else:
         compile_s = calibrate(llm, scheduler, job, progress=say, measure=not calibrated)

@@ -28,6 +28,7 @@ from harli_jax.sched.calibration import (
 from harli_jax.sched.costs import StepReport
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.roofline import DeviceRates, measure_device_rates
+from harli_jax.sched.runner import cuts
 from harli_jax.sched.scheduler import (
     _STALL_LIMIT,
     ColocationScheduler,
@@ -116,7 +117,7 @@ def scheduler_with_cuts(job, cut_ms: dict[int, list[float]], policy="harli", **c
         SchedulerConfig(policy=policy, tpot_slo_s=0.02, **config), predictor, EngineMetrics()
     )
     scheduler.calibration = calibration
-    options = scheduler._options(job)
+    options = cuts(job)
     for index, sizes in cut_ms.items():
         keys = []
         for n, ms in enumerate(sizes):

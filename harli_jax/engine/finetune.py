@@ -256,12 +256,20 @@ class FineTuneJob:
         bookkeeping and checkpoint writes are not in it) and the step's metrics if it completed
         a step."""
         start = time.perf_counter()
-        jax.block_until_ready(micro.run())
+        jax.block_until_ready(self.start(micro))
         seconds = time.perf_counter() - start
-        if micro.kind != "update":
-            return seconds, None
+        return seconds, self.finish_step() if micro.kind == "update" else None
+
+    def start(self, micro: MicroStep) -> jax.Array:
+        """Dispatches ``micro``'s program without waiting for it; returns an array that is ready
+        once it has run. After an update, `finish_step` must follow before the next micro-step."""
+        micro.run()
+        return self.trainer.done
+
+    def finish_step(self) -> dict:
+        """Completes the step whose update has run; returns its metrics."""
         metrics, self._plan = self._plan.metrics, None
-        return seconds, self._finish_step(metrics)
+        return self._finish_step(metrics)
 
     def abandon(self) -> None:
         """Drops the open step; its batch is the next step's (kept, not re-read: rebuilding the

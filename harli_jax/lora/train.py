@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -106,6 +107,7 @@ class Trainer:
         self._frozen_views: dict[tuple[int, int, int], Leaves] = {}
         self._residuals: dict[tuple, Residuals] = {}  # by span place, length and chunk shape
         self._arena_steps: ArenaSteps | None = None  # co-located: plans in arena pages
+        self.done: jax.Array  # ready once the last program dispatched has run (see `_call`)
         self._grads, self._loss = self._call(("zeros",), self._p.zeros, (), self._lora)
         self._accumulating = False
 
@@ -355,12 +357,15 @@ class Trainer:
         return self._frozen_views[span.view_key]
 
     def _call(self, key: ProgramKey, fn: Callable, donate: tuple[int, ...], *args):
-        """Runs the program ``key`` (``fn`` jitted on first use) on ``args``."""
+        """Dispatches the program ``key`` (``fn`` jitted on first use) on ``args`` and returns
+        its outputs without waiting for them; `done` becomes its completion marker."""
         if key in self._ahead:
-            return self._ahead[key](*args)
+            outputs, self.done = self._ahead[key](*args)
+            return outputs
         if key not in self._jitted:
             self._jit(key, fn, donate, jax.tree.map(_shape_of, args))
-        return self._jitted[key][0](*args)
+        outputs, self.done = self._jitted[key][0](*args)
+        return outputs
 
     def _jit(self, key: ProgramKey, fn: Callable, donate: tuple[int, ...], shapes: Any) -> Callable:
         """``fn`` jitted as program ``key`` (from the shared cache where it is there), recorded
@@ -370,9 +375,20 @@ class Trainer:
         in_arena = self._arena_steps is not None and key[0] != "step"
         owner = (self.graphdef, self.optimizer if uses_optimizer else None, in_arena)
         if (*owner, key) not in self._cache:
-            self._cache[(*owner, key)] = jax.jit(fn, donate_argnums=donate)
+            self._cache[(*owner, key)] = jax.jit(_with_marker(fn), donate_argnums=donate)
         self._jitted[key] = (self._cache[(*owner, key)], shapes)
         return self._jitted[key][0]
+
+
+def _with_marker(fn: Callable) -> Callable:
+    """``fn`` with a scalar appended to its outputs. All outputs of a program become ready
+    together, and this one is never donated to a later program: a host that has passed the
+    others on (an arena buffer to the next micro-step) can still wait for this program."""
+
+    def program(*args):
+        return fn(*args), jnp.zeros((), jnp.int8)
+
+    return program
 
 
 def _shape_of(x: Any) -> jax.ShapeDtypeStruct:

@@ -37,12 +37,10 @@ The baselines share all the machinery and differ only in that decision:
   the load;
 - ``harli``: as above.
 
-With no inference work at all, every policy but ``serve-only`` trains in whole steps.
-
-A program's first run in a job compiles it (or loads it from the persistent compilation cache),
-and an inference program's first step under a scheduler may too: neither is a latency sample.
-Train programs are keyed by the job's LoRA shape (rank, target modules, rows x seq_len) as well as
-by the micro-step, so jobs of different shapes never share a correction.
+With no inference work at all, every policy but ``serve-only`` trains in whole steps. Micro-steps
+run through a :class:`~harli_jax.sched.runner.MicroStepRunner`, which keeps the next one queued on
+the device while the host prepares the one after; an inference program's first step under a
+scheduler may compile, so it is not a latency sample.
 """
 
 from __future__ import annotations
@@ -50,25 +48,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import weakref
 from collections import deque
 
 import numpy as np
 
-from harli_jax.engine.finetune import FineTuneJob, Granularity, granularities
+from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.train import MicroStep
 from harli_jax.sched.backoff import SloBackoff
 from harli_jax.sched.calibration import (
     Calibration,
     inference_features,
-    job_shape,
     option_id,
-    train_key,
 )
 from harli_jax.sched.costs import StepReport
 from harli_jax.sched.fill_gate import FillGate
 from harli_jax.sched.predictor import Predictor
+from harli_jax.sched.runner import MicroStepRunner, cuts, family, program_key
 
 POLICIES = ("serve-only", "naive", "static", "harli")
 _RECUT_EVERY = 4  # step starts that reuse harli's choice of cut
@@ -103,10 +99,6 @@ class SchedulerConfig:
             raise ValueError(f"the TPOT SLO must be positive, got {self.tpot_slo_s}")
 
 
-# The programs each job has run at least once in this process: a first run compiles.
-_WARM: weakref.WeakKeyDictionary[FineTuneJob, set[str]] = weakref.WeakKeyDictionary()
-
-
 class ColocationScheduler:
     """Implements the engine loop's ``Colocator``: runs fine-tune jobs in inference slack."""
 
@@ -122,11 +114,10 @@ class ColocationScheduler:
         self.metrics = metrics
         self.jobs: deque[FineTuneJob] = deque()
         self._slack = deque(maxlen=64)  # recent fine-tune budgets, for choosing granularity
-        self.calibration = calibration or Calibration()
+        self.runner = MicroStepRunner(predictor, metrics, calibration or Calibration())
         self._seen_inference: set[str] = set()  # a program's first step may compile
         self._after_train = False  # whether fine-tune work ran since the last inference step
         self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
-        self._last_seconds = 0.0
         self._plan_s = deque(maxlen=16)  # host seconds of recent step starts: cut and plan
         self._plans_gated = 0  # iterations in a row too short for a step start
         # Pricing every cut costs 2-3 ms of host time on the H100's host: the choice is kept
@@ -140,6 +131,14 @@ class ColocationScheduler:
         self._filled_s = 0.0  # ... and the seconds of fine-tune work it ran then
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
         self.on_job_failed = lambda job, error: None
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.runner.calibration
+
+    @calibration.setter
+    def calibration(self, calibration: Calibration) -> None:
+        self.runner.calibration = calibration
 
     def predictor_errors(self) -> dict[str, dict[str, float]]:
         return {family: self.predictor.error_stats(family) for family in FAMILIES}
@@ -158,12 +157,15 @@ class ColocationScheduler:
         return self._after_train
 
     def _work(self, report: StepReport | None, will_prefill: bool) -> bool:
+        """Advances the first job as the policy says; a job that raises is failed and dropped,
+        one that finishes is handed on. Returns whether fine-tune work ran."""
         if self.config.policy == "serve-only" or not self.jobs:
             return False
         job = self.jobs[0]
         try:
             ran = self._advance(job, report, will_prefill)
         except Exception as error:  # a broken job must not take serving down with it
+            self.runner.inflight.clear()
             self.jobs.popleft()
             self.on_job_failed(job, error)
             return True
@@ -215,9 +217,6 @@ class ColocationScheduler:
             next_step = max(next_step, max(self._prefill_steps, default=self.config.tpot_slo_s))
         return self.config.tpot_slo_s - next_step - self.config.loop_overhead_s
 
-    def _options(self, job: FineTuneJob) -> list[Granularity]:
-        return granularities(job.trainer.num_layers, job.config.batch_size)
-
     def static_budget(self) -> float:
         """The static policy's fixed budget (seconds per iteration); see the module docstring."""
         if self.config.static_budget_s is not None:
@@ -230,7 +229,7 @@ class ColocationScheduler:
     def static_granularity(self, job: FineTuneJob) -> Granularity:
         """The static policy's fixed cut: the coarsest whose slowest calibrated micro-step fits
         the budget, else the finest (or ``static_granularity`` where configured)."""
-        options = self._options(job)
+        options = cuts(job)
         if self.config.static_granularity is not None:
             return options[self.config.static_granularity]
         budget = self.static_budget()
@@ -243,7 +242,7 @@ class ColocationScheduler:
 
     def _harli_granularity(self, job: FineTuneJob) -> Granularity:
         """The cut that completes a step in the fewest recent budgets (ties: the coarser)."""
-        options = self._options(job)
+        options = cuts(job)
         if not self._slack:
             return options[-1]
         budgets = list(self._slack)
@@ -275,30 +274,34 @@ class ColocationScheduler:
 
     # -- running ----------------------------------------------------------------------------
     def _fill(self, job: FineTuneJob, deadline: float) -> float:
-        """Runs micro-steps while the next one's estimate fits before ``deadline`` (a
-        ``time.perf_counter`` time): planning a step, predicting and learning take host time
-        between programs, and a budget that counted only the programs overran it (on the H100,
-        harli's median iteration came out 5 ms over a 19 ms SLO). Each new step gets its cut
-        from the budgets as they are then. Returns the seconds of fine-tune work it ran."""
-        ran = 0.0
+        """Dispatches micro-steps while the next one's estimate fits before ``deadline`` (a
+        ``time.perf_counter`` time) behind those in flight, then waits for all: planning a step,
+        predicting and learning take host time between programs, which the programs in flight
+        hide but which a budget must still leave room for (on the H100, harli's median iteration
+        once came out 5 ms over a 19 ms SLO). Each new step gets its cut from the budgets as they
+        are then. Returns the seconds from its start to the end of its last program (0 if it
+        dispatched none)."""
+        start, ran = time.perf_counter(), False
         while not job.done:
             micro = self._next_micro_step(job, deadline)
             if micro is None:  # no time to start a step, or no arena pages for one now
                 break
-            key = self._train_key(job, micro.key)
+            key = program_key(job, micro.key)
             # Unknown programs are measured once when there is time to spare (idle loop).
             if key not in self.predictor:
                 break
-            if self._estimate(_family(micro.key), key) > deadline - time.perf_counter():
+            estimate = self._estimate(family(micro.key), key)
+            if self.runner.inflight.busy_until() + estimate > deadline:
                 if not ran:
                     self._stalled(job)
                 break
             tokens = job.tokens_trained
-            ran += self.run_micro_step(job, micro)
-            self._stalls = 0
-            if job.tokens_trained > tokens:
+            self.runner.dispatch(job, micro, estimate)
+            ran, self._stalls = True, 0
+            if job.tokens_trained > tokens:  # its update ran: the step is done
                 self.gate.on_fill_trained(job.tokens_trained - tokens)
-        return ran
+        self.runner.inflight.drain()
+        return time.perf_counter() - start if ran else 0.0
 
     def _stalled(self, job: FineTuneJob) -> None:
         """Counts an iteration in which the open step's next micro-step did not fit; after
@@ -315,7 +318,7 @@ class ColocationScheduler:
         the recent budgets. Starting a step is host work (choosing the cut, leasing pages,
         moving the batch: 3-4 ms on the H100's host) that must fit before ``deadline`` too."""
         if job.in_step:
-            return job.next_micro_step(self._options(job)[-1])  # the open plan decides
+            return job.next_micro_step(cuts(job)[-1])  # the open plan decides
         start = time.perf_counter()
         # The median, not the slowest: one slow start (55 ms on the H100's host) kept every
         # later one waiting for a budget that large. And while starts wait, no new sample comes
@@ -343,12 +346,13 @@ class ColocationScheduler:
             micro = job.next_micro_step(granularity)
             if micro is None:
                 break
-            seconds = self.calibration.seconds.get(self._train_key(job, micro.key))
+            seconds = self.calibration.seconds.get(program_key(job, micro.key))
             if seconds is None or seconds > budget:
                 break
-            self.run_micro_step(job, micro)
+            self.runner.dispatch(job, micro, seconds)
             budget -= seconds
             ran = True
+        self.runner.inflight.drain()
         return ran
 
     def _run_whole_step(self, job: FineTuneJob) -> bool:
@@ -356,66 +360,12 @@ class ColocationScheduler:
         whole cut in arena pages where that does not fit); False if nothing ran (no arena pages
         for a new step), so an idle loop waits rather than spins."""
         if job.in_step or not job.whole_step_fits():
-            return bool(self._run_step(job, self._options(job)[0]))
+            return bool(self.runner.run_step(job, cuts(job)[0]))
         start = time.perf_counter()
         tokens = job.train_step()["tokens"]
         self.metrics.on_finetune_tokens(tokens)
         self.gate.on_whole_step(tokens, time.perf_counter() - start)
         return True
-
-    def _run_step(self, job: FineTuneJob, option: Granularity) -> list[tuple[str, float]]:
-        """Runs micro-steps until the open step (or a new one cut as ``option``) completes;
-        returns (program key, wall seconds) of each, in order."""
-        ran = []
-        while True:
-            micro = job.next_micro_step(option)
-            if micro is None:
-                return ran
-            self.run_micro_step(job, micro)
-            ran.append((self._train_key(job, micro.key), self._last_seconds))
-            if not job.in_step:
-                return ran
-
-    def run_micro_step(self, job: FineTuneJob, micro) -> float:
-        """Runs one micro-step, feeds its wall seconds to the predictor and returns them: the
-        step's bookkeeping after its last program (0.5 ms on the H100's host) delays decode as
-        much as the program does. A step that wrote a checkpoint feeds its program's seconds:
-        the write (0.1 s on a CPU) comes every ``checkpoint_every`` steps, not with the program."""
-        start = time.perf_counter()
-        program_seconds, metrics = job.run(micro)
-        seconds = self._last_seconds = time.perf_counter() - start
-        sample = program_seconds if metrics and metrics["checkpointed"] else seconds
-        key = self._train_key(job, micro.key)
-        warm = _WARM.setdefault(job, set())
-        if key not in self.predictor:
-            self.predictor.register(key, _family(micro.key), job.program_cost(micro.key))
-        elif key in warm:
-            self.predictor.observe(key, sample)
-        # else: the job's first run of a known program compiled it: not a latency sample
-        warm.add(key)
-        if metrics is not None:
-            self.metrics.on_finetune_tokens(metrics["tokens"])
-        return seconds
-
-    def calibrate(self, job: FineTuneJob, measure: bool = True) -> None:
-        """Compiles every cut of ``job``'s train step (one real step at each) and, with
-        ``measure``, runs each once more, so that each program has a measured, compile-free run
-        for the predictor and a calibrated time for ``static``. Records each cut's micro-steps."""
-        job.abandon()  # a step left open by an earlier run would hide the cuts' own programs
-        job.whole_step_fits()  # compiles the idle loop's one-program step
-        for measuring in (False, True) if measure else (False,):
-            for option in self._options(job):
-                ran = self._run_step(job, option)
-                self.calibration.cuts[option_id(job, option)] = [key for key, _ in ran]
-                for key, seconds in ran if measuring else ():
-                    known = self.calibration.seconds.get(key, 0.0)
-                    self.calibration.seconds[key] = max(known, seconds)
-
-    def is_warm(self, job: FineTuneJob) -> bool:
-        """Whether every program of every calibrated cut of ``job`` has run in it already."""
-        keys = [self.calibration.cuts.get(option_id(job, o)) for o in self._options(job)]
-        warm = _WARM.get(job, set())
-        return all(k is not None and set(k) <= warm for k in keys)
 
     # -- predictor plumbing -----------------------------------------------------------------
     def observe_inference(self, report: StepReport, calibrating: bool = False) -> None:
@@ -432,10 +382,6 @@ class ColocationScheduler:
             elif calibrating:  # static's budget is tuned on decode iterations
                 self.calibration.inference_s.append(report.seconds)
         self._seen_inference.add(report.key)
-
-    @staticmethod
-    def _train_key(job: FineTuneJob, program_key: tuple) -> str:
-        return train_key(job_shape(job), program_key)
 
 
 def iterations_per_step(sizes: list[float], budgets: list[float]) -> float:
@@ -458,7 +404,3 @@ def iterations_per_step(sizes: list[float], budgets: list[float]) -> float:
 
 def _quantile(values: deque[float], q: float) -> float:
     return float(np.quantile(values, q)) if values else 0.0
-
-
-def _family(program_key: tuple) -> str:
-    return f"train/{program_key[0]}"

@@ -1,0 +1,118 @@
+"""Running a fine-tune job's micro-steps on the device, and learning what each took.
+
+This module owns :class:`MicroStepRunner`, the scheduler's hands: it dispatches micro-steps one
+ahead of the host (:class:`~harli_jax.sched.inflight.InFlight`), feeds each program's seconds to
+the predictor, runs whole cuts, and calibrates a job (every cut compiled, then measured once more)
+into a :class:`~harli_jax.sched.calibration.Calibration`. What to run, and when, is the
+scheduler's.
+
+A program's first run in a job compiles it (or loads it from the persistent compilation cache):
+that run is not a latency sample. Train programs are keyed by the job's LoRA shape (rank, target
+modules, rows x seq_len) as well as by the micro-step, so jobs of different shapes never share a
+correction.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import weakref
+
+from harli_jax.engine.finetune import FineTuneJob, Granularity, granularities
+from harli_jax.engine.metrics import EngineMetrics
+from harli_jax.lora.train import MicroStep
+from harli_jax.sched.calibration import Calibration, job_shape, option_id, train_key
+from harli_jax.sched.inflight import InFlight
+from harli_jax.sched.predictor import Predictor
+
+# The programs each job has run at least once in this process: a first run compiles.
+_WARM: weakref.WeakKeyDictionary[FineTuneJob, set[str]] = weakref.WeakKeyDictionary()
+
+
+def cuts(job: FineTuneJob) -> list[Granularity]:
+    """The ways ``job``'s step can be cut, coarsest first."""
+    return granularities(job.trainer.num_layers, job.config.batch_size)
+
+
+def program_key(job: FineTuneJob, micro_key: tuple) -> str:
+    """The predictor's key of ``job``'s program for the micro-step ``micro_key``."""
+    return train_key(job_shape(job), micro_key)
+
+
+def family(micro_key: tuple) -> str:
+    """The predictor family of a micro-step's program: ``train/<kind>``."""
+    return f"train/{micro_key[0]}"
+
+
+class MicroStepRunner:
+    """Dispatches micro-steps and learns their times (``calibration``: what `calibrate` found)."""
+
+    def __init__(self, predictor: Predictor, metrics: EngineMetrics, calibration: Calibration):
+        self.predictor, self.metrics, self.calibration = predictor, metrics, calibration
+        self.inflight = InFlight()  # micro-steps dispatched and not yet seen to end
+        self.last_seconds = 0.0  # the last micro-step's program and bookkeeping
+
+    def dispatch(self, job: FineTuneJob, micro: MicroStep, estimate: float = 0.0) -> None:
+        """Dispatches ``micro`` behind the programs in flight (``estimate``: its predicted
+        seconds, for planning what follows); once it has run, its time goes to the predictor."""
+        record = functools.partial(self._record, job, micro.key)
+        finish = job.finish_step if micro.kind == "update" else None
+        dispatched = time.perf_counter()
+        self.inflight.add(job.start(micro), dispatched, estimate, record, finish)
+
+    def run(self, job: FineTuneJob, micro: MicroStep) -> float:
+        """Runs one micro-step to its end (after those in flight); returns its seconds."""
+        self.dispatch(job, micro)
+        self.inflight.drain()
+        return self.last_seconds
+
+    def run_step(self, job: FineTuneJob, option: Granularity) -> list[tuple[str, float]]:
+        """Runs micro-steps, each to its end, until the open step (or a new one cut as
+        ``option``) completes; returns (program key, seconds) of each, in order."""
+        ran = []
+        while True:
+            micro = job.next_micro_step(option)
+            if micro is None:
+                return ran
+            ran.append((program_key(job, micro.key), self.run(job, micro)))
+            if not job.in_step:
+                return ran
+
+    def _record(self, job: FineTuneJob, micro_key: tuple, seconds: float, finish_s: float, metrics):
+        """Learns from a micro-step that has run: ``seconds`` of its program, then ``finish_s``
+        of its step's bookkeeping (an update's: 0.5 ms on the H100's host, which delays decode
+        as much as a program does). A step that wrote a checkpoint feeds its program's seconds
+        alone: the write (0.1 s on a CPU) comes every ``checkpoint_every`` steps, not with the
+        program."""
+        self.last_seconds = seconds + finish_s
+        sample = seconds if metrics and metrics["checkpointed"] else seconds + finish_s
+        key = program_key(job, micro_key)
+        warm = _WARM.setdefault(job, set())
+        if key not in self.predictor:
+            self.predictor.register(key, family(micro_key), job.program_cost(micro_key))
+        elif key in warm:
+            self.predictor.observe(key, sample)
+        # else: the job's first run of a known program compiled it: not a latency sample
+        warm.add(key)
+        if metrics is not None:
+            self.metrics.on_finetune_tokens(metrics["tokens"])
+
+    def calibrate(self, job: FineTuneJob, measure: bool = True) -> None:
+        """Compiles every cut of ``job``'s train step (one real step at each) and, with
+        ``measure``, runs each once more, so that each program has a measured, compile-free run
+        for the predictor and a calibrated time for ``static``. Records each cut's micro-steps."""
+        job.abandon()  # a step left open by an earlier run would hide the cuts' own programs
+        job.whole_step_fits()  # compiles the idle loop's one-program step
+        for measuring in (False, True) if measure else (False,):
+            for option in cuts(job):
+                ran = self.run_step(job, option)
+                self.calibration.cuts[option_id(job, option)] = [key for key, _ in ran]
+                for key, seconds in ran if measuring else ():
+                    known = self.calibration.seconds.get(key, 0.0)
+                    self.calibration.seconds[key] = max(known, seconds)
+
+    def is_warm(self, job: FineTuneJob) -> bool:
+        """Whether every program of every calibrated cut of ``job`` has run in it already."""
+        keys = [self.calibration.cuts.get(option_id(job, option)) for option in cuts(job)]
+        warm = _WARM.get(job, set())
+        return all(k is not None and set(k) <= warm for k in keys)

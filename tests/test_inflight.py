@@ -1,0 +1,113 @@
+"""Micro-steps dispatched ahead of the host: each program's time, when the host waits, and that a
+job run one program ahead trains the adapter a job run program by program does."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from harli_jax import LLM
+from harli_jax.demo_task import write_dataset
+from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob, granularities
+from harli_jax.engine.metrics import EngineMetrics
+from harli_jax.lora.config import LoraConfig
+from harli_jax.sched.calibration import Calibration
+from harli_jax.sched.inflight import InFlight
+from harli_jax.sched.predictor import Predictor
+from harli_jax.sched.roofline import DeviceRates
+from harli_jax.sched.runner import MicroStepRunner
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_program_is_timed_from_when_the_device_could_start_it():
+    clock, times = Clock(), []
+    queue = InFlight(depth=2, clock=clock)
+    record = lambda seconds, finish_s, result: times.append(seconds)  # noqa: E731
+    queue.add(jnp.zeros(()), dispatched=0.0, estimate=2.0, record=record)
+    clock.now = 2.0  # the host, having dispatched a second program at 0.5, sees the first end
+    queue.add(jnp.zeros(()), dispatched=0.5, estimate=2.0, record=record)
+    assert len(queue) == 1  # it waited for the first; the second stays queued
+    clock.now = 5.0
+    queue.drain()
+    # The second could start only when the first ended, not at its own dispatch.
+    assert times == [2.0, 3.0]
+
+
+def test_busy_until_chains_the_estimates_of_what_is_queued():
+    clock = Clock()
+    queue = InFlight(depth=3, clock=clock)
+    record = lambda *args: None  # noqa: E731
+    assert queue.busy_until() == 0.0
+    queue.add(jnp.zeros(()), dispatched=0.0, estimate=2.0, record=record)
+    queue.add(jnp.zeros(()), dispatched=0.5, estimate=3.0, record=record)
+    assert queue.busy_until() == pytest.approx(5.0)
+    clock.now = 9.0  # later than the estimates: the device is idle now
+    assert queue.busy_until() == 9.0
+
+
+def test_a_program_with_host_work_after_it_drains_the_queue_first():
+    clock, seen = Clock(), []
+
+    def finish():
+        clock.now += 0.25
+        return {"tokens": 7}
+
+    queue = InFlight(depth=4, clock=clock)
+    queue.add(jnp.zeros(()), 0.0, 1.0, lambda s, f, r: seen.append(("first", r)))
+    queue.add(jnp.zeros(()), 0.0, 1.0, lambda s, f, r: seen.append(("update", f, r)), finish)
+    assert len(queue) == 0
+    assert seen == [("first", None), ("update", 0.25, {"tokens": 7})]
+
+
+def test_depth_one_waits_for_every_program():
+    queue = InFlight(depth=1)
+    queue.add(jnp.zeros(()), 0.0, 1.0, lambda *args: None)
+    assert len(queue) == 0
+    with pytest.raises(ValueError, match="depth"):
+        InFlight(depth=0)
+
+
+def _job(tmp_path, name: str) -> tuple[LLM, FineTuneJob]:
+    llm = LLM.demo(max_num_seqs=2, max_model_len=128, page_size=32, prefill_chunk=64)
+    config = FineTuneConfig(
+        data=write_dataset(tmp_path / "task.jsonl"),
+        out_dir=tmp_path / name,
+        lora=LoraConfig(r=4),
+        steps=2,
+        batch_size=2,
+        seq_len=64,
+        warmup_steps=1,
+        checkpoint_every=100,
+    )
+    job = FineTuneJob("job", config, llm.model, llm.tokenizer)
+    job.use_arena(llm.engine.arena)
+    return llm, job
+
+
+def test_a_job_run_one_program_ahead_trains_the_same_adapter(tmp_path):
+    _, alone = _job(tmp_path, "one-by-one")
+    _, ahead = _job(tmp_path, "ahead")
+    cut = granularities(alone.trainer.num_layers, 2)[-1]
+    while not alone.done:
+        alone.run(alone.next_micro_step(cut))
+    runner = MicroStepRunner(
+        Predictor(DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)),
+        EngineMetrics(),
+        Calibration(),
+    )
+    while not ahead.done:
+        runner.dispatch(ahead, ahead.next_micro_step(cut))
+        assert len(runner.inflight) <= 1
+    runner.inflight.drain()
+    assert ahead.losses == pytest.approx(alone.losses, rel=1e-6)
+    for got, want in zip(jax.tree.leaves(ahead.trainer.lora), jax.tree.leaves(alone.trainer.lora)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
