@@ -70,6 +70,8 @@ def test_every_request_is_served_and_training_follows_the_policy(llm, policy, tm
     else:
         assert report["finetune_steps"] > 0
         assert report["finetune_tokens"] > 0
+    # Every token trained during the run is in the run's metrics, micro-stepped or not.
+    assert sum(n for _, n in report["timeline"]["finetune"]) == report["finetune_tokens"]
 
 
 def test_an_idle_loop_trains_whole_steps_as_one_program_outside_the_arena(llm, tmp_path):

@@ -18,6 +18,7 @@ from harli_jax.sched.inflight import InFlight
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.roofline import DeviceRates
 from harli_jax.sched.runner import MicroStepRunner
+from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
 
 
 class Clock:
@@ -99,15 +100,25 @@ def test_a_job_run_one_program_ahead_trains_the_same_adapter(tmp_path):
     cut = granularities(alone.trainer.num_layers, 2)[-1]
     while not alone.done:
         alone.run(alone.next_micro_step(cut))
+    counted = []
     runner = MicroStepRunner(
-        Predictor(DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)),
-        EngineMetrics(),
-        Calibration(),
+        Predictor(DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)), Calibration(), counted.append
     )
     while not ahead.done:
         runner.dispatch(ahead, ahead.next_micro_step(cut))
         assert len(runner.inflight) <= 1
     runner.inflight.drain()
     assert ahead.losses == pytest.approx(alone.losses, rel=1e-6)
+    assert sum(counted) == ahead.tokens_trained
     for got, want in zip(jax.tree.leaves(ahead.trainer.lora), jax.tree.leaves(alone.trainer.lora)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+
+
+def test_a_scheduler_counts_micro_stepped_tokens_in_the_metrics_a_run_swaps_in(tmp_path):
+    _, job = _job(tmp_path, "job")
+    rates = DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)
+    scheduler = ColocationScheduler(SchedulerConfig(), Predictor(rates), EngineMetrics())
+    scheduler.metrics = run_metrics = EngineMetrics()
+    scheduler.runner.run_step(job, granularities(job.trainer.num_layers, 2)[-1])
+    assert job.tokens_trained > 0
+    assert run_metrics.summary()["finetune_tokens"] == job.tokens_trained

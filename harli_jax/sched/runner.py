@@ -17,9 +17,9 @@ from __future__ import annotations
 import functools
 import time
 import weakref
+from collections.abc import Callable
 
 from harli_jax.engine.finetune import FineTuneJob, Granularity, granularities
-from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.train import MicroStep
 from harli_jax.sched.calibration import Calibration, job_shape, option_id, train_key
 from harli_jax.sched.inflight import InFlight
@@ -45,10 +45,16 @@ def family(micro_key: tuple) -> str:
 
 
 class MicroStepRunner:
-    """Dispatches micro-steps and learns their times (``calibration``: what `calibrate` found)."""
+    """Dispatches micro-steps and learns their times (``calibration``: what `calibrate` found);
+    ``on_tokens`` receives the tokens of every step a micro-step completes."""
 
-    def __init__(self, predictor: Predictor, metrics: EngineMetrics, calibration: Calibration):
-        self.predictor, self.metrics, self.calibration = predictor, metrics, calibration
+    def __init__(
+        self,
+        predictor: Predictor,
+        calibration: Calibration,
+        on_tokens: Callable[[int], None] = lambda tokens: None,
+    ):
+        self.predictor, self.calibration, self.on_tokens = predictor, calibration, on_tokens
         self.inflight = InFlight()  # micro-steps dispatched and not yet seen to end
         self.last_seconds = 0.0  # the last micro-step's program and bookkeeping
 
@@ -95,7 +101,7 @@ class MicroStepRunner:
         # else: the job's first run of a known program compiled it: not a latency sample
         warm.add(key)
         if metrics is not None:
-            self.metrics.on_finetune_tokens(metrics["tokens"])
+            self.on_tokens(metrics["tokens"])
 
     def calibrate(self, job: FineTuneJob, measure: bool = True) -> None:
         """Compiles every cut of ``job``'s train step (one real step at each) and, with

@@ -114,7 +114,9 @@ class ColocationScheduler:
         self.metrics = metrics
         self.jobs: deque[FineTuneJob] = deque()
         self._slack = deque(maxlen=64)  # recent fine-tune budgets, for choosing granularity
-        self.runner = MicroStepRunner(predictor, metrics, calibration or Calibration())
+        # Tokens go to the metrics of the moment: a run swaps in its own.
+        on_tokens = lambda tokens: self.metrics.on_finetune_tokens(tokens)  # noqa: E731
+        self.runner = MicroStepRunner(predictor, calibration or Calibration(), on_tokens)
         self._seen_inference: set[str] = set()  # a program's first step may compile
         self._after_train = False  # whether fine-tune work ran since the last inference step
         self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
