@@ -22,25 +22,31 @@ from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
 
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
+    """Reads ``times`` in turn, then stays at the last; or is set by hand."""
+
+    def __init__(self, *times: float) -> None:
+        self.times, self.now = list(times), 0.0
 
     def __call__(self) -> float:
+        if self.times:
+            self.now = self.times.pop(0)
         return self.now
 
 
 def test_a_program_is_timed_from_when_the_device_could_start_it():
-    clock, times = Clock(), []
+    times = []
+    # Clock reads: first queued, second queued, first seen ended (then after its finish),
+    # second seen ended (then after its finish).
+    clock = Clock(0.25, 1.0, 2.0, 2.0, 5.0, 5.0)
     queue = InFlight(depth=2, clock=clock)
     record = lambda seconds, finish_s, result: times.append(seconds)  # noqa: E731
     queue.add(jnp.zeros(()), dispatched=0.0, estimate=2.0, record=record)
-    clock.now = 2.0  # the host, having dispatched a second program at 0.5, sees the first end
     queue.add(jnp.zeros(()), dispatched=0.5, estimate=2.0, record=record)
     assert len(queue) == 1  # it waited for the first; the second stays queued
-    clock.now = 5.0
     queue.drain()
-    # The second could start only when the first ended, not at its own dispatch.
-    assert times == [2.0, 3.0]
+    # The first from when its dispatch returned, not from when it began; the second from the
+    # first's end, not from its own (earlier) dispatch.
+    assert times == [2.0 - 0.25, 5.0 - 2.0]
 
 
 def test_busy_until_chains_the_estimates_of_what_is_queued():
@@ -49,10 +55,23 @@ def test_busy_until_chains_the_estimates_of_what_is_queued():
     record = lambda *args: None  # noqa: E731
     assert queue.busy_until() == 0.0
     queue.add(jnp.zeros(()), dispatched=0.0, estimate=2.0, record=record)
+    clock.now = 0.5
     queue.add(jnp.zeros(()), dispatched=0.5, estimate=3.0, record=record)
     assert queue.busy_until() == pytest.approx(5.0)
     clock.now = 9.0  # later than the estimates: the device is idle now
     assert queue.busy_until() == 9.0
+
+
+def test_a_dispatch_delays_a_program_only_when_nothing_is_queued_ahead():
+    clock = Clock()
+    queue = InFlight(depth=3, clock=clock)
+    record = lambda *args: None  # noqa: E731
+    clock.now = 0.5  # a dispatch that took half a second
+    queue.add(jnp.zeros(()), dispatched=0.0, estimate=2.0, record=record)
+    assert queue.busy_until() == pytest.approx(2.5)  # the next one's dispatch hides behind it
+    queue.drain()
+    clock.now = 10.0
+    assert queue.busy_until() == pytest.approx(10.5)  # nothing queued: its dispatch shows
 
 
 def test_a_program_with_host_work_after_it_drains_the_queue_first():

@@ -56,7 +56,6 @@ class MicroStepRunner:
     ):
         self.predictor, self.calibration, self.on_tokens = predictor, calibration, on_tokens
         self.inflight = InFlight()  # micro-steps dispatched and not yet seen to end
-        self.last_seconds = 0.0  # the last micro-step's program and bookkeeping
 
     def dispatch(self, job: FineTuneJob, micro: MicroStep, estimate: float = 0.0) -> None:
         """Dispatches ``micro`` behind the programs in flight (``estimate``: its predicted
@@ -67,10 +66,12 @@ class MicroStepRunner:
         self.inflight.add(job.start(micro), dispatched, estimate, record, finish)
 
     def run(self, job: FineTuneJob, micro: MicroStep) -> float:
-        """Runs one micro-step to its end (after those in flight); returns its seconds."""
+        """Runs one micro-step to its end (after those in flight); returns its wall seconds,
+        dispatch and bookkeeping included (what ``static``'s budget is charged)."""
+        start = time.perf_counter()
         self.dispatch(job, micro)
         self.inflight.drain()
-        return self.last_seconds
+        return time.perf_counter() - start
 
     def run_step(self, job: FineTuneJob, option: Granularity) -> list[tuple[str, float]]:
         """Runs micro-steps, each to its end, until the open step (or a new one cut as
@@ -90,7 +91,6 @@ class MicroStepRunner:
         as much as a program does). A step that wrote a checkpoint feeds its program's seconds
         alone: the write (0.1 s on a CPU) comes every ``checkpoint_every`` steps, not with the
         program."""
-        self.last_seconds = seconds + finish_s
         sample = seconds if metrics and metrics["checkpointed"] else seconds + finish_s
         key = program_key(job, micro_key)
         warm = _WARM.setdefault(job, set())
