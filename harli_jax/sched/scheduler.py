@@ -5,15 +5,15 @@ The decode loop emits one token per running request per iteration, so an iterati
 TPOT sample: the inference step plus whatever fine-tune work follows it. ``harli`` (ours, after
 the paper) predicts the next inference step with the two-stage predictor, leaves the rest of the
 TPOT SLO to fine-tuning, and fills it greedily with micro-steps whose predicted time still
-fits. Every prediction carries a margin: 5% plus the 90th percentile of how many seconds its
-family's recent predictions ran late (absolute, so a rare slow outlier of a short program does not
-scale every long one), at most half the prediction; and the budget gives up what
+fits. Every prediction carries a margin: 5% plus a quantile of how many seconds its family's
+recent predictions ran late (absolute, so a rare slow outlier of a short program does not scale
+every long one), at most half the prediction. The quantile is the 99th for the inference step, of
+which an iteration has one, and the 90th for micro-steps, of which it has several: their margins
+add up, and at the 99th each (0.3-1 ms per micro-step on the H100 at heavy load) left most of a
+4 ms gap between the median iteration and the SLO. The budget also gives up what
 :class:`~harli_jax.sched.backoff.SloBackoff` learned keeps 99% of its iterations within the SLO
 (counted only where the fine-tune work made the overrun: a host stall that alone outlasts the SLO
-is no budget's to prevent). The SLO's quantile is the backoff's, on whole iterations, not each
-program's: an iteration sums the margins of the decode step and of every micro-step in it, and
-at the 99th percentile each (on the H100 at heavy load: 1.9 ms of a 3.9 ms decode step, 0.3-1 ms
-per micro-step) left 4 ms of a 15 ms SLO unused at the median.
+is no budget's to prevent).
 Requests that arrive during fine-tune work join after the next step (the engine loop drains its
 inbox between a step and the work after it), so the next step's programs are known when its
 slack is planned: decode as the step just run, plus a prefill chunk priced as the slowest recent
@@ -84,11 +84,12 @@ class SchedulerConfig:
     # For "static": fine-tune seconds per iteration; None: SLO - p99 calibrated decode step.
     static_budget_s: float | None = None
     static_granularity: int | None = None  # index into granularities(); None: see the docstring
-    # A plan's margin: every prediction scaled by ``min_margin``, plus the quantile
-    # ``error_quantile`` of how late its family's recent predictions ran (in seconds); the rest
-    # of the tail is SloBackoff's (see the module docstring).
+    # A plan's margin: every prediction scaled by ``min_margin``, plus a quantile of how late
+    # its family's recent predictions ran (in seconds): ``error_quantile`` for the inference
+    # step, ``micro_step_error_quantile`` for each fine-tune micro-step (see the docstring).
     min_margin: float = 1.05
-    error_quantile: float = 0.9
+    error_quantile: float = 0.99
+    micro_step_error_quantile: float = 0.9
     # ... capped at this share of the prediction: a rarer outlier than that (a GC pause, a
     # family's few samples all being one) is no margin's to absorb; it falls in the SLO's 1%.
     max_late: float = 0.5
@@ -275,8 +276,10 @@ class ColocationScheduler:
     def _estimate(self, family: str, key: str, **features: float) -> float:
         """Predicted seconds of program ``key`` with the family's safety margin."""
         predicted = self.predictor.predict(key, **features)
-        late = self.predictor.quantile_error_s(family, self.config.error_quantile)
-        return predicted * self.config.min_margin + min(late, predicted * self.config.max_late)
+        config = self.config
+        q = config.error_quantile if family == "inference" else config.micro_step_error_quantile
+        late = self.predictor.quantile_error_s(family, q)
+        return predicted * config.min_margin + min(late, predicted * config.max_late)
 
     # -- running ----------------------------------------------------------------------------
     def _fill(self, job: FineTuneJob, deadline: float) -> float:
