@@ -265,3 +265,20 @@ def test_a_rarely_run_program_keeps_its_residual_after_leaving_the_window():
     for _ in range(200):  # the spans: 3 ms each, with noise; "whole" leaves the window
         predictor.observe("span", 0.003 * (1 + 0.01 * rng.standard_normal()))
     assert predictor.predict("whole") == pytest.approx(0.024, rel=0.05)
+
+
+def test_a_program_is_never_priced_below_its_own_fastest_run():
+    """A program's residual factor is taken at the feature values of its recent runs. Where the
+    family's fit is far off there (every recent run right after fine-tune work, where other
+    programs ran 25x slower), the factor is off by as much where the fit is right; the
+    program's own fastest run still bounds its prediction from below."""
+    predictor = Predictor(RATES)
+    cost = {"flops": 0.0, "bytes accessed": 1e9}  # 1 ms of roofline
+    predictor.register("decode", "inference", cost)
+    predictor.register("other", "inference", cost)
+    for i in range(64):  # "other": 4 ms, but 100 ms right after fine-tune work
+        after = float(i % 2)
+        predictor.observe("other", 0.1 if after else 0.004, after_train=after)
+    for _ in range(8):  # "decode": 4 ms, and its recent runs all right after fine-tune work
+        predictor.observe("decode", 0.004, after_train=1.0)
+    assert predictor.predict("decode", after_train=0.0) >= 0.004

@@ -20,6 +20,7 @@ over its own recent samples, from its first sample on.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from collections.abc import Mapping
@@ -79,6 +80,7 @@ class Family:
         self._since_fit = 0  # samples added since the fit
         self._fit_size = 0  # samples the fit was made from
         self._key_factors: dict[str, float] = {}  # residual factors under the current fit
+        self._key_fastest: dict[str, float] = {}  # fastest_ratio's answers since a key's sample
         self._late: dict[float, float] = {}  # late_quantile's answers since the last sample
 
     def row(self, roofline_s: float, features: Mapping[str, float]) -> tuple[float, ...]:
@@ -114,7 +116,7 @@ class Family:
             key: deque(((tuple(row), float(y)) for row, y in pairs), maxlen=_KEY_WINDOW)
             for key, pairs in samples.items()
         }
-        self._key_factors = {}
+        self._key_factors, self._key_fastest = {}, {}
 
     def _order(self) -> np.ndarray:
         """The window's ring slots, oldest first."""
@@ -154,6 +156,7 @@ class Family:
         self._by_key.setdefault(key, deque(maxlen=_KEY_WINDOW)).append((row, measured_s))
         self._since_fit += 1
         self._key_factors.pop(key, None)
+        self._key_fastest.pop(key, None)
         self._late = {}
 
     def late_quantile(self, q: float) -> float:
@@ -221,6 +224,16 @@ class Family:
                 ratios = (np.array(measured)[base > 0] / base[base > 0]).tolist()
             self._key_factors[key] = statistics.median(ratios) if ratios else 1.0
         return self._key_factors[key]
+
+    def fastest_ratio(self, key: str) -> float:
+        """The lowest measured / roofline among program ``key``'s last ``_KEY_WINDOW`` samples
+        (infinite without any): no prediction of ``key`` goes below it. A residual factor taken
+        where the family's fit is far off (the program's recent runs all at one feature value,
+        say right after fine-tune work) is off by as much at another value."""
+        if key not in self._key_fastest:
+            recent = self._by_key.get(key, ())
+            self._key_fastest[key] = min((y / row[1] for row, y in recent), default=math.inf)
+        return self._key_fastest[key]
 
 
 def _quantile(values: np.ndarray, q: float) -> float:

@@ -124,8 +124,10 @@ class Predictor:
         fit = family.fit(self._prior_factor, self._ridge)
         predicted = fit.base(row)
         if self._per_key and family.has_samples(key):
-            # Its own runs price it, however far off the family's line and fastest ratio it sits.
-            return predicted * family.key_factor(key, fit)
+            # Its own runs price it, however far off the family's line it sits, and never
+            # below the fastest of them.
+            predicted *= family.key_factor(key, fit)
+            return max(predicted, family.fastest_ratio(key) * row[1])
         if fit.weights is None:
             return predicted
         # No run was ever faster, relative to its roofline, than the fastest in the window.
