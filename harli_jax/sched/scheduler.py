@@ -4,18 +4,17 @@ before the next token is due, and run it.
 The decode loop emits one token per running request per iteration, so an iteration's length is a
 TPOT sample: the inference step plus whatever fine-tune work follows it. ``harli`` (ours, after
 the paper) predicts the next inference step with the two-stage predictor, leaves the rest of the
-TPOT SLO to fine-tuning, and fills it greedily with micro-steps whose predicted time still
-fits. Every prediction carries a margin: 5% plus a quantile of how many seconds its family's
-recent predictions ran late (absolute, so a rare slow outlier of a short program does not scale
-every long one), at most half the prediction. The quantile is the 99th for the inference step, of
-which an iteration has one, and the 90th for micro-steps, of which it has several: their margins
-add up, and at the 99th each (0.3-1 ms per micro-step on the H100 at heavy load) left most of a
-4 ms gap between the median iteration and the SLO. The budget also gives up what
-:class:`~harli_jax.sched.backoff.SloBackoff` learned keeps 99.5% of its iterations within the
-SLO, counting only overruns the fine-tune work made (a host stall that alone outlasts the SLO is
-no budget's to prevent). Its target is above the SLO's 99% of tokens because the overruns it does
-not count still cost tokens: on the H100 the decode step right after fine-tune work ran 0.9 ms
-slower at the median than back to back, and at its 99th percentile 17 ms against 7.
+TPOT SLO to fine-tuning, and fills it greedily with micro-steps whose predicted time still fits.
+
+Each prediction carries a margin: 5% plus a quantile of how many seconds its family ran late
+recently (absolute, so a slow outlier of a short program does not scale every long one; at most
+half the prediction): the 99th for the inference step, one per iteration, and the 90th for
+micro-steps, several per iteration, whose margins add up (at the 99th, 0.3-1 ms each on the H100
+at heavy load). :class:`~harli_jax.sched.backoff.SloBackoff` then takes off what keeps 99.5% of
+iterations within the SLO, counting only the overruns fine-tune work made; its target is above
+the SLO's 99% of tokens because the overruns it cannot count (the inference step alone outlasting
+the SLO, as right after fine-tune work it often ran slow) still cost tokens.
+
 Requests that arrive during fine-tune work join after the next step (the engine loop drains its
 inbox between a step and the work after it), so the next step's programs are known when its
 slack is planned: decode as the step just run, plus a prefill chunk priced as the slowest recent
