@@ -24,6 +24,7 @@ from harli_jax.engine.loop import Engine, QueueFull, RequestStream
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.engine.sampling import SamplingParams
 from harli_jax.llm import LLM
+from harli_jax.sched import static
 from harli_jax.sched.calibration import Calibration
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.roofline import measure_device_rates
@@ -197,7 +198,7 @@ def run_colocated(
         "tpot_slo_ms": config.tpot_slo_s * 1e3,
         "compile_s": compile_s,
         "started_calibrated": calibrated,
-        "static_budget_ms": scheduler.static_budget() * 1e3,
+        "static_budget_ms": static.budget(config, scheduler.calibration) * 1e3,
         "slo_backoff_ms": scheduler.backoff.seconds * 1e3,  # harli's, at the end of the run
         "fill_share": scheduler.gate.fill_share,  # harli's iterations its fill gate let fill
         "requests": dataclasses.asdict(result),

@@ -18,6 +18,7 @@ from harli_jax.demo_task import write_dataset
 from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.config import LoraConfig
+from harli_jax.sched import static
 from harli_jax.sched.calibration import (
     Calibration,
     inference_features,
@@ -190,10 +191,11 @@ def test_static_budget_is_the_slo_less_the_p99_calibrated_step_and_never_adapts(
     scheduler, options = scheduler_with_cuts(job, {0: [9.0, 9.0], 1: [5.0] * 4}, policy="static")
     scheduler.calibration.inference_s.extend([0.004] * 98 + [0.012, 0.013])
     expected = 0.02 - np.quantile(scheduler.calibration.inference_s, 0.99) - 0.0005
-    assert scheduler.static_budget() == pytest.approx(expected)
-    assert scheduler.static_granularity(job) == options[1]  # 9 ms does not fit 20 - 12 - 0.5
+    config, calibration = scheduler.config, scheduler.calibration
+    assert static.budget(config, calibration) == pytest.approx(expected)
+    assert static.cut(config, calibration, job) == options[1]  # 9 ms does not fit 20 - 12 - 0.5
     fixed, _ = scheduler_with_cuts(job, {0: [1.0]}, policy="static", static_budget_s=0.003)
-    assert fixed.static_budget() == 0.003
+    assert static.budget(fixed.config, fixed.calibration) == 0.003
 
 
 def test_train_keys_carry_the_lora_shape():

@@ -38,7 +38,7 @@ The baselines share all the machinery and differ only in that decision:
   and it runs a micro-step only if its *calibrated* time fits what is left of the budget: no
   prediction, no online correction, never adapted to the load. A budget too large for the SLO
   would make it a straw man; this one is the best a fixed budget can promise without knowing
-  the load;
+  the load (:mod:`harli_jax.sched.static`);
 - ``harli``: as above.
 
 With no inference work at all, every policy but ``serve-only`` trains in whole steps. Micro-steps
@@ -59,6 +59,7 @@ import numpy as np
 from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.train import MicroStep
+from harli_jax.sched import static
 from harli_jax.sched.backoff import SloBackoff
 from harli_jax.sched.calibration import (
     Calibration,
@@ -190,7 +191,7 @@ class ColocationScheduler:
             self._filled_since = None
             return self._run_whole_step(job)
         if self.config.policy == "static":
-            return self._fill_static(job)
+            return static.fill(self.config, self.runner, job)
         if self._filled_since is not None:
             iteration_s = report.ended_at - self._filled_since
             self.backoff.observe(iteration_s, self.config.tpot_slo_s, self._filled_s)
@@ -227,29 +228,6 @@ class ColocationScheduler:
         if will_prefill and not report.features.get("prefill_tokens"):
             next_step = max(next_step, max(self._prefill_steps, default=self.config.tpot_slo_s))
         return self.config.tpot_slo_s - next_step - self.config.loop_overhead_s
-
-    def static_budget(self) -> float:
-        """The static policy's fixed budget (seconds per iteration); see the module docstring."""
-        if self.config.static_budget_s is not None:
-            return self.config.static_budget_s
-        if not self.calibration.inference_s:
-            return 0.0
-        p99 = float(np.quantile(self.calibration.inference_s, 0.99))
-        return max(0.0, self.config.tpot_slo_s - p99 - self.config.loop_overhead_s)
-
-    def static_granularity(self, job: FineTuneJob) -> Granularity:
-        """The static policy's fixed cut: the coarsest whose slowest calibrated micro-step fits
-        the budget, else the finest (or ``static_granularity`` where configured)."""
-        options = cuts(job)
-        if self.config.static_granularity is not None:
-            return options[self.config.static_granularity]
-        budget = self.static_budget()
-        for option in options:
-            keys = self.calibration.cuts.get(option_id(job, option))
-            seconds = [self.calibration.seconds.get(k, math.inf) for k in keys or ()]
-            if seconds and max(seconds) <= budget:
-                return option
-        return options[-1]
 
     def _harli_granularity(self, job: FineTuneJob) -> Granularity:
         """The cut that completes a step in the fewest recent budgets (ties: the coarser)."""
@@ -350,23 +328,6 @@ class ColocationScheduler:
         micro = job.next_micro_step(self._cut)
         self._plan_s.append(time.perf_counter() - start)
         return micro
-
-    def _fill_static(self, job: FineTuneJob) -> bool:
-        """Micro-steps whose calibrated times fit the fixed budget; nothing is predicted."""
-        budget, ran = self.static_budget(), False
-        granularity = self.static_granularity(job)
-        while not job.done:
-            micro = job.next_micro_step(granularity)
-            if micro is None:
-                break
-            seconds = self.calibration.seconds.get(program_key(job, micro.key))
-            if seconds is None or seconds > budget:
-                break
-            self.runner.dispatch(job, micro, seconds)
-            budget -= seconds
-            ran = True
-        self.runner.inflight.drain()
-        return ran
 
     def _run_whole_step(self, job: FineTuneJob) -> bool:
         """Finishes the open step (whatever its cut) or runs a new one as one program (as the

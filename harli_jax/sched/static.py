@@ -1,0 +1,66 @@
+"""The ``static`` baseline's decisions, made as FlexLLM's released code makes them: a fine-tune
+budget per iteration and a cut of the train step, both fixed before the run from calibrated
+times, and a fill that runs micro-steps while their *calibrated* times fit what is left of the
+budget. Nothing is predicted and nothing adapts to the load; the scheduler's docstring says why
+this is the fair fixed budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from harli_jax.engine.finetune import FineTuneJob, Granularity
+from harli_jax.sched.calibration import Calibration, option_id
+from harli_jax.sched.runner import MicroStepRunner, cuts, program_key
+
+if TYPE_CHECKING:
+    from harli_jax.sched.scheduler import SchedulerConfig
+
+
+def budget(config: SchedulerConfig, calibration: Calibration) -> float:
+    """Seconds of fine-tuning per iteration: ``static_budget_s`` if configured, else the SLO less
+    the p99 calibrated decode step and the loop overhead (0 before any calibration)."""
+    if config.static_budget_s is not None:
+        return config.static_budget_s
+    if not calibration.inference_s:
+        return 0.0
+    p99 = float(np.quantile(calibration.inference_s, 0.99))
+    return max(0.0, config.tpot_slo_s - p99 - config.loop_overhead_s)
+
+
+def cut(config: SchedulerConfig, calibration: Calibration, job: FineTuneJob) -> Granularity:
+    """The coarsest cut whose slowest calibrated micro-step fits the budget, else the finest (or
+    ``static_granularity`` where configured)."""
+    options = cuts(job)
+    if config.static_granularity is not None:
+        return options[config.static_granularity]
+    seconds_left = budget(config, calibration)
+    for option in options:
+        keys = calibration.cuts.get(option_id(job, option))
+        seconds = [calibration.seconds.get(k, math.inf) for k in keys or ()]
+        if seconds and max(seconds) <= seconds_left:
+            return option
+    return options[-1]
+
+
+def fill(config: SchedulerConfig, runner: MicroStepRunner, job: FineTuneJob) -> bool:
+    """Runs ``job``'s micro-steps while their calibrated times fit the budget; returns whether it
+    ran any."""
+    calibration = runner.calibration
+    seconds_left, ran = budget(config, calibration), False
+    granularity = cut(config, calibration, job)
+    while not job.done:
+        micro = job.next_micro_step(granularity)
+        if micro is None:
+            break
+        seconds = calibration.seconds.get(program_key(job, micro.key))
+        if seconds is None or seconds > seconds_left:
+            break
+        runner.dispatch(job, micro, seconds)
+        seconds_left -= seconds
+        ran = True
+    runner.inflight.drain()
+    return ran
