@@ -1,0 +1,219 @@
+"""The decode step's wall time after what ran before it (issue 6's heavy-load tail).
+
+Co-located, every decode step follows fine-tune work, and on the H100 such steps took 0.15-0.9 ms
+longer at the median than back to back, with a long tail (bench/NOTES.md, session 10), while the
+GPU ran them as fast. This script measures that in one process: `rows` requests decode through
+`EngineCore.step` (host included) in interleaved blocks, each step preceded by
+
+- nothing (back to back), or one train micro-step of the colocate benchmark's job (cut into
+  one-layer spans, run to its end), or a host sleep of 1 or 8 ms, or 8 ms of the host spinning;
+
+then profiles one block back to back and one after micro-steps and sums each decode run's kernels
+(GPU busy time, first-to-last kernel span): wall time that grows where these do not is the host's
+side of the step. It also reads the SM clock through NVML where the driver library is there.
+
+    python3 bench/decode_after_gap.py                               # TinyLlama-1.1B shape (GPU)
+    python3 bench/decode_after_gap.py --shapes tiny --quick --out /tmp/r   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402  (sets the JAX allocator mode before jax loads)
+
+# isort: split
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.colocate import EOS, QUICK, Setup, make_job, write_data  # noqa: E402
+from bench.train import ensure_checkpoint  # noqa: E402
+from harli_jax.engine.sampling import SamplingParams  # noqa: E402
+from harli_jax.llm import LLM  # noqa: E402
+from harli_jax.sched.calibration import Calibration  # noqa: E402
+from harli_jax.sched.predictor import Predictor  # noqa: E402
+from harli_jax.sched.roofline import DeviceRates  # noqa: E402
+from harli_jax.sched.runner import MicroStepRunner, cuts  # noqa: E402
+
+QUANTILES = (0.1, 0.5, 0.9, 0.99)
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+class SmClock:
+    """The GPU's current SM clock (MHz) through NVML, or None where there is no driver library."""
+
+    def __init__(self) -> None:
+        try:
+            self._nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        except OSError:
+            self._nvml = None
+            return
+        self._handle = ctypes.c_void_p()
+        if self._nvml.nvmlInit_v2() or self._nvml.nvmlDeviceGetHandleByIndex_v2(
+            0, ctypes.byref(self._handle)
+        ):
+            self._nvml = None
+
+    def __call__(self) -> float | None:
+        if self._nvml is None:
+            return None
+        mhz = ctypes.c_uint()
+        self._nvml.nvmlDeviceGetClockInfo(self._handle, 1, ctypes.byref(mhz))  # 1: NVML_CLOCK_SM
+        return float(mhz.value)
+
+
+def profile_runs(run: Callable[[], None]) -> dict[str, list[dict]]:
+    """Runs ``run()`` under the profiler; returns each program's runs (by HLO module) in order,
+    each with its kernels and its busy and span microseconds."""
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        run()
+        jax.profiler.stop_trace()
+        data = ProfileData.from_file(str(next(Path(trace_dir).rglob("*.xplane.pb"))))
+    plane = data.find_plane_with_name("/device:GPU:0")
+    if plane is None:
+        return {}
+    runs: dict[tuple, list] = {}
+    for line in plane.lines:
+        if not line.name.startswith("Stream"):
+            continue
+        for event in line.events:
+            if event.name.startswith("Memcpy"):
+                continue
+            stats = dict(event.stats)
+            key = (stats.get("hlo_module", "?"), stats.get("run_id", stats.get("correlation_id")))
+            entry = runs.setdefault(key, [0, 0.0, event.start_ns, event.start_ns])
+            entry[0] += 1
+            entry[1] += event.duration_ns / 1e3
+            entry[2] = min(entry[2], event.start_ns)
+            entry[3] = max(entry[3], event.start_ns + event.duration_ns)
+    by_module: dict[str, list[dict]] = collections.defaultdict(list)
+    for (module, _), (kernels, busy_us, start, end) in sorted(runs.items(), key=lambda r: r[1][2]):
+        by_module[module].append(
+            {"kernels": kernels, "busy_us": busy_us, "span_us": (end - start) / 1e3}
+        )
+    return dict(by_module)
+
+
+def _quantiles(values: list[float]) -> list[float]:
+    return [round(float(np.quantile(values, q)), 3) for q in QUANTILES] if values else []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="tinyllama-1.1b", help="one SHAPES name")
+    parser.add_argument("--rows", type=int, default=16, help="requests decoding together")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved blocks per condition")
+    parser.add_argument("--block", type=int, default=40, help="steps per block")
+    parser.add_argument("--quick", action="store_true", help="small engine and job (CPU)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--ckpt-root", type=Path, default=Path("/tmp/harli-bench-ckpt"))
+    args = parser.parse_args()
+    setup = QUICK if args.quick else Setup(page_size=128)
+    llm = LLM(
+        ensure_checkpoint(args.ckpt_root, args.shapes),
+        "bfloat16",
+        max_num_seqs=max(setup.max_num_seqs, args.rows),
+        max_model_len=setup.max_model_len,
+        page_size=setup.page_size,
+        memory_fraction=setup.memory_fraction,
+        max_loras=0,
+    )
+    core = llm.engine
+    core.compile_all()  # a longer context's pages bucket must not compile inside a timed block
+    work = Path(tempfile.mkdtemp())
+    data = write_data(work / "data.jsonl", core.model_config.vocab_size, setup.ft_seq_len)
+    job = make_job(llm, data, work / "job", setup)
+    job.use_arena(core.arena)
+    runner = MicroStepRunner(Predictor(DeviceRates(1e15, 3e12)), Calibration())
+    one_layer = [c for c in cuts(job) if c[0] == 1][-1]  # one-layer spans, rows uncut
+
+    def train_micro_step() -> None:
+        runner.run(job, job.next_micro_step(one_layer))
+
+    before = {
+        "back_to_back": lambda: None,
+        "after_train_micro_step": train_micro_step,
+        "after_sleep_1ms": lambda: time.sleep(0.001),
+        "after_sleep_8ms": lambda: time.sleep(0.008),
+        "after_spin_8ms": lambda: _spin(0.008),
+    }
+    steps = len(before) * args.rounds * args.block + 2 * args.block + 8
+    prompt = setup.mean_prompt
+    if prompt + steps > setup.max_model_len:
+        raise SystemExit(
+            f"--rounds/--block: {steps} steps after a {prompt}-token prompt exceed the engine's "
+            f"{setup.max_model_len} tokens"
+        )
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    for _ in range(args.rows):
+        vocab = core.model_config.vocab_size
+        core.add_request(rng.integers(EOS + 1, vocab, size=prompt).tolist(), params)
+    for _ in range(8):  # prefill, the first decode steps (compiles), the first micro-steps
+        core.step()
+        train_micro_step()
+    clock = SmClock()
+    walls: dict[str, list[float]] = {name: [] for name in before}
+    clocks: dict[str, list[float]] = {name: [] for name in before}
+    for _ in range(args.rounds):
+        for name, work_before in before.items():
+            for _ in range(args.block):
+                work_before()
+                mhz = clock()
+                start = time.perf_counter()
+                core.step()
+                walls[name].append((time.perf_counter() - start) * 1e3)
+                if mhz is not None:
+                    clocks[name].append(mhz)
+
+    def profiled_block(work_before: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(args.block):
+                work_before()
+                core.step()
+
+        return run
+
+    gpu = {}
+    for name in ("back_to_back", "after_train_micro_step"):
+        runs = profile_runs(profiled_block(before[name]))
+        decode = max(runs, key=lambda m: len(runs[m]) * (len(runs[m]) >= args.block), default=None)
+        if decode is not None:
+            busy = _quantiles([r["busy_us"] for r in runs[decode]])
+            span = _quantiles([r["span_us"] for r in runs[decode]])
+            gpu[name] = {"program": decode, "busy_us": busy, "span_us": span}
+    rows = [
+        {
+            "before": name,
+            "rows": args.rows,
+            "wall_ms_q10_q50_q90_q99": _quantiles(walls[name]),
+            "sm_mhz_min": min(clocks[name], default=None),
+            **({"gpu": gpu[name]} if name in gpu else {}),
+        }
+        for name in before
+    ]
+    command = "python3 " + " ".join(sys.argv)
+    out = args.out / f"decode-after-gap-{common.device_name()}.json"
+    common.write_result(out, rows, command, model=args.shapes)
+
+
+if __name__ == "__main__":
+    main()
