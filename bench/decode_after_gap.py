@@ -33,10 +33,10 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 from bench import common  # noqa: E402  (sets the JAX allocator mode before jax loads)
 
 # isort: split
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.colocate import EOS, QUICK, Setup, make_job, write_data  # noqa: E402
+from bench.decode_profile import gpu_kernels  # noqa: E402
 from bench.train import ensure_checkpoint  # noqa: E402
 from harli_jax.engine.sampling import SamplingParams  # noqa: E402
 from harli_jax.llm import LLM  # noqa: E402
@@ -80,30 +80,14 @@ class SmClock:
 def profile_runs(run: Callable[[], None]) -> dict[str, list[dict]]:
     """Runs ``run()`` under the profiler; returns each program's runs (by HLO module) in order,
     each with its kernels and its busy and span microseconds."""
-    from jax.profiler import ProfileData
-
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        run()
-        jax.profiler.stop_trace()
-        data = ProfileData.from_file(str(next(Path(trace_dir).rglob("*.xplane.pb"))))
-    plane = data.find_plane_with_name("/device:GPU:0")
-    if plane is None:
-        return {}
     runs: dict[tuple, list] = {}
-    for line in plane.lines:
-        if not line.name.startswith("Stream"):
-            continue
-        for event in line.events:
-            if event.name.startswith("Memcpy"):
-                continue
-            stats = dict(event.stats)
-            key = (stats.get("hlo_module", "?"), stats.get("run_id", stats.get("correlation_id")))
-            entry = runs.setdefault(key, [0, 0.0, event.start_ns, event.start_ns])
-            entry[0] += 1
-            entry[1] += event.duration_ns / 1e3
-            entry[2] = min(entry[2], event.start_ns)
-            entry[3] = max(entry[3], event.start_ns + event.duration_ns)
+    for _, start, duration, stats in gpu_kernels(run):
+        key = (stats.get("hlo_module", "?"), stats.get("run_id", stats.get("correlation_id")))
+        entry = runs.setdefault(key, [0, 0.0, start, start])
+        entry[0] += 1
+        entry[1] += duration / 1e3
+        entry[2] = min(entry[2], start)
+        entry[3] = max(entry[3], start + duration)
     by_module: dict[str, list[dict]] = collections.defaultdict(list)
     for (module, _), (kernels, busy_us, start, end) in sorted(runs.items(), key=lambda r: r[1][2]):
         by_module[module].append(

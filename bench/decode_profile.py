@@ -25,14 +25,10 @@ _LAUNCHING = ("fusion", "custom-call", "copy", "scatter", "gather", "while", "co
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.-]+ = .*?\b([a-z][\w-]*)\(")
 
 
-def kernel_profile(run: Callable[[], Any], steps: int, top: int = 8) -> dict[str, Any]:
-    """Runs ``run()`` (which must execute ``steps`` steps and block) under the profiler.
-
-    Returns kernels per step, GPU busy time per step (sum of kernel durations) and the span per
-    step (first kernel start to last kernel end, over ``steps``), with the ``top`` kernels by time.
-    Busy much less than span means launch gaps; many kernels of a few microseconds mean launch- and
-    tail-bound work that fusion or CUDA graphs would shrink.
-    """
+def gpu_kernels(run: Callable[[], Any]) -> list[tuple[str, int, int, dict[str, Any]]]:
+    """Runs ``run()`` under the profiler; returns the GPU's kernels (memory copies left out) as
+    (name, start ns, duration ns, stats such as ``hlo_module`` and ``run_id``), empty where the
+    trace has no GPU plane (on a CPU)."""
     from jax.profiler import ProfileData
 
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -42,18 +38,29 @@ def kernel_profile(run: Callable[[], Any], steps: int, top: int = 8) -> dict[str
         data = ProfileData.from_file(str(next(Path(trace_dir).rglob("*.xplane.pb"))))
     plane = data.find_plane_with_name("/device:GPU:0")
     if plane is None:
-        return {}
-    events = [
-        (event.name, event.start_ns, event.duration_ns)
+        return []
+    return [
+        (event.name, event.start_ns, event.duration_ns, dict(event.stats))
         for line in plane.lines
         if line.name.startswith("Stream")
         for event in line.events
         if not event.name.startswith("Memcpy")
     ]
+
+
+def kernel_profile(run: Callable[[], Any], steps: int, top: int = 8) -> dict[str, Any]:
+    """Runs ``run()`` (which must execute ``steps`` steps and block) under the profiler.
+
+    Returns kernels per step, GPU busy time per step (sum of kernel durations) and the span per
+    step (first kernel start to last kernel end, over ``steps``), with the ``top`` kernels by time.
+    Busy much less than span means launch gaps; many kernels of a few microseconds mean launch- and
+    tail-bound work that fusion or CUDA graphs would shrink.
+    """
+    events = gpu_kernels(run)
     if not events:
         return {}
     by_name: dict[str, list[float]] = collections.defaultdict(list)
-    for name, _, duration in events:
+    for name, _, duration, _ in events:
         by_name[name].append(duration)
     start = min(e[1] for e in events)
     end = max(e[1] + e[2] for e in events)
