@@ -8,9 +8,12 @@ GPU ran them as fast. This script measures that in one process: `rows` requests 
 - nothing (back to back), or one train micro-step of the colocate benchmark's job (cut into
   one-layer spans, run to its end), or a host sleep of 1 or 8 ms, or 8 ms of the host spinning;
 
-then profiles one block back to back and one after micro-steps and sums each decode run's kernels
-(GPU busy time, first-to-last kernel span): wall time that grows where these do not is the host's
-side of the step. It also reads the SM clock through NVML where the driver library is there.
+then profiles a block back to back, one after micro-steps and one after 8 ms sleeps, and splits
+each step's wall time: GPU busy time and first-to-last kernel span, the host's time before the
+first kernel and after the last, and the host events (any thread) whose time per step grew over
+back to back's. Wall time that grows where the GPU's does not is the host's side of the step. It
+also reads the SM clock through NVML where the driver library is there, and the host cores'
+clocks where /proc/cpuinfo has them.
 
     python3 bench/decode_after_gap.py                               # TinyLlama-1.1B shape (GPU)
     python3 bench/decode_after_gap.py --shapes tiny --quick --out /tmp/r   # CPU smoke run
@@ -33,10 +36,11 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 from bench import common  # noqa: E402  (sets the JAX allocator mode before jax loads)
 
 # isort: split
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.colocate import EOS, QUICK, Setup, make_job, write_data  # noqa: E402
-from bench.decode_profile import gpu_kernels  # noqa: E402
+from bench.decode_profile import trace_events  # noqa: E402
 from bench.train import ensure_checkpoint  # noqa: E402
 from harli_jax.engine.sampling import SamplingParams  # noqa: E402
 from harli_jax.llm import LLM  # noqa: E402
@@ -46,6 +50,7 @@ from harli_jax.sched.roofline import DeviceRates  # noqa: E402
 from harli_jax.sched.runner import MicroStepRunner, cuts  # noqa: E402
 
 QUANTILES = (0.1, 0.5, 0.9, 0.99)
+STEP_MARK = "decode_step"  # the trace annotation around each profiled decode step
 
 
 def _spin(seconds: float) -> None:
@@ -77,23 +82,59 @@ class SmClock:
         return float(mhz.value)
 
 
-def profile_runs(run: Callable[[], None]) -> dict[str, list[dict]]:
-    """Runs ``run()`` under the profiler; returns each program's runs (by HLO module) in order,
-    each with its kernels and its busy and span microseconds."""
-    runs: dict[tuple, list] = {}
-    for _, start, duration, stats in gpu_kernels(run):
-        key = (stats.get("hlo_module", "?"), stats.get("run_id", stats.get("correlation_id")))
-        entry = runs.setdefault(key, [0, 0.0, start, start])
-        entry[0] += 1
-        entry[1] += duration / 1e3
-        entry[2] = min(entry[2], start)
-        entry[3] = max(entry[3], start + duration)
-    by_module: dict[str, list[dict]] = collections.defaultdict(list)
-    for (module, _), (kernels, busy_us, start, end) in sorted(runs.items(), key=lambda r: r[1][2]):
-        by_module[module].append(
-            {"kernels": kernels, "busy_us": busy_us, "span_us": (end - start) / 1e3}
-        )
-    return dict(by_module)
+def profile_steps(run: Callable[[], None]) -> list[dict]:
+    """Runs ``run()``, which marks each decode step with a ``decode_step`` trace annotation,
+    under the profiler. Returns per step: its wall time; on the GPU, its kernels' busy time and
+    first-to-last span, and the host's time before the first kernel and after the last; and
+    the host's time in each named event inside the step (any thread, clipped to the step)."""
+    kernels, host = trace_events(run)
+    windows = sorted((start, start + dur) for _, name, start, dur in host if name == STEP_MARK)
+    kernels.sort(key=lambda k: k[1])
+    steps = []
+    for start, end in windows:
+        inside = [(k[1], k[1] + k[2]) for k in kernels if start <= k[1] < end]
+        step = {"wall_us": (end - start) / 1e3, "host_us": collections.Counter()}
+        if inside:
+            step |= {
+                "busy_us": sum(e - s for s, e in inside) / 1e3,
+                "span_us": (max(e for _, e in inside) - inside[0][0]) / 1e3,
+                "before_first_kernel_us": (inside[0][0] - start) / 1e3,
+                "after_last_kernel_us": (end - max(e for _, e in inside)) / 1e3,
+            }
+        for thread, name, s, dur in host:
+            clipped = min(s + dur, end) - max(s, start)
+            if name != STEP_MARK and clipped > 0:
+                step["host_us"][f"{thread.split('/')[0]}: {name[:60]}"] += clipped / 1e3
+        steps.append(step)
+    return steps
+
+
+def host_split(steps: list[dict], baseline: list[dict], top: int = 12) -> dict:
+    """Median of each per-step measure, and the host events whose median time per step grew
+    most over ``baseline``'s (each as [baseline us, these steps' us])."""
+    measures = ("wall_us", "busy_us", "span_us", "before_first_kernel_us", "after_last_kernel_us")
+    out = {m: round(float(np.median([s[m] for s in steps])), 1) for m in measures if m in steps[0]}
+    names = {name for s in steps + baseline for name in s["host_us"]}
+
+    def median(of: list[dict], name: str) -> float:
+        return float(np.median([s["host_us"].get(name, 0.0) for s in of]))
+
+    grown = sorted(names, key=lambda n: median(baseline, n) - median(steps, n))[:top]
+    out["host_events_us"] = {
+        n: [round(median(baseline, n), 1), round(median(steps, n), 1)] for n in grown
+    }
+    return out
+
+
+def host_cpu_mhz() -> list[float] | None:
+    """Min, median and max of the host cores' current clocks (MHz), or None where
+    /proc/cpuinfo does not say (a VM may report a fixed figure)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    mhz = [float(line.split(":")[1]) for line in text.splitlines() if line.startswith("cpu MHz")]
+    return [min(mhz), float(np.median(mhz)), max(mhz)] if mhz else None
 
 
 def _quantiles(values: list[float]) -> list[float]:
@@ -139,7 +180,7 @@ def main() -> None:
         "after_sleep_8ms": lambda: time.sleep(0.008),
         "after_spin_8ms": lambda: _spin(0.008),
     }
-    steps = len(before) * args.rounds * args.block + 2 * args.block + 8
+    steps = len(before) * args.rounds * args.block + 3 * args.block + 8
     prompt = setup.mean_prompt
     if prompt + steps > setup.max_model_len:
         raise SystemExit(
@@ -172,31 +213,34 @@ def main() -> None:
         def run() -> None:
             for _ in range(args.block):
                 work_before()
-                core.step()
+                with jax.profiler.TraceAnnotation(STEP_MARK):
+                    core.step()
 
         return run
 
-    gpu = {}
-    for name in ("back_to_back", "after_train_micro_step"):
-        runs = profile_runs(profiled_block(before[name]))
-        decode = max(runs, key=lambda m: len(runs[m]) * (len(runs[m]) >= args.block), default=None)
-        if decode is not None:
-            busy = _quantiles([r["busy_us"] for r in runs[decode]])
-            span = _quantiles([r["span_us"] for r in runs[decode]])
-            gpu[name] = {"program": decode, "busy_us": busy, "span_us": span}
+    profiled = ("back_to_back", "after_train_micro_step", "after_sleep_8ms")
+    host_mhz = {"before": host_cpu_mhz()}
+    traced = {name: profile_steps(profiled_block(before[name])) for name in profiled}
+    host_mhz["after_sleep"] = (time.sleep(0.05), host_cpu_mhz())[1]
+    split = {name: host_split(traced[name], traced["back_to_back"]) for name in profiled}
     rows = [
         {
             "before": name,
             "rows": args.rows,
             "wall_ms_q10_q50_q90_q99": _quantiles(walls[name]),
             "sm_mhz_min": min(clocks[name], default=None),
-            **({"gpu": gpu[name]} if name in gpu else {}),
         }
         for name in before
     ]
     command = "python3 " + " ".join(sys.argv)
     out = args.out / f"decode-after-gap-{common.device_name()}.json"
-    common.write_result(out, rows, command, model=args.shapes)
+    common.write_result(
+        out, rows, command, model=args.shapes, host_cpu_mhz=host_mhz, profiled=split
+    )
+    for name, parts in split.items():  # the host's side, last: the call's output keeps its tail
+        print(name, {k: v for k, v in parts.items() if k != "host_events_us"})
+        for event, (base, here) in parts["host_events_us"].items():
+            print(f"    {here - base:+9.1f} us  {event}")
 
 
 if __name__ == "__main__":

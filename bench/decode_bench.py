@@ -57,6 +57,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "xla_gpu_graph_min_graph_size": 1,
         },
     ),
+    # Weight reads at small batches: XLA's Triton GEMMs against cuBLAS (bench/NOTES.md, session 11).
+    "no-triton-gemm": dict(attention="pallas", options={"xla_gpu_enable_triton_gemm": False}),
     "greedy-no-sampler": dict(attention="pallas", program="greedy"),
     # The full sampler (top-k/top-p sort, random bits, top logprobs), as every step ran it before
     # the engine picked sampler variants per batch.
@@ -271,11 +273,15 @@ def time_decode(
             eng.cache, out["kernels"] = _kernel_profile(step, eng.cache, packed, 1)
         if engine:
             out |= _time_engine(eng, batch, context, rng)
-        for name in variants:
-            eng.cache, timing, info = _variant(eng, name, inputs, profile)
-            out[name] = timing | info
     except Exception as err:  # an out-of-memory row is reported, not fatal
         out["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        return out
+    for name in variants:
+        try:
+            eng.cache, timing, info = _variant(eng, name, inputs, profile)
+            out[name] = timing | info
+        except Exception as err:  # e.g. an XLA option this jaxlib does not know
+            out[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     return out
 
 

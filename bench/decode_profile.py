@@ -25,27 +25,43 @@ _LAUNCHING = ("fusion", "custom-call", "copy", "scatter", "gather", "while", "co
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.-]+ = .*?\b([a-z][\w-]*)\(")
 
 
-def gpu_kernels(run: Callable[[], Any]) -> list[tuple[str, int, int, dict[str, Any]]]:
-    """Runs ``run()`` under the profiler; returns the GPU's kernels (memory copies left out) as
-    (name, start ns, duration ns, stats such as ``hlo_module`` and ``run_id``), empty where the
-    trace has no GPU plane (on a CPU)."""
+Kernel = tuple[str, int, int, dict[str, Any]]  # (name, start ns, duration ns, stats)
+HostEvent = tuple[str, str, int, int]  # (thread, name, start ns, duration ns)
+
+
+def trace_events(run: Callable[[], Any]) -> tuple[list[Kernel], list[HostEvent]]:
+    """Runs ``run()`` under the profiler (Python function tracing off: it would slow the host
+    down many times over). Returns the GPU's kernels (memory copies left out; none on a CPU)
+    and the host's events with their threads' names, both on the trace's one clock."""
     from jax.profiler import ProfileData
 
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
     with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
+        jax.profiler.start_trace(trace_dir, profiler_options=options)
         run()
         jax.profiler.stop_trace()
         data = ProfileData.from_file(str(next(Path(trace_dir).rglob("*.xplane.pb"))))
-    plane = data.find_plane_with_name("/device:GPU:0")
-    if plane is None:
-        return []
-    return [
+    gpu = data.find_plane_with_name("/device:GPU:0")
+    kernels = [
         (event.name, event.start_ns, event.duration_ns, dict(event.stats))
-        for line in plane.lines
+        for line in (gpu.lines if gpu is not None else ())
         if line.name.startswith("Stream")
         for event in line.events
         if not event.name.startswith("Memcpy")
     ]
+    host = data.find_plane_with_name("/host:CPU")
+    host_events = [
+        (line.name, event.name, event.start_ns, event.duration_ns)
+        for line in (host.lines if host is not None else ())
+        for event in line.events
+    ]
+    return kernels, host_events
+
+
+def gpu_kernels(run: Callable[[], Any]) -> list[Kernel]:
+    """The GPU's kernels of ``run()``: see :func:`trace_events`."""
+    return trace_events(run)[0]
 
 
 def kernel_profile(run: Callable[[], Any], steps: int, top: int = 8) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from harli_jax.engine.adapters import AdapterBank
+from harli_jax.engine.device_wait import wait_until_ready
 from harli_jax.engine.output import OutputBuilder, RequestOutput
 from harli_jax.engine.programs import PRECOMPILED_VARIANTS as PRECOMPILED_VARIANTS
 from harli_jax.engine.programs import StepPrograms
@@ -324,7 +325,7 @@ class EngineCore:
         keys.append(step.key)
         self.cache, packed = self.programs.program(step)(*step.args)
         # The program packs what its variant computed into one array: one device-to-host copy.
-        sampled = unpack(np.asarray(packed), step.variant)
+        sampled = unpack(np.asarray(wait_until_ready(packed)), step.variant)
         new_tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()
         top_ids = top_logprobs = None
         if sampled.top_ids is not None:

@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from harli_jax.engine.device_wait import wait_until_ready
+
 
 @dataclasses.dataclass(frozen=True)
 class _Program:
@@ -91,7 +93,7 @@ class InFlight:
 
     def _retire(self) -> None:
         program = self._programs.popleft()
-        jax.block_until_ready(program.done)
+        wait_until_ready(program.done)
         ended = self._clock()
         seconds = ended - max(program.queued, self._last_end)
         result = program.finish() if program.finish is not None else None
