@@ -5,8 +5,9 @@ A thread that sleeps in ``block_until_ready`` is woken by the runtime once the d
 after fine-tune work that wake-up, and the next decode step with it, was sometimes late by
 5-12 ms on the H100's host. With 16 rows decoding (TinyLlama shape), 10 of 400 decode steps
 right after a train micro-step took over 8 ms when both waits slept, 2 of 400 when both spun;
-the median step spun was 0.2 ms slower (bench/NOTES.md, session 11). Off the GPU the device is
-the host's own cores, so there the thread sleeps and leaves them to XLA.
+the median step spun was 0.2 ms slower. It does not remove the stalls: on another machine, spinning,
+the p99 step after a micro-step was still 14.8 ms (bench/NOTES.md, session 11). Off the GPU the
+device is the host's own cores, so there the thread sleeps and leaves them to XLA.
 """
 
 from __future__ import annotations
