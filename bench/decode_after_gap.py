@@ -95,11 +95,12 @@ def profile_steps(run: Callable[[], None]) -> list[dict]:
         inside = [(k[1], k[1] + k[2]) for k in kernels if start <= k[1] < end]
         step = {"wall_us": (end - start) / 1e3, "host_us": collections.Counter()}
         if inside:
+            first, last = inside[0][0], max(e for _, e in inside)
             step |= {
                 "busy_us": sum(e - s for s, e in inside) / 1e3,
-                "span_us": (max(e for _, e in inside) - inside[0][0]) / 1e3,
-                "before_first_kernel_us": (inside[0][0] - start) / 1e3,
-                "after_last_kernel_us": (end - max(e for _, e in inside)) / 1e3,
+                "span_us": (last - first) / 1e3,
+                "before_first_kernel_us": (first - start) / 1e3,
+                "after_last_kernel_us": (end - last) / 1e3,
             }
         for thread, name, s, dur in host:
             clipped = min(s + dur, end) - max(s, start)
@@ -221,7 +222,8 @@ def main() -> None:
     profiled = ("back_to_back", "after_train_micro_step", "after_sleep_8ms")
     host_mhz = {"before": host_cpu_mhz()}
     traced = {name: profile_steps(profiled_block(before[name])) for name in profiled}
-    host_mhz["after_sleep"] = (time.sleep(0.05), host_cpu_mhz())[1]
+    time.sleep(0.05)  # the cores' clocks after the host idled, where the VM reports them
+    host_mhz["after_sleep"] = host_cpu_mhz()
     split = {name: host_split(traced[name], traced["back_to_back"]) for name in profiled}
     rows = [
         {
