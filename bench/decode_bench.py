@@ -248,7 +248,7 @@ def _variant(engine: EngineCore, name: str, inputs: tuple, profile: bool):
 
 def _engine_step(engine: EngineCore, width: int, cache: KVCache, inputs: jax.Array):
     """The engine's own program (``EngineCore._forward``) on its packed inputs."""
-    return engine._forward(engine.state, cache, inputs, width=width, variant=VARIANT)
+    return engine._forward(engine.weights, cache, inputs, width=width, variant=VARIANT)
 
 
 def time_decode(
@@ -266,7 +266,7 @@ def time_decode(
         out |= timing | {"first_call_s": time.perf_counter() - started, "sampler": VARIANT.suffix}
         if profile:  # the engine's own program: cached by the call above, so no recompile
             started = time.perf_counter()
-            lowered = eng._forward.lower(eng.state, eng.cache, *packed, width=1, variant=VARIANT)
+            lowered = eng._forward.lower(eng.weights, eng.cache, *packed, width=1, variant=VARIANT)
             compiled = lowered.compile()
             out["hlo"] = decode_profile.hlo_summary(compiled.as_text())
             out["lookup_s"] = time.perf_counter() - started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -78,9 +79,14 @@ class RecordingColocator:
     def __init__(self):
         self.engine = None
         self.calls: list[tuple[int, bool]] = []  # (running requests, will_prefill) per call
+        self.drains = 0
 
     def predictor_errors(self):
         return {}
+
+    def drain(self):
+        self.drains += 1
+        return None
 
     def after_step(self, report, will_prefill=False):
         if report is not None:
@@ -108,3 +114,38 @@ def test_an_arrival_during_fine_tune_work_joins_after_the_next_step(llm):
     # The late request arrived during the first turn: the second step did not run it, and the
     # loop says the next step will prefill it.
     assert (running_2, prefill_2) == (1, True)
+
+
+def test_a_step_queues_its_first_program_before_waiting_for_earlier_work(llm):
+    """Work left queued on the device (the colocator's last fine-tune programs) is waited for
+    once the step's own first program is dispatched, so the host's side of the step overlaps
+    it; the step's seconds count from when that work ended."""
+    core = llm.engine
+    core.add_request(PROMPTS[0], GREEDY)
+    core.step()  # prefill
+    seen, ended = [], []
+
+    def wait_queued():
+        seen.append(core.cache is cache_before)  # False: the step's program took the cache
+        time.sleep(0.05)  # the queued work ends 50 ms later
+        ended.append(time.perf_counter())
+        return ended[-1]
+
+    cache_before = core.cache
+    core.step(wait_queued)
+    assert seen == [False]
+    assert core.last_report.ended_at - core.last_report.seconds == pytest.approx(ended[0])
+
+
+def test_the_loop_hands_each_step_the_colocators_wait(llm):
+    colocator = RecordingColocator()
+    engine = Engine(llm.engine, colocator=colocator)
+    colocator.engine = engine
+    engine.start()
+    try:
+        list(engine.submit(PROMPTS[0], GREEDY))
+        list(colocator.late)
+    finally:
+        engine.stop()
+    # One wait per step that dispatched a program, and one as the loop stops.
+    assert colocator.drains >= len(colocator.calls) + 1

@@ -34,6 +34,7 @@ from harli_jax.engine.programs import PRECOMPILED_VARIANTS as PRECOMPILED_VARIAN
 from harli_jax.engine.programs import StepPrograms
 from harli_jax.engine.sampling import SamplingParams, unpack
 from harli_jax.engine.sequence import Sequence
+from harli_jax.engine.steps import state_arrays
 from harli_jax.memory.arena import Arena
 from harli_jax.memory.kv_cache import KVCache
 from harli_jax.memory.page_table import PageTable
@@ -90,7 +91,12 @@ class EngineCore:
         self.graphdef, self.state = nnx.split(model)
         dtype = model.embed_tokens[...].dtype
         self.programs = StepPrograms(
-            self.graphdef, mc, config, self.pages_per_seq, self.adapters is not None
+            self.graphdef,
+            jax.tree.structure(self.state),
+            mc,
+            config,
+            self.pages_per_seq,
+            self.adapters is not None,
         )
         # Names bench/ and tests reach the step function and the compiled programs by.
         self._forward, self._programs = self.programs.forward, self.programs.compiled
@@ -112,11 +118,23 @@ class EngineCore:
                 f"lower --memory-fraction, or num_pages ({error})"
             ) from error
         self.last_report: StepReport | None = None
+        self._wait_queued: Callable[[], float | None] | None = None  # see step()
+        self._device_free = 0.0  # when the device was free for the running step
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._ids = itertools.count()
         self._queue_waits: list[float] = []
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
+
+    @property
+    def state(self) -> nnx.State:
+        """The model's state (the serving adapter bank's included)."""
+        return self._state
+
+    @state.setter
+    def state(self, state: nnx.State) -> None:
+        self._state = state
+        self.weights = state_arrays(state)  # what the programs take, flattened once
 
     @property
     def cache(self) -> KVCache:
@@ -137,7 +155,7 @@ class EngineCore:
         mc, page_size = self.model_config, self.config.page_size
         shape = (mc.num_layers, self.pages_per_seq + 1, page_size, mc.num_kv_heads, mc.head_dim)
         spec = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        temporaries = self.programs.largest_temp_bytes(self.state, KVCache(spec, spec))
+        temporaries = self.programs.largest_temp_bytes(self.weights, KVCache(spec, spec))
         page_bytes = 2 * math.prod(shape[:1] + shape[2:]) * jnp.dtype(dtype).itemsize
         reserve = temporaries + self.config.reserve_bytes
         num_pages = arena_pages(self.config.memory_fraction, page_bytes, reserve)
@@ -227,12 +245,20 @@ class EngineCore:
         return len(self._waiting)
 
     # -- the step ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, wait_queued: Callable[[], float | None] | None = None) -> list[RequestOutput]:
         """One prefill batch and one decode batch; returns the requests that gained tokens.
 
-        Leaves ``last_report``: the programs it ran, their summed cost and its wall time.
+        ``wait_queued`` waits for device work queued before this step (fine-tune programs the
+        scheduler left in flight) and returns when the host saw it end (None: nothing was
+        queued). It is called once the step's first program is dispatched, so that the host's
+        side of the step (its inputs and dispatch: about half of a small decode step on the
+        H100's host) overlaps that work instead of following it.
+
+        Leaves ``last_report``: the programs it ran, their summed cost and its wall time,
+        counted from when the device was free for it (the queued work's end, if later).
         """
         start = time.perf_counter()
+        self._wait_queued, self._device_free = wait_queued, start
         self._admit()
         outputs, keys = [], []
         prefill = [s for s in self._running if s.pending > 1]
@@ -253,7 +279,7 @@ class EngineCore:
                 key="+".join(keys),
                 cost={name: sum(c[name] for c in costs) for name in costs[0]},
                 features={"rows": float(len(decode)), "prefill_tokens": float(prefill_tokens)},
-                seconds=end - start,
+                seconds=end - self._device_free,
                 ended_at=end,
             )
         return outputs
@@ -320,10 +346,13 @@ class EngineCore:
         The sequences' chunks are decided here; :meth:`StepPrograms.step_inputs` lays them out."""
         chunks = [min(seq.pending, max_chunk) for seq in seqs]
         step = self.programs.step_inputs(
-            self.state, self.cache, self.pages, seqs, chunks, max_chunk
+            self.weights, self.cache, self.pages, seqs, chunks, max_chunk
         )
         keys.append(step.key)
         self.cache, packed = self.programs.program(step)(*step.args)
+        if self._wait_queued is not None:  # the step's first program is queued behind it
+            ended, self._wait_queued = self._wait_queued(), None
+            self._device_free = max(self._device_free, ended or self._device_free)
         # The program packs what its variant computed into one array: one device-to-host copy.
         sampled = unpack(np.asarray(wait_until_ready(packed)), step.variant)
         new_tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()
@@ -359,12 +388,12 @@ class EngineCore:
         compile in ``workers`` threads (default: one per CPU core; 1 compiles serially).
         """
         start = time.perf_counter()
-        self.programs.compile_all(self.state, self.cache, progress, workers)
+        self.programs.compile_all(self.weights, self.cache, progress, workers)
         # A program's first run loads its kernels (on the H100, 20-80 ms more than its later
         # runs): that belongs here, not on the TPOT of the first request to reach its bucket.
         for shape in self.programs.shape_buckets():
             for variant in PRECOMPILED_VARIANTS:
-                self.cache = self.programs.run_blank(self.state, self.cache, shape, variant)
+                self.cache = self.programs.run_blank(self.weights, self.cache, shape, variant)
         return time.perf_counter() - start
 
     def _emit(

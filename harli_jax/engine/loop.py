@@ -37,7 +37,11 @@ class Colocator(Protocol):
     def after_step(self, report: StepReport | None, will_prefill: bool = False) -> bool:
         """Runs fine-tune work after the inference step ``report`` describes (None: the loop
         has no inference work); ``will_prefill``: the next step runs a prefill chunk. True if
-        it ran any."""
+        it ran any. It may leave its last programs queued on the device."""
+
+    def drain(self) -> float | None:
+        """Waits for the fine-tune programs left queued; returns when the host saw the last end
+        (None: none was queued)."""
 
 
 _END = object()
@@ -201,8 +205,9 @@ class Engine:
     def _run(self) -> None:
         while not self._stop.is_set():
             stepped = self.core.has_unfinished()
+            wait_queued = None if self.colocator is None else self.colocator.drain
             if stepped:
-                for out in self.core.step():
+                for out in self.core.step(wait_queued):
                     self.metrics.on_tokens(out.request_id, len(out.new_token_ids), out.finished)
                     self._streams[out.request_id]._put(out)
                     if out.finished:
@@ -218,3 +223,5 @@ class Engine:
             if idle and not trained:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
+        if self.colocator is not None:
+            self.colocator.drain()  # the fine-tune programs in flight are recorded

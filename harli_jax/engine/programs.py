@@ -39,11 +39,12 @@ if TYPE_CHECKING:  # core builds a StepPrograms, so it can only be imported for 
 PRECOMPILED_VARIANTS = (PLAIN, GREEDY)
 
 Shape = tuple[int, int, int]  # (rows, tokens per row, pages per row)
+Weights = tuple[jax.Array, ...]  # the model state's arrays (steps.state_arrays)
 
 
 class Step(NamedTuple):
     """One step as the device runs it: its program's key (sampler variant included), shape
-    bucket and sampler variant, and the compiled program's arguments (state, cache, inputs)."""
+    bucket and sampler variant, and the compiled program's arguments (weights, cache, inputs)."""
 
     key: str
     shape: Shape
@@ -52,11 +53,11 @@ class Step(NamedTuple):
 
 
 def _step(
-    state: nnx.State, cache: KVCache, inputs: np.ndarray, shape: Shape, variant: SamplerVariant
+    weights: Weights, cache: KVCache, inputs: np.ndarray, shape: Shape, variant: SamplerVariant
 ) -> Step:
     rows, width, pages = shape
     key = f"forward/r{rows}/t{width}/p{pages}{variant.suffix}"
-    return Step(key, shape, variant, (state, cache, inputs))
+    return Step(key, shape, variant, (weights, cache, inputs))
 
 
 class StepPrograms:
@@ -67,13 +68,16 @@ class StepPrograms:
     def __init__(
         self,
         graphdef: nnx.GraphDef,
+        state_def: jax.tree_util.PyTreeDef,
         model_config: ModelConfig,
         config: EngineConfig,
         pages_per_seq: int,
         lora: bool,
     ):
-        """``lora``: the model carries an adapter bank, so every step takes each row's slot."""
-        self.forward = make_engine_step(graphdef, lora)
+        """``state_def``: the structure of the model state whose arrays (``weights``,
+        :func:`~harli_jax.engine.steps.state_arrays`) every call here takes; ``lora``: the model
+        carries an adapter bank, so every step takes each row's slot."""
+        self.forward = make_engine_step(graphdef, state_def, lora)
         self.compiled: dict[str, jax.stages.Compiled] = {}
         self.costs: dict[str, dict[str, float]] = {}
         self._model_config = model_config
@@ -106,7 +110,7 @@ class StepPrograms:
 
     def step_inputs(
         self,
-        state: nnx.State,
+        weights: Weights,
         cache: KVCache,
         pages: PageTable,
         seqs: list[Sequence],
@@ -148,16 +152,16 @@ class StepPrograms:
         adapter_slots[:n] = [s.adapter_slot for s in seqs]
         inputs = pack_inputs(tokens, positions, slots, table, last, sampler, adapter_slots)
         shape = (rows, width, table.shape[1])
-        return _step(state, cache, inputs, shape, SamplerVariant.of(params))
+        return _step(weights, cache, inputs, shape, SamplerVariant.of(params))
 
     def _blank_step(
-        self, state: nnx.State, cache: KVCache, shape: Shape, variant: SamplerVariant
+        self, weights: Weights, cache: KVCache, shape: Shape, variant: SamplerVariant
     ) -> Step:
         """A step of ``shape`` whose rows are all padding (they write the scratch page only)."""
         rows = shape[0]
         sampler = SamplerInputs.build([], [], [], rows)
         inputs = pack_inputs(*self._blank_inputs(*shape), sampler, np.zeros(rows, np.int32))
-        return _step(state, cache, inputs, shape, variant)
+        return _step(weights, cache, inputs, shape, variant)
 
     def _lower(self, step: Step) -> jax.stages.Lowered:
         return self.forward.lower(*step.args, width=step.shape[1], variant=step.variant)
@@ -179,7 +183,7 @@ class StepPrograms:
 
     def compile_all(
         self,
-        state: nnx.State,
+        weights: Weights,
         cache: KVCache,
         progress: Callable[[int, int], None],
         workers: int | None,
@@ -197,7 +201,7 @@ class StepPrograms:
             futures = {}
             for index, shape in enumerate(shapes):
                 for variant in PRECOMPILED_VARIANTS:
-                    step = self._blank_step(state, cache, shape, variant)
+                    step = self._blank_step(weights, cache, shape, variant)
                     if step.key in self.compiled:
                         continue
                     futures[pool.submit(self._lower(step).compile)] = (index, step)
@@ -214,22 +218,22 @@ class StepPrograms:
                     progress(done, len(shapes))
 
     def run_blank(
-        self, state: nnx.State, cache: KVCache, shape: Shape, variant: SamplerVariant
+        self, weights: Weights, cache: KVCache, shape: Shape, variant: SamplerVariant
     ) -> KVCache:
         """One step of padding rows through a compiled program; returns the cache it donated
         ``cache`` into."""
-        step = self._blank_step(state, cache, shape, variant)
+        step = self._blank_step(weights, cache, shape, variant)
         cache, packed = self.compiled[step.key](*step.args)
         jax.block_until_ready(packed)
         return cache
 
-    def largest_temp_bytes(self, state: nnx.State, cache: KVCache) -> int:
+    def largest_temp_bytes(self, weights: Weights, cache: KVCache) -> int:
         """The temporaries of the largest decode program or of the largest prefill program,
         whichever needs more. They are compiled for this and not kept: ``cache`` may be shapes
         only (every program donates the cache, so its page count does not change them)."""
         shapes = self.shape_buckets()
         largest = {max(s for s in shapes if s[1] == width) for width in (1, shapes[-1][1])}
         return max(
-            temp_bytes(self._lower(self._blank_step(state, cache, shape, FULL)).compile())
+            temp_bytes(self._lower(self._blank_step(weights, cache, shape, FULL)).compile())
             for shape in largest
         )

@@ -54,6 +54,11 @@ class InFlight:
         """The host seconds a dispatch takes (90th percentile of recent ones; 0 before any)."""
         return float(np.quantile(self._dispatch_s, 0.9)) if self._dispatch_s else 0.0
 
+    @property
+    def last_end(self) -> float:
+        """When the host last saw a program end and did its host work (-inf before any)."""
+        return self._last_end
+
     def __len__(self) -> int:
         return len(self._programs)
 
@@ -82,16 +87,20 @@ class InFlight:
         while len(self._programs) >= self.depth or (finish is not None and self._programs):
             self._retire()
 
-    def drain(self) -> None:
-        """Waits for every queued program."""
+    def drain(self) -> float | None:
+        """Waits for every queued program; returns the clock time the host saw the last one end
+        (None if none was queued)."""
+        ended = None
         while self._programs:
-            self._retire()
+            ended = self._retire()
+        return ended
 
     def clear(self) -> None:
         """Forgets the queued programs without waiting (their job failed)."""
         self._programs.clear()
 
-    def _retire(self) -> None:
+    def _retire(self) -> float:
+        """Waits for the oldest program and records it; returns when the host saw it end."""
         program = self._programs.popleft()
         wait_until_ready(program.done)
         ended = self._clock()
@@ -99,3 +108,4 @@ class InFlight:
         result = program.finish() if program.finish is not None else None
         self._last_end = self._clock()
         program.record(seconds, self._last_end - ended, result)
+        return ended

@@ -140,7 +140,7 @@ class ColocationScheduler:
         self.backoff = SloBackoff(config.backoff_target, max_s=config.tpot_slo_s / 2)
         self.gate = FillGate()
         self._filled_since: float | None = None  # end of the last step harli trained after
-        self._filled_s = 0.0  # ... and the seconds of fine-tune work it ran then
+        self._fill_start = 0.0  # ... and when its fine-tune work began
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
         self.on_job_failed = lambda job, error: None
 
@@ -163,10 +163,23 @@ class ColocationScheduler:
         """Runs fine-tune work after an inference step (``report``; None if the loop is idle)
         before the next (which runs a prefill chunk if ``will_prefill``). Returns whether it ran
         any."""
+        self.drain()  # what the step did not wait for (it ran no program)
         if report is not None:
             self.observe_inference(report)
         self._after_train = self._work(report, will_prefill)
         return self._after_train
+
+    def drain(self) -> float | None:
+        """Waits for the fine-tune programs left queued on the device (the loop's next step
+        calls this once its own first program is queued behind them); returns when the host
+        saw the last one end (None: none was queued). A job whose program fails is dropped."""
+        if not len(self.runner.inflight):
+            return None
+        try:
+            return self.runner.inflight.drain()
+        except Exception as error:  # a broken job must not take serving down with it
+            self._fail(self.jobs[0], error)
+            return None
 
     def _work(self, report: StepReport | None, will_prefill: bool) -> bool:
         """Advances the first job as the policy says; a job that raises is failed and dropped,
@@ -177,14 +190,17 @@ class ColocationScheduler:
         try:
             ran = self._advance(job, report, will_prefill)
         except Exception as error:  # a broken job must not take serving down with it
-            self.runner.inflight.clear()
-            self.jobs.popleft()
-            self.on_job_failed(job, error)
+            self._fail(job, error)
             return True
         if job.done:
             self.jobs.popleft()
             self.on_job_done(job)
         return ran
+
+    def _fail(self, job: FineTuneJob, error: Exception) -> None:
+        self.runner.inflight.clear()
+        self.jobs.remove(job)
+        self.on_job_failed(job, error)
 
     def _advance(self, job: FineTuneJob, report: StepReport | None, will_prefill: bool) -> bool:
         if report is None or self.config.policy == "naive":
@@ -194,7 +210,8 @@ class ColocationScheduler:
             return static.fill(self.config, self.runner, job)
         if self._filled_since is not None:
             iteration_s = report.ended_at - self._filled_since
-            self.backoff.observe(iteration_s, self.config.tpot_slo_s, self._filled_s)
+            filled_s = self.runner.inflight.last_end - self._fill_start
+            self.backoff.observe(iteration_s, self.config.tpot_slo_s, filled_s)
             self.gate.on_filled_iteration(iteration_s)
         if not self.gate.should_fill():  # training in idle time would train more
             self._filled_since = None
@@ -206,9 +223,9 @@ class ColocationScheduler:
         # Cuts are chosen for the time fine-tuning actually gets: a cut chosen for the nominal
         # budget had micro-steps that never fitted what was left of it, and stalled its step.
         self._slack.append(deadline - time.perf_counter())
-        self._filled_s = self._fill(job, deadline)
-        self._filled_since = report.ended_at if self._filled_s else None
-        return bool(self._filled_s)
+        ran = self._fill(job, deadline)
+        self._filled_since = report.ended_at if ran else None
+        return ran
 
     # -- decisions --------------------------------------------------------------------------
     def _harli_budget(self, report: StepReport, will_prefill: bool) -> float:
@@ -264,15 +281,15 @@ class ColocationScheduler:
         return predicted * config.min_margin + min(late, predicted * config.max_late)
 
     # -- running ----------------------------------------------------------------------------
-    def _fill(self, job: FineTuneJob, deadline: float) -> float:
+    def _fill(self, job: FineTuneJob, deadline: float) -> bool:
         """Dispatches micro-steps while the next one's estimate fits before ``deadline`` (a
-        ``time.perf_counter`` time) behind those in flight, then waits for all: planning a step,
-        predicting and learning take host time between programs, which the programs in flight
-        hide but which a budget must still leave room for (on the H100, harli's median iteration
-        once came out 5 ms over a 19 ms SLO). Each new step gets its cut from the budgets as they
-        are then. Returns the seconds from its start to the end of its last program (0 if it
-        dispatched none)."""
-        start, ran = time.perf_counter(), False
+        ``time.perf_counter`` time) behind those in flight: planning a step, predicting and
+        learning take host time between programs, which the programs in flight hide but which a
+        budget must still leave room for (on the H100, harli's median iteration once came out
+        5 ms over a 19 ms SLO). Each new step gets its cut from the budgets as they are then.
+        The last programs are left in flight for the next inference step to queue behind
+        (:meth:`drain`). Returns whether it dispatched any."""
+        self._fill_start, ran = time.perf_counter(), False
         while not job.done:
             micro = self._next_micro_step(job, deadline)
             if micro is None:  # no time to start a step, or no arena pages for one now
@@ -291,8 +308,7 @@ class ColocationScheduler:
             ran, self._stalls = True, 0
             if job.tokens_trained > tokens:  # its update ran: the step is done
                 self.gate.on_fill_trained(job.tokens_trained - tokens)
-        self.runner.inflight.drain()
-        return time.perf_counter() - start if ran else 0.0
+        return ran
 
     def _stalled(self, job: FineTuneJob) -> None:
         """Counts an iteration in which the open step's next micro-step did not fit; after

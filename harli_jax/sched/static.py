@@ -47,8 +47,8 @@ def cut(config: SchedulerConfig, calibration: Calibration, job: FineTuneJob) -> 
 
 
 def fill(config: SchedulerConfig, runner: MicroStepRunner, job: FineTuneJob) -> bool:
-    """Runs ``job``'s micro-steps while their calibrated times fit the budget; returns whether it
-    ran any."""
+    """Dispatches ``job``'s micro-steps while their calibrated times fit the budget; returns
+    whether it dispatched any."""
     calibration = runner.calibration
     seconds_left, ran = budget(config, calibration), False
     granularity = cut(config, calibration, job)
@@ -62,5 +62,4 @@ def fill(config: SchedulerConfig, runner: MicroStepRunner, job: FineTuneJob) -> 
         runner.dispatch(job, micro, seconds)
         seconds_left -= seconds
         ran = True
-    runner.inflight.drain()
-    return ran
+    return ran  # the last programs stay in flight, as harli's do
