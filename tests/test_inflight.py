@@ -49,6 +49,17 @@ def test_a_program_is_timed_from_when_the_device_could_start_it():
     assert times == [2.0 - 0.25, 5.0 - 2.0]
 
 
+def test_a_program_found_ended_by_a_late_drain_has_no_time_but_is_recorded():
+    """After other host work (the next inference step's dispatch) a program found ended may
+    have ended long before: its time is unknown, not that long; its tokens still count."""
+    records = []
+    queue = InFlight(depth=2, clock=Clock(0.0, 3.0, 3.0))
+    record = lambda seconds, finish_s, result: records.append(seconds)  # noqa: E731
+    queue.add(jax.block_until_ready(jnp.zeros(())), dispatched=0.0, estimate=1.0, record=record)
+    assert queue.drain(late=True) == 3.0  # when the host saw it ended
+    assert records == [None]
+
+
 def test_busy_until_chains_the_estimates_of_what_is_queued():
     clock = Clock()
     queue = InFlight(depth=3, clock=clock)

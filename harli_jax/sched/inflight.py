@@ -34,8 +34,9 @@ class _Program:
     queued: float  # clock time its dispatch returned: the device may start it from then
     estimate: float  # its predicted seconds, for planning what follows
     finish: Callable[[], Any] | None  # host work due once it has run (a step's update)
-    # Receives its seconds, the seconds of ``finish`` and what ``finish`` returned.
-    record: Callable[[float, float, Any], None]
+    # Receives its seconds (None: not known, see InFlight.drain), the seconds of ``finish``
+    # and what ``finish`` returned.
+    record: Callable[[float | None, float, Any], None]
 
 
 class InFlight:
@@ -75,7 +76,7 @@ class InFlight:
         done: jax.Array,
         dispatched: float,
         estimate: float,
-        record: Callable[[float, float, Any], None],
+        record: Callable[[float | None, float, Any], None],
         finish: Callable[[], Any] | None = None,
     ) -> None:
         """Queues a program whose dispatch began at ``dispatched`` and has just returned; waits
@@ -87,25 +88,30 @@ class InFlight:
         while len(self._programs) >= self.depth or (finish is not None and self._programs):
             self._retire()
 
-    def drain(self) -> float | None:
+    def drain(self, late: bool = False) -> float | None:
         """Waits for every queued program; returns the clock time the host saw the last one end
-        (None if none was queued)."""
+        (None if none was queued).
+
+        ``late``: the host comes from other work (the next inference step's dispatch, 1-2 ms on
+        the H100's host), so a program it finds ended may have ended long before: its time is
+        not known, and it is recorded without one rather than as that long."""
         ended = None
         while self._programs:
-            ended = self._retire()
+            ended = self._retire(late)
         return ended
 
     def clear(self) -> None:
         """Forgets the queued programs without waiting (their job failed)."""
         self._programs.clear()
 
-    def _retire(self) -> float:
+    def _retire(self, late: bool = False) -> float:
         """Waits for the oldest program and records it; returns when the host saw it end."""
         program = self._programs.popleft()
+        unknown = late and program.done.is_ready()
         wait_until_ready(program.done)
         ended = self._clock()
         seconds = ended - max(program.queued, self._last_end)
         result = program.finish() if program.finish is not None else None
         self._last_end = self._clock()
-        program.record(seconds, self._last_end - ended, result)
+        program.record(None if unknown else seconds, self._last_end - ended, result)
         return ended

@@ -85,19 +85,21 @@ class MicroStepRunner:
             if not job.in_step:
                 return ran
 
-    def _record(self, job: FineTuneJob, micro_key: tuple, seconds: float, finish_s: float, metrics):
-        """Learns from a micro-step that has run: ``seconds`` of its program, then ``finish_s``
-        of its step's bookkeeping (an update's: 0.5 ms on the H100's host, which delays decode
-        as much as a program does). A step that wrote a checkpoint feeds its program's seconds
-        alone: the write (0.1 s on a CPU) comes every ``checkpoint_every`` steps, not with the
-        program."""
-        sample = seconds if metrics and metrics["checkpointed"] else seconds + finish_s
+    def _record(
+        self, job: FineTuneJob, micro_key: tuple, seconds: float | None, finish_s: float, metrics
+    ):
+        """Learns from a micro-step that has run: ``seconds`` of its program (None: not known),
+        then ``finish_s`` of its step's bookkeeping (an update's: 0.5 ms on the H100's host,
+        which delays decode as much as a program does). A step that wrote a checkpoint feeds its
+        program's seconds alone: the write (0.1 s on a CPU) comes every ``checkpoint_every``
+        steps, not with the program."""
         key = program_key(job, micro_key)
         warm = _WARM.setdefault(job, set())
         if key not in self.predictor:
             self.predictor.register(key, family(micro_key), job.program_cost(micro_key))
-        elif key in warm:
-            self.predictor.observe(key, sample)
+        elif key in warm and seconds is not None:
+            checkpointed = metrics and metrics["checkpointed"]
+            self.predictor.observe(key, seconds if checkpointed else seconds + finish_s)
         # else: the job's first run of a known program compiled it: not a latency sample
         warm.add(key)
         if metrics is not None:

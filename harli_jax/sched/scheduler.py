@@ -176,7 +176,7 @@ class ColocationScheduler:
         if not len(self.runner.inflight):
             return None
         try:
-            return self.runner.inflight.drain()
+            return self.runner.inflight.drain(late=True)
         except Exception as error:  # a broken job must not take serving down with it
             self._fail(self.jobs[0], error)
             return None
