@@ -198,6 +198,18 @@ def test_static_budget_is_the_slo_less_the_p99_calibrated_step_and_never_adapts(
     assert static.budget(fixed.config, fixed.calibration) == 0.003
 
 
+def test_harli_starts_from_the_backoff_a_warm_up_settled_at():
+    """A calibration carries a warm-up's SLO backoff (through its JSON, as a profile file
+    does) to a fresh scheduler, which starts there rather than learning it again from zero."""
+    warmed = Calibration.from_json(Calibration(slo_backoff_s=0.003).to_json())
+    rates = DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)
+    config = SchedulerConfig(tpot_slo_s=0.02)
+    scheduler = ColocationScheduler(config, Predictor(rates), EngineMetrics(), warmed)
+    assert scheduler.backoff.seconds == 0.003
+    fresh = ColocationScheduler(config, Predictor(rates), EngineMetrics())
+    assert fresh.backoff.seconds == 0.0
+
+
 def test_train_keys_carry_the_lora_shape():
     a, b = fake_job(r=16), fake_job(r=8)
     c, d = fake_job(rows=8, seq_len=256), fake_job(targets="all-linear")

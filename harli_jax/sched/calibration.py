@@ -19,12 +19,15 @@ from harli_jax.sched.costs import StepReport
 @dataclasses.dataclass
 class Calibration:
     """What calibration measured beyond the predictor's samples: each cut's micro-steps (program
-    keys, in run order), each train program's slowest calibrated run, and the inference steps'
-    times. Plain data, so a profile file or a benchmark can hand it to a fresh scheduler."""
+    keys, in run order), each train program's slowest calibrated run, the inference steps'
+    times, and the SLO backoff (:class:`~harli_jax.sched.backoff.SloBackoff`) a co-located
+    warm-up settled at (0 where none ran). Plain data, so a profile file or a benchmark can hand
+    it to a fresh scheduler."""
 
     cuts: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     inference_s: list[float] = dataclasses.field(default_factory=list)
+    slo_backoff_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -35,6 +38,7 @@ class Calibration:
             cuts={k: list(v) for k, v in data.get("cuts", {}).items()},
             seconds={k: float(v) for k, v in data.get("seconds", {}).items()},
             inference_s=[float(s) for s in data.get("inference_s", [])],
+            slo_backoff_s=float(data.get("slo_backoff_s", 0.0)),
         )
 
     def copy(self) -> Calibration:
