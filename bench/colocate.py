@@ -376,8 +376,8 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
     if static_ms <= 0:
         say("no static budget fits the SLO: static trains only while no request is running")
     if "harli" in args.policies:
-        backoff_ms = warm_up(llm, job, base, setup, slo_ms)
-        say(f"harli warmed up: backoff {backoff_ms:.2f} ms")
+        measured["warm_up"] = warm_up(llm, job, base, setup, slo_ms)
+        say(f"harli warm-up: {json.dumps(measured['warm_up'])}")
 
     for load in args.loads:
         rate = load_rate(load, setup, slo_ms)
@@ -454,11 +454,11 @@ def tune_static(
 
 def warm_up(
     llm: LLM, job: FineTuneJob, base: ColocationScheduler, setup: Setup, slo_ms: float
-) -> float:
+) -> dict:
     """Runs harli once on static's tuning trace (heavy load, another seed than the runs'), as
     a server that has been running would be: every run then starts from the predictor it left
     and the SLO backoff it settled at (which a 12 s run spends a few overruns learning from
-    zero). Returns that backoff (ms)."""
+    zero). Returns the warm-up's tokens/s, SLO attainment and final backoff (ms)."""
     trace = load_trace(load_rate("heavy", setup, slo_ms), setup.duration_s / 2, setup, seed=1)
     predictor = base.predictor.copy()
     config = SchedulerConfig("harli", slo_ms * 1e-3)
@@ -474,7 +474,8 @@ def warm_up(
     base.predictor = predictor
     base.calibration.slo_backoff_s = report["slo_backoff_ms"] * 1e-3
     gc.collect()
-    return report["slo_backoff_ms"]
+    keys = ("finetune_tok_s", "slo_attainment", "slo_backoff_ms", "fill_share")
+    return {key: report[key] for key in keys}
 
 
 def _finite(row: dict) -> dict:
