@@ -203,9 +203,12 @@ def finetune_alone(job: FineTuneJob, setup: Setup) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def run_one(llm, job, trace, config: SchedulerConfig, base: ColocationScheduler) -> dict:
-    """One policy over one trace, starting from copies of the shared calibration; its summary."""
-    predictor = base.predictor.copy()
+def run_one(
+    llm, job, trace, config: SchedulerConfig, base: ColocationScheduler, predictor=None
+) -> dict:
+    """One policy over one trace, starting from copies of the shared calibration and predictor
+    (or from ``predictor``, which the run then trains on); its summary."""
+    predictor = predictor or base.predictor.copy()
     started = time.perf_counter()
     report = run_colocated(
         llm,
@@ -458,24 +461,15 @@ def warm_up(
     """Runs harli once on static's tuning trace (heavy load, another seed than the runs'), as
     a server that has been running would be: every run then starts from the predictor it left
     and the SLO backoff it settled at (which a 12 s run spends a few overruns learning from
-    zero). Returns the warm-up's tokens/s, SLO attainment and final backoff (ms)."""
+    zero). Returns the warm-up's tokens/s, SLO attainment, final backoff (ms) and fill share."""
     trace = load_trace(load_rate("heavy", setup, slo_ms), setup.duration_s / 2, setup, seed=1)
     predictor = base.predictor.copy()
-    config = SchedulerConfig("harli", slo_ms * 1e-3)
-    report = run_colocated(
-        llm,
-        job,
-        trace,
-        config,
-        predictor=predictor,
-        calibration=base.calibration,
-        show_progress=False,
-    )
+    result = run_one(llm, job, trace, SchedulerConfig("harli", slo_ms * 1e-3), base, predictor)
     base.predictor = predictor
-    base.calibration.slo_backoff_s = report["slo_backoff_ms"] * 1e-3
-    gc.collect()
-    keys = ("finetune_tok_s", "slo_attainment", "slo_backoff_ms", "fill_share")
-    return {key: report[key] for key in keys}
+    base.calibration.slo_backoff_s = result["slo_backoff_ms"] * 1e-3
+    return {
+        key: result[key] for key in ("ft_tok_s", "slo_attainment", "slo_backoff_ms", "fill_share")
+    }
 
 
 def _finite(row: dict) -> dict:
