@@ -208,6 +208,9 @@ def test_harli_starts_from_the_backoff_a_warm_up_settled_at():
     assert scheduler.backoff.seconds == 0.003
     fresh = ColocationScheduler(config, Predictor(rates), EngineMetrics())
     assert fresh.backoff.seconds == 0.0
+    static_config = SchedulerConfig("static", tpot_slo_s=0.02)
+    static_scheduler = ColocationScheduler(static_config, Predictor(rates), EngineMetrics(), warmed)
+    assert static_scheduler.backoff.seconds == 0.0  # the backoff is harli's alone
 
 
 def test_train_keys_carry_the_lora_shape():

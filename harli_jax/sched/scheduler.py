@@ -138,8 +138,9 @@ class ColocationScheduler:
         self._cut_uses = 0
         self._stalls = 0  # iterations in a row in which the open step could not go on
         self.backoff = SloBackoff(config.backoff_target, max_s=config.tpot_slo_s / 2)
-        # Where a warm-up left it: learning it from zero costs a few overruns at every start.
-        self.backoff.seconds = min(self.calibration.slo_backoff_s, self.backoff.max_s)
+        if config.policy == "harli":  # the backoff is harli's alone
+            # Where a warm-up left it: learning it from zero costs a few overruns at each start.
+            self.backoff.seconds = min(self.calibration.slo_backoff_s, self.backoff.max_s)
         self.gate = FillGate()
         self._filled_since: float | None = None  # end of the last step harli trained after
         self._fill_start = 0.0  # ... and when its fine-tune work began
