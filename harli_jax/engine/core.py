@@ -352,7 +352,8 @@ class EngineCore:
         self.cache, packed = self.programs.program(step)(*step.args)
         if self._wait_queued is not None:  # the step's first program is queued behind it
             ended, self._wait_queued = self._wait_queued(), None
-            self._device_free = max(self._device_free, ended or self._device_free)
+            if ended is not None:
+                self._device_free = max(self._device_free, ended)
         # The program packs what its variant computed into one array: one device-to-host copy.
         sampled = unpack(np.asarray(wait_until_ready(packed)), step.variant)
         new_tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()
