@@ -237,6 +237,7 @@ def run_one(
         static_budget_ms=report["static_budget_ms"],
         slo_backoff_ms=report["slo_backoff_ms"],
         fill_share=report["fill_share"],
+        fill_outcomes=report["fill_outcomes"],
         decode_batch=decode_batch,
         busy_share=busy_s / report["elapsed_s"],
         finished=report["requests"]["finished"],

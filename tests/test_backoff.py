@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harli_jax.sched.backoff import SloBackoff
+from harli_jax.sched.backoff import SloBackoff, miss_cause
 
 SLO = 0.020
 
@@ -55,3 +55,14 @@ def test_never_takes_more_than_its_cap():
 def test_rejects_a_target_outside_zero_one():
     with pytest.raises(ValueError, match="target"):
         SloBackoff(target=1.0)
+
+
+def test_a_late_iteration_is_put_down_to_what_ran_past_the_fills_deadline():
+    # The step before the fill ended at 0; the fill aimed at 10 ms; the SLO is 20 ms.
+    def cause(returned, programs_ended, ended):
+        return miss_cause(SLO, 0.0, 0.010, returned, programs_ended, ended)
+
+    assert cause(returned=0.009, programs_ended=0.010, ended=0.020) == "on time"
+    assert cause(returned=0.012, programs_ended=0.014, ended=0.024) == "programs"
+    assert cause(returned=0.013, programs_ended=0.008, ended=0.021) == "host"  # a step start
+    assert cause(returned=0.009, programs_ended=0.010, ended=0.026) == "inference"

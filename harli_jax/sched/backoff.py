@@ -11,6 +11,9 @@ inference side made alone (its length less its fine-tune work is already over th
 stall, a slow step) is no budget's to prevent, and is not counted either way: on the H100's host
 such stalls alone took ~1% of iterations, and counting them drove the cut to 2-3 ms of a 9 ms
 budget without saving one of them. On a quiet device it stays at zero and costs nothing.
+
+:func:`miss_cause` names what made a filled iteration late (its programs, the fill's host loop,
+or the inference step after it), so a run's report says where its misses came from.
 """
 
 from __future__ import annotations
@@ -35,3 +38,24 @@ class SloBackoff:
         else:
             down = self.step_s * (1 - self.target) / self.target
             self.seconds = max(0.0, self.seconds - down)
+
+
+def miss_cause(
+    slo_s: float,
+    step_ended: float,
+    deadline: float,
+    returned: float,
+    programs_ended: float,
+    ended: float,
+) -> str:
+    """What made a filled iteration late, from its clock times: the step before the fill ended
+    at ``step_ended``, the fill aimed its programs at ``deadline``, its host loop returned at
+    ``returned``, its programs were seen to end at ``programs_ended``, and the inference step
+    after it ended at ``ended``. ``"on time"`` within ``slo_s``; else ``"programs"`` (they ran
+    past the deadline), ``"host"`` (the fill's host loop did: a step start's planning, a
+    wait), or ``"inference"`` (the fill kept to its deadline and the step after it ran long)."""
+    if ended - step_ended <= slo_s:
+        return "on time"
+    if programs_ended > deadline:
+        return "programs"
+    return "host" if returned > deadline else "inference"

@@ -49,6 +49,7 @@ scheduler may compile, so it is not a latency sample.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -60,7 +61,7 @@ from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.train import MicroStep
 from harli_jax.sched import static
-from harli_jax.sched.backoff import SloBackoff
+from harli_jax.sched.backoff import SloBackoff, miss_cause
 from harli_jax.sched.calibration import (
     Calibration,
     inference_features,
@@ -144,6 +145,11 @@ class ColocationScheduler:
         self.gate = FillGate()
         self._filled_since: float | None = None  # end of the last step harli trained after
         self._fill_start = 0.0  # ... and when its fine-tune work began
+        # harli's last fill: (end of the step before it, its deadline, when its host loop
+        # returned, whether it dispatched), until the next step says whether the SLO held.
+        self._last_fill: tuple[float, float, float, bool] | None = None
+        # harli's filled iterations by backoff.miss_cause: on time, or what made them late.
+        self.fill_outcomes: collections.Counter[str] = collections.Counter()
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
         self.on_job_failed = lambda job, error: None
 
@@ -207,10 +213,16 @@ class ColocationScheduler:
 
     def _advance(self, job: FineTuneJob, report: StepReport | None, will_prefill: bool) -> bool:
         if report is None or self.config.policy == "naive":
-            self._filled_since = None
+            self._filled_since = self._last_fill = None
             return self._run_whole_step(job)
         if self.config.policy == "static":
             return static.fill(self.config, self.runner, job)
+        if self._last_fill is not None:
+            step_ended, deadline, returned, dispatched = self._last_fill
+            programs_ended = self.runner.inflight.last_end if dispatched else -math.inf
+            times = (step_ended, deadline, returned, programs_ended, report.ended_at)
+            self.fill_outcomes[miss_cause(self.config.tpot_slo_s, *times)] += 1
+            self._last_fill = None
         if self._filled_since is not None:
             iteration_s = report.ended_at - self._filled_since
             filled_s = self.runner.inflight.last_end - self._fill_start
@@ -227,6 +239,7 @@ class ColocationScheduler:
         # budget had micro-steps that never fitted what was left of it, and stalled its step.
         self._slack.append(deadline - time.perf_counter())
         ran = self._fill(job, deadline)
+        self._last_fill = (report.ended_at, deadline, time.perf_counter(), ran)
         self._filled_since = report.ended_at if ran else None
         return ran
 
