@@ -54,6 +54,7 @@ import dataclasses
 import math
 import time
 from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 
@@ -78,6 +79,18 @@ _STALL_LIMIT = 8  # iterations an open step may wait for a micro-step to fit
 # Stage 2 fits one correction per family: inference steps, and each kind of train micro-step
 # (a forward span, a backward span, the loss head, the optimiser update differ in shape).
 FAMILIES = ("inference", "train/fwd", "train/bwd", "train/head", "train/update")
+
+
+class _Fill(NamedTuple):
+    """One of harli's fills, as the next step's end judges its iteration: when the step before
+    it ended, when it began, the deadline it aimed its programs at, when its host loop returned,
+    and whether it dispatched any program (``time.perf_counter`` times)."""
+
+    step_ended: float
+    start: float
+    deadline: float
+    returned: float
+    dispatched: bool
 
 
 @dataclasses.dataclass
@@ -143,11 +156,7 @@ class ColocationScheduler:
             # Where a warm-up left it: learning it from zero costs a few overruns at each start.
             self.backoff.seconds = min(self.calibration.slo_backoff_s, self.backoff.max_s)
         self.gate = FillGate()
-        self._filled_since: float | None = None  # end of the last step harli trained after
-        self._fill_start = 0.0  # ... and when its fine-tune work began
-        # harli's last fill: (end of the step before it, its deadline, when its host loop
-        # returned, whether it dispatched), until the next step says whether the SLO held.
-        self._last_fill: tuple[float, float, float, bool] | None = None
+        self._last_fill: _Fill | None = None  # until the step after it ends its iteration
         # harli's filled iterations by backoff.miss_cause: on time, or what made them late.
         self.fill_outcomes: collections.Counter[str] = collections.Counter()
         self.on_job_done = lambda job: None  # the engine hands the adapter to serving
@@ -213,23 +222,14 @@ class ColocationScheduler:
 
     def _advance(self, job: FineTuneJob, report: StepReport | None, will_prefill: bool) -> bool:
         if report is None or self.config.policy == "naive":
-            self._filled_since = self._last_fill = None
+            self._last_fill = None
             return self._run_whole_step(job)
         if self.config.policy == "static":
             return static.fill(self.config, self.runner, job)
         if self._last_fill is not None:
-            step_ended, deadline, returned, dispatched = self._last_fill
-            programs_ended = self.runner.inflight.last_end if dispatched else -math.inf
-            times = (step_ended, deadline, returned, programs_ended, report.ended_at)
-            self.fill_outcomes[miss_cause(self.config.tpot_slo_s, *times)] += 1
+            self._learn_from(self._last_fill, report)
             self._last_fill = None
-        if self._filled_since is not None:
-            iteration_s = report.ended_at - self._filled_since
-            filled_s = self.runner.inflight.last_end - self._fill_start
-            self.backoff.observe(iteration_s, self.config.tpot_slo_s, filled_s)
-            self.gate.on_filled_iteration(iteration_s)
         if not self.gate.should_fill():  # training in idle time would train more
-            self._filled_since = None
             return False
         # The next token is due one SLO after this step's: the host time since (the inbox,
         # learning from the step) comes out of the budget too.
@@ -238,10 +238,22 @@ class ColocationScheduler:
         # Cuts are chosen for the time fine-tuning actually gets: a cut chosen for the nominal
         # budget had micro-steps that never fitted what was left of it, and stalled its step.
         self._slack.append(deadline - time.perf_counter())
+        start = time.perf_counter()
         ran = self._fill(job, deadline)
-        self._last_fill = (report.ended_at, deadline, time.perf_counter(), ran)
-        self._filled_since = report.ended_at if ran else None
+        self._last_fill = _Fill(report.ended_at, start, deadline, time.perf_counter(), ran)
         return ran
+
+    def _learn_from(self, fill: _Fill, report: StepReport) -> None:
+        """Learns from the iteration of harli's last fill, which ``report``'s step ended: counts
+        its outcome and, if the fill ran fine-tune work, feeds the backoff and the fill gate."""
+        slo_s, ended = self.config.tpot_slo_s, report.ended_at
+        programs_ended = self.runner.inflight.last_end if fill.dispatched else -math.inf
+        times = (fill.step_ended, fill.deadline, fill.returned, programs_ended, ended)
+        self.fill_outcomes[miss_cause(slo_s, *times)] += 1
+        if fill.dispatched:
+            iteration_s = ended - fill.step_ended
+            self.backoff.observe(iteration_s, slo_s, programs_ended - fill.start)
+            self.gate.on_filled_iteration(iteration_s)
 
     # -- decisions --------------------------------------------------------------------------
     def _harli_budget(self, report: StepReport, will_prefill: bool) -> float:
@@ -305,7 +317,7 @@ class ColocationScheduler:
         5 ms over a 19 ms SLO). Each new step gets its cut from the budgets as they are then.
         The last programs are left in flight for the next inference step to queue behind
         (:meth:`drain`). Returns whether it dispatched any."""
-        self._fill_start, ran = time.perf_counter(), False
+        ran = False
         while not job.done:
             micro = self._next_micro_step(job, deadline)
             if micro is None:  # no time to start a step, or no arena pages for one now
