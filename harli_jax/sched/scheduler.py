@@ -16,16 +16,15 @@ the SLO's 99% of tokens because the overruns it cannot count (the inference step
 the SLO, as right after fine-tune work it often ran slow) still cost tokens.
 
 Requests that arrive during fine-tune work join after the next step (the engine loop drains its
-inbox between a step and the work after it), so the next step's programs are known when its
-slack is planned: decode as the step just run, plus a prefill chunk priced as the slowest recent
-step that ran one. Every few train steps it picks the cut that finishes a step in the fewest
-iterations when its predicted micro-steps are packed, in order, into the time fine-tuning was
-left in the recent iterations (ties: the coarser, whose micro-steps waste less); a coarse cut
-whose big micro-steps fit only every other budget, or leave most of each budget unused, loses to
-a finer one. A step whose next micro-step has not fitted for several iterations in a row (the
-load rose after it was cut) is dropped and its batch cut again. Where decode leaves enough idle
-time, training whole steps only there trains more than filling iterations, which stretches
-requests over that idle time: :class:`~harli_jax.sched.fill_gate.FillGate` decides which.
+inbox between a step and the work after it), so the next step's programs are known when its slack is
+planned: decode as the step just run, plus a prefill chunk priced as the slowest recent step that
+ran one. Every few train steps it picks the cut that finishes a step in the fewest iterations when
+its predicted micro-steps are packed, in order, into the time fine-tuning was left in the recent
+iterations (:mod:`harli_jax.sched.cut_choice`). A step whose next micro-step has not fitted for
+several iterations in a row (the load rose after it was cut) is dropped and its batch cut again.
+Where decode leaves enough idle time, training whole steps only there trains more than filling
+iterations, which stretches requests over that idle time:
+:class:`~harli_jax.sched.fill_gate.FillGate` decides which.
 The baselines share all the machinery and differ only in that decision:
 
 - ``serve-only``: no fine-tuning at all;
@@ -51,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import time
 from collections import deque
@@ -69,6 +69,7 @@ from harli_jax.sched.calibration import (
     option_id,
 )
 from harli_jax.sched.costs import StepReport
+from harli_jax.sched.cut_choice import fewest_iterations
 from harli_jax.sched.fill_gate import FillGate
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.runner import MicroStepRunner, cuts, family, program_key
@@ -279,16 +280,8 @@ class ColocationScheduler:
         options = cuts(job)
         if not self._slack:
             return options[-1]
-        budgets = list(self._slack)
-        best, fewest = options[-1], math.inf
-        for option in options:
-            sizes = self._planned_seconds(job, option)
-            if sizes is None:
-                continue
-            iterations = iterations_per_step(sizes, budgets)
-            if iterations < fewest:
-                best, fewest = option, iterations
-        return best
+        planned = functools.partial(self._planned_seconds, job)
+        return fewest_iterations(options, planned, list(self._slack))
 
     def _planned_seconds(self, job: FineTuneJob, option: Granularity) -> list[float] | None:
         """Predicted seconds (with the family's margin) of each micro-step of a step cut as
@@ -400,24 +393,6 @@ class ColocationScheduler:
             elif calibrating:  # static's budget is tuned on decode iterations
                 self.calibration.inference_s.append(report.seconds)
         self._seen_inference.add(report.key)
-
-
-def iterations_per_step(sizes: list[float], budgets: list[float]) -> float:
-    """Iterations a step of micro-steps ``sizes`` (seconds, in order) takes when each iteration
-    runs the next ones while they fit its budget, the budgets being ``budgets`` over and over;
-    infinite if some micro-step fits none of them."""
-    if not sizes:
-        return 0.0
-    if max(sizes) > max(budgets):
-        return math.inf
-    done = iterations = 0
-    while done < len(sizes):
-        left = budgets[iterations % len(budgets)]
-        iterations += 1
-        while done < len(sizes) and sizes[done] <= left:
-            left -= sizes[done]
-            done += 1
-    return float(iterations)
 
 
 def _quantile(values: deque[float], q: float) -> float:
