@@ -192,8 +192,6 @@ class ColocationScheduler:
         """Waits for the fine-tune programs left queued on the device (the loop's next step
         calls this once its own first program is queued behind them); returns when the host
         saw the last one end (None: none was queued). A job whose program fails is dropped."""
-        if not len(self.runner.inflight):
-            return None
         try:
             return self.runner.inflight.drain(late=True)
         except Exception as error:  # a broken job must not take serving down with it
