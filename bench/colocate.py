@@ -238,6 +238,7 @@ def run_one(
         slo_backoff_ms=report["slo_backoff_ms"],
         fill_share=report["fill_share"],
         fill_outcomes=report["fill_outcomes"],
+        step_starts=report["step_starts"],
         decode_batch=decode_batch,
         busy_share=busy_s / report["elapsed_s"],
         finished=report["requests"]["finished"],

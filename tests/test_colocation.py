@@ -170,18 +170,6 @@ def test_a_step_that_stops_fitting_is_dropped_and_cut_again():
     assert scheduler.metrics.summary()["finetune_steps_dropped"] == 1
 
 
-def test_a_slow_step_start_does_not_block_later_starts_for_good():
-    """Starts are gated on the median recent start time; one slow start (11 ms, in 9 ms
-    budgets) is forgotten after `_STALL_LIMIT` gated iterations, as no new sample can come."""
-    job = fake_job()
-    job.in_step = False
-    job.next_micro_step = lambda cut: SimpleNamespace(key=("fwd", "cut", 0, 0))
-    scheduler, _ = scheduler_with_cuts(job, {0: [5.0]})
-    scheduler._plan_s.append(0.011)
-    starts = [scheduler._next_micro_step(job, time.perf_counter() + 0.009) for _ in range(9)]
-    assert starts[:_STALL_LIMIT] == [None] * _STALL_LIMIT and starts[-1] is not None
-
-
 def test_static_budget_is_the_slo_less_the_p99_calibrated_step_and_never_adapts():
     job = fake_job()
     scheduler, options = scheduler_with_cuts(job, {0: [9.0, 9.0], 1: [5.0] * 4}, policy="static")

@@ -41,6 +41,9 @@ from harli_jax.memory.page_table import PageTable
 from harli_jax.memory.sizing import arena_pages, check_memory_fraction
 from harli_jax.sched.costs import StepReport
 
+# What a step calls once its first program is dispatched (see EngineCore.step).
+DuringStep = Callable[[jax.Array], float | None]
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -118,8 +121,6 @@ class EngineCore:
                 f"lower --memory-fraction, or num_pages ({error})"
             ) from error
         self.last_report: StepReport | None = None
-        self._wait_queued: Callable[[], float | None] | None = None  # see step()
-        self._device_free = 0.0  # when the device was free for the running step
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._ids = itertools.count()
@@ -245,44 +246,46 @@ class EngineCore:
         return len(self._waiting)
 
     # -- the step ---------------------------------------------------------------------------
-    def step(self, wait_queued: Callable[[], float | None] | None = None) -> list[RequestOutput]:
+    def step(self, during: DuringStep | None = None) -> list[RequestOutput]:
         """One prefill batch and one decode batch; returns the requests that gained tokens.
 
-        ``wait_queued`` waits for device work queued before this step (fine-tune programs the
-        scheduler left in flight) and returns when the host saw it end (None: nothing was
-        queued). It is called once the step's first program is dispatched, so that the host's
-        side of the step (its inputs and dispatch: about half of a small decode step on the
-        H100's host) overlaps that work instead of following it.
+        ``during`` is called once the step's first program is dispatched, with an array that is
+        ready once that program has run. It waits for device work queued before this step
+        (fine-tune programs the scheduler left in flight), so that the host's side of the step
+        (its inputs and dispatch: about half of a small decode step on the H100's host)
+        overlaps that work instead of following it, may use the host while the program runs,
+        and returns when the host saw the queued work end (None: nothing was queued).
 
         Leaves ``last_report``: the programs it ran, their summed cost and its wall time,
         counted from when the device was free for it (the queued work's end, if later).
         """
         start = time.perf_counter()
-        self._wait_queued, self._device_free = wait_queued, start
         self._admit()
-        outputs, keys = [], []
+        runs, keys = [], []  # (outputs, when the work queued before it ended) of each program
         prefill = [s for s in self._running if s.pending > 1]
         prefill_tokens = 0
         if prefill:
             batch = self._prefill_batch(prefill)
             prefill_tokens = sum(min(s.pending, self.config.prefill_chunk) for s in batch)
-            outputs += self._run(batch, self.config.prefill_chunk, keys)
+            runs.append(self._run(batch, self.config.prefill_chunk, keys, during))
+            during = None  # called once, on the first program
         decode = [s for s in self._running if s.pending == 1]
         decode = self._reserve_decode_pages(decode)
         if decode:
-            outputs += self._run(decode, 1, keys)
+            runs.append(self._run(decode, 1, keys, during))
         self.last_report = None
         if keys:
+            device_free = max([start] + [ended for _, ended in runs if ended is not None])
             costs = [self.program_costs[k] for k in keys]
             end = time.perf_counter()
             self.last_report = StepReport(
                 key="+".join(keys),
                 cost={name: sum(c[name] for c in costs) for name in costs[0]},
                 features={"rows": float(len(decode)), "prefill_tokens": float(prefill_tokens)},
-                seconds=end - self._device_free,
+                seconds=end - device_free,
                 ended_at=end,
             )
-        return outputs
+        return [output for outputs, _ in runs for output in outputs]
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.config.max_num_seqs:
@@ -339,9 +342,16 @@ class EngineCore:
         if owner in self.pages:
             self.pages.free(owner)
 
-    def _run(self, seqs: list[Sequence], max_chunk: int, keys: list[str]) -> list[RequestOutput]:
+    def _run(
+        self,
+        seqs: list[Sequence],
+        max_chunk: int,
+        keys: list[str],
+        during: DuringStep | None = None,
+    ) -> tuple[list[RequestOutput], float | None]:
         """Processes up to ``max_chunk`` uncached tokens of each sequence in one device call;
-        appends the program's key to ``keys``.
+        appends the program's key to ``keys``. Returns the requests that gained tokens, and what
+        ``during`` (see :meth:`step`) returned, if it was given.
 
         The sequences' chunks are decided here; :meth:`StepPrograms.step_inputs` lays them out."""
         chunks = [min(seq.pending, max_chunk) for seq in seqs]
@@ -350,10 +360,7 @@ class EngineCore:
         )
         keys.append(step.key)
         self.cache, packed = self.programs.program(step)(*step.args)
-        if self._wait_queued is not None:  # the step's first program is queued behind it
-            ended, self._wait_queued = self._wait_queued(), None
-            if ended is not None:
-                self._device_free = max(self._device_free, ended)
+        queued_ended = None if during is None else during(packed)
         # The program packs what its variant computed into one array: one device-to-host copy.
         sampled = unpack(np.asarray(wait_until_ready(packed)), step.variant)
         new_tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()
@@ -369,7 +376,7 @@ class EngineCore:
                 if n_top and top_ids is not None:
                     top = dict(zip(top_ids[row][:n_top], top_logprobs[row][:n_top]))
                 outputs.append(self._emit(seq, new_tokens[row], logprobs[row], top))
-        return outputs
+        return outputs, queued_ended
 
     def shape_buckets(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens per row, pages per row) a step can run: decode, then prefill.

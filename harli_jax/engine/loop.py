@@ -17,6 +17,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Protocol
 
+import jax
+
 from harli_jax.engine.core import EngineCore
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.engine.output import RequestOutput
@@ -38,6 +40,12 @@ class Colocator(Protocol):
         """Runs fine-tune work after the inference step ``report`` describes (None: the loop
         has no inference work); ``will_prefill``: the next step runs a prefill chunk. True if
         it ran any. It may leave its last programs queued on the device."""
+
+    def during_step(self, running: jax.Array) -> float | None:
+        """Called once an inference step's first program is queued behind the fine-tune programs
+        left queued (``running`` is ready once it has run): waits for those, returning when the
+        host saw the last end (None: none was queued); may use the host until ``running`` is
+        ready."""
 
     def drain(self) -> float | None:
         """Waits for the fine-tune programs left queued; returns when the host saw the last end
@@ -205,9 +213,9 @@ class Engine:
     def _run(self) -> None:
         while not self._stop.is_set():
             stepped = self.core.has_unfinished()
-            wait_queued = None if self.colocator is None else self.colocator.drain
+            during = None if self.colocator is None else self.colocator.during_step
             if stepped:
-                for out in self.core.step(wait_queued):
+                for out in self.core.step(during):
                     self.metrics.on_tokens(out.request_id, len(out.new_token_ids), out.finished)
                     self._streams[out.request_id]._put(out)
                     if out.finished:

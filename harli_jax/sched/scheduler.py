@@ -20,8 +20,10 @@ inbox between a step and the work after it), so the next step's programs are kno
 planned: decode as the step just run, plus a prefill chunk priced as the slowest recent step that
 ran one. Every few train steps it picks the cut that finishes a step in the fewest iterations when
 its predicted micro-steps are packed, in order, into the time fine-tuning was left in the recent
-iterations (:mod:`harli_jax.sched.cut_choice`). A step whose next micro-step has not fitted for
-several iterations in a row (the load rose after it was cut) is dropped and its batch cut again.
+iterations (:mod:`harli_jax.sched.cut_choice`); it starts each train step (the cut, the pages, the
+plan) while the device runs the inference step before a fill, off the fine-tune budget
+(:mod:`harli_jax.sched.step_starts`). A step whose next micro-step has not fitted for several
+iterations in a row (the load rose after it was cut) is dropped and its batch cut again.
 Where decode leaves enough idle time, training whole steps only there trains more than filling
 iterations, which stretches requests over that idle time:
 :class:`~harli_jax.sched.fill_gate.FillGate` decides which.
@@ -56,7 +58,7 @@ import time
 from collections import deque
 from typing import NamedTuple
 
-import numpy as np
+import jax
 
 from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.engine.metrics import EngineMetrics
@@ -73,9 +75,9 @@ from harli_jax.sched.cut_choice import fewest_iterations
 from harli_jax.sched.fill_gate import FillGate
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.runner import MicroStepRunner, cuts, family, program_key
+from harli_jax.sched.step_starts import StepStarts
 
 POLICIES = ("serve-only", "naive", "static", "harli")
-_RECUT_EVERY = 4  # step starts that reuse harli's choice of cut
 _STALL_LIMIT = 8  # iterations an open step may wait for a micro-step to fit
 # Stage 2 fits one correction per family: inference steps, and each kind of train micro-step
 # (a forward span, a backward span, the loss head, the optimiser update differ in shape).
@@ -145,12 +147,7 @@ class ColocationScheduler:
         self._seen_inference: set[str] = set()  # a program's first step may compile
         self._after_train = False  # whether fine-tune work ran since the last inference step
         self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
-        self._plan_s = deque(maxlen=16)  # host seconds of recent step starts: cut and plan
-        self._plans_gated = 0  # iterations in a row too short for a step start
-        # Pricing every cut costs 2-3 ms of host time on the H100's host: the choice is kept
-        # for a few steps (and dropped when its step stalls).
-        self._cut: Granularity | None = None
-        self._cut_uses = 0
+        self.starts = StepStarts(self._harli_granularity)
         self._stalls = 0  # iterations in a row in which the open step could not go on
         self.backoff = SloBackoff(config.backoff_target, max_s=config.tpot_slo_s / 2)
         if config.policy == "harli":  # the backoff is harli's alone
@@ -187,6 +184,21 @@ class ColocationScheduler:
             self.observe_inference(report)
         self._after_train = self._work(report, will_prefill)
         return self._after_train
+
+    def during_step(self, running: jax.Array) -> float | None:
+        """The loop's hook once an inference step's first program is queued (``running`` is
+        ready once it has run): waits for the fine-tune programs queued before it (:meth:`drain`),
+        then harli starts the next train step while the device runs the inference step
+        (:class:`~harli_jax.sched.step_starts.StepStarts`)."""
+        ended = self.drain()
+        # Not while the gate trains whole steps in idle time: a step started now is micro-stepped.
+        if self.config.policy == "harli" and self.jobs and self.gate.filling:
+            job = self.jobs[0]
+            try:
+                self.starts.while_running(job, running)
+            except Exception as error:  # a broken job must not take serving down with it
+                self._fail(job, error)
+        return ended
 
     def drain(self) -> float | None:
         """Waits for the fine-tune programs left queued on the device (the loop's next step
@@ -336,33 +348,15 @@ class ColocationScheduler:
         self._stalls += 1
         if self._stalls >= _STALL_LIMIT and job.in_step:
             job.abandon()
-            self._stalls, self._cut = 0, None
+            self._stalls, self.starts.cut = 0, None
             self.metrics.on_finetune_abandoned()
 
     def _next_micro_step(self, job: FineTuneJob, deadline: float) -> MicroStep | None:
-        """The open step's next micro-step; or, time allowing, the first of a new step, cut for
-        the recent budgets. Starting a step is host work (choosing the cut, leasing pages,
-        moving the batch: 3-4 ms on the H100's host) that must fit before ``deadline`` too."""
+        """The open step's next micro-step; or, if a start fits before ``deadline``, the first
+        of a new step (the inference step before did not leave one started)."""
         if job.in_step:
             return job.next_micro_step(cuts(job)[-1])  # the open plan decides
-        start = time.perf_counter()
-        # The median, not the slowest: one slow start (55 ms on the H100's host) kept every
-        # later one waiting for a budget that large. And while starts wait, no new sample comes
-        # to replace the slow ones, so after a few iterations the oldest is dropped: a run's
-        # first start (11 ms with its first lease, against ~9 ms budgets) blocked all others.
-        if _quantile(self._plan_s, 0.5) > deadline - start:
-            self._plans_gated += 1
-            if self._plans_gated >= _STALL_LIMIT:
-                self._plan_s.popleft()
-                self._plans_gated = 0
-            return None
-        self._plans_gated = 0
-        if self._cut is None or self._cut_uses >= _RECUT_EVERY:
-            self._cut, self._cut_uses = self._harli_granularity(job), 0
-        self._cut_uses += 1
-        micro = job.next_micro_step(self._cut)
-        self._plan_s.append(time.perf_counter() - start)
-        return micro
+        return self.starts.before(job, deadline)
 
     def _run_whole_step(self, job: FineTuneJob) -> bool:
         """Finishes the open step (whatever its cut) or runs a new one as one program (as the
@@ -391,7 +385,3 @@ class ColocationScheduler:
             elif calibrating:  # static's budget is tuned on decode iterations
                 self.calibration.inference_s.append(report.seconds)
         self._seen_inference.add(report.key)
-
-
-def _quantile(values: deque[float], q: float) -> float:
-    return float(np.quantile(values, q)) if values else 0.0
