@@ -1,5 +1,5 @@
-"""Harli's step starts: made while the inference step runs, piece by piece until it has run; in a
-fill only when a typical start fits before the deadline."""
+"""Harli's step starts: made while the inference step runs, a part at a time where the part fits
+the host's usual free time there; in a fill only when a typical start fits before the deadline."""
 
 from __future__ import annotations
 
@@ -22,58 +22,86 @@ class Job:
 
 
 class Running:
-    """An inference program that reports itself ready from its ``ready_after``-th poll on."""
+    """An inference program that is ready from its ``ready_after``-th poll on, or once waited
+    for."""
 
-    def __init__(self, ready_after: int) -> None:
+    def __init__(self, ready_after: int = 1_000) -> None:
         self.polls, self.ready_after = 0, ready_after
 
     def is_ready(self) -> bool:
         self.polls += 1
         return self.polls > self.ready_after
 
+    def block_until_ready(self):
+        self.polls = self.ready_after
+        return self
 
-def counting_choice(choices: list):
+
+def starts_with(free_s: float, cut_s: float = 0.001, plan_s: float = 0.001):
+    """A `StepStarts` whose records say: the host is free ``free_s`` during a step, a cut
+    takes ``cut_s`` and a plan ``plan_s``; and the cuts it chose."""
+    choices = []
+
     def choose(job):
         choices.append(job)
         return f"cut {len(choices)}"
 
-    return choose
+    starts = StepStarts(choose)
+    starts._free_s.append(free_s)
+    starts._cut_s.append(cut_s)
+    starts._plan_s.append(plan_s)
+    return starts, choices
 
 
 def test_a_step_starts_while_the_inference_step_runs():
-    job, choices = Job(), []
-    starts = StepStarts(counting_choice(choices))
-    starts.while_running(job, Running(ready_after=2))
+    job = Job()
+    starts, choices = starts_with(free_s=0.010)
+    starts.while_running(job, Running())
     assert len(choices) == 1 and job.planned == ["cut 1"] and job.in_step
     assert starts.made == {"while running": 1}
 
 
-def test_a_start_stops_between_cut_and_plan_once_the_step_has_run_and_the_fill_finishes_it():
-    job, choices = Job(), []
-    starts = StepStarts(counting_choice(choices))
-    starts.while_running(job, Running(ready_after=1))  # ready after the cut was chosen
+def test_a_plan_that_does_not_fit_the_free_time_is_left_to_the_fill_with_its_cut():
+    job = Job()
+    starts, choices = starts_with(free_s=0.010, plan_s=0.020)
+    starts.while_running(job, Running())
     assert len(choices) == 1 and job.planned == []
     micro = starts.before(job, deadline=time.perf_counter() + 1.0)
     assert micro.key == ("fwd", "cut 1") and len(choices) == 1  # the cut is not chosen again
-    assert starts.made == {"cut only": 1, "in a fill": 1}
+    assert starts.made == {"plan did not fit": 1, "in a fill": 1}
 
 
-def test_nothing_starts_over_an_open_step_or_after_the_step_has_run():
-    job, choices = Job(), []
-    starts = StepStarts(counting_choice(choices))
-    job.in_step = True
-    starts.while_running(job, Running(ready_after=9))
-    job.in_step = False
+def test_nothing_is_done_once_the_inference_step_has_run():
+    job = Job()
+    starts, choices = starts_with(free_s=0.010)
+    starts.cut = "kept"  # no cut due: only the plan is left, and the step is ready
     starts.while_running(job, Running(ready_after=0))
+    assert job.planned == [] and choices == []
+
+
+def test_a_cut_longer_than_the_free_time_is_not_started():
+    job = Job()
+    starts, choices = starts_with(free_s=0.002, cut_s=0.005)
+    starts.while_running(job, Running())
     assert choices == [] and job.planned == []
 
 
+def test_with_a_step_open_it_waits_for_the_inference_step_and_learns_the_free_time():
+    job = Job()
+    job.in_step = True
+    starts, choices = starts_with(free_s=0.010)
+    running = Running()
+    starts.while_running(job, running)
+    assert running.polls == running.ready_after  # waited for
+    assert len(starts._free_s) == 2 and choices == []
+
+
 def test_a_cut_is_kept_for_a_few_starts():
-    job, choices = Job(), []
-    starts = StepStarts(counting_choice(choices))
+    job = Job()
+    starts, _ = starts_with(free_s=0.010)
     for _ in range(RECUT_EVERY + 1):
         job.in_step = False
-        starts.while_running(job, Running(ready_after=9))
+        starts.while_running(job, Running())
     assert job.planned == ["cut 1"] * RECUT_EVERY + ["cut 2"]
 
 
@@ -82,6 +110,6 @@ def test_a_slow_start_does_not_block_later_fill_starts_for_good():
     budgets) is forgotten after `GATED_LIMIT` gated fills, as no new sample can come."""
     job = Job()
     starts = StepStarts(lambda job: "cut")
-    starts._start_s.append(0.011)
+    starts._plan_s.append(0.011)
     made = [starts.before(job, time.perf_counter() + 0.009) for _ in range(GATED_LIMIT + 1)]
     assert made[:GATED_LIMIT] == [None] * GATED_LIMIT and made[-1] is not None

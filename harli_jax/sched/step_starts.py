@@ -1,13 +1,14 @@
 """When harli starts a fine-tune job's next train step, and with which cut.
 
-Starting a step is host work: choosing its cut (pricing every cut: 2-3 ms on the H100's host, so
-a choice is kept for a few steps), then leasing its arena pages, moving its batch and planning its
-micro-steps (all together 3-4 ms on that host, some starts 9-14 ms). Done inside a fill, it comes
-out of the fine-tune budget, and a slow one cost a token its SLO. So :class:`StepStarts` starts the
-next step while the device runs the inference step before the fill, which leaves the host idle
-(:meth:`StepStarts.while_running`), and stops between the cut and the plan once that step has run.
-A fill starts a step itself only when that did not happen, and only if a typical start fits
-before its deadline (:meth:`StepStarts.before`).
+Starting a step is host work: choosing its cut (pricing every cut: 2-3 ms on the H100's host, so a
+choice is kept for a few steps), then leasing its arena pages, moving its batch and planning its
+micro-steps (together 3-4 ms on that host, some starts 9-14 ms). Done inside a fill, it comes out
+of the fine-tune budget, and a slow one cost a token its SLO. So :class:`StepStarts` starts the
+next step while the device runs the inference step before the fill (the host only waits for it
+then), one part at a time and only where the part's recent median time fits the time the host is
+usually free there, so that it never holds the inference step's results back
+(:meth:`StepStarts.while_running`). What does not fit is left to the fill, which makes a start
+only if it fits before its deadline (:meth:`StepStarts.before`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from harli_jax.engine.device_wait import wait_until_ready
 from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.lora.train import MicroStep
 
 RECUT_EVERY = 4  # step starts that reuse a choice of cut
 GATED_LIMIT = 8  # fills in a row a start may wait for before its slowest record is dropped
+# The share of inference steps whose free host time a part of a start must fit: a part that
+# outlasts the step delays its tokens.
+FREE_QUANTILE = 0.25
 
 
 class StepStarts:
@@ -34,22 +39,41 @@ class StepStarts:
         self._choose_cut = choose_cut
         self.cut: Granularity | None = None  # the kept choice (None: choose at the next start)
         self._cut_uses = 0
-        self._start_s: deque[float] = deque(maxlen=16)  # host seconds of recent starts
+        # Recent host seconds: of choosing a cut, of leasing and planning a step, and of the
+        # time the host waited for an inference step's first program when it had nothing to start.
+        self._cut_s: deque[float] = deque(maxlen=16)
+        self._plan_s: deque[float] = deque(maxlen=16)
+        self._free_s: deque[float] = deque(maxlen=64)
         self._gated = 0  # fills in a row too short for a start
-        # Where starts were made: "while running", "in a fill"; "cut only": stopped between.
+        # Where starts were made ("while running", "in a fill"), and the steps whose free time
+        # was too short for a plan ("plan did not fit").
         self.made: collections.Counter[str] = collections.Counter()
 
+    @property
+    def _cut_due(self) -> bool:
+        return self.cut is None or self._cut_uses >= RECUT_EVERY
+
     def while_running(self, job: FineTuneJob, running: jax.Array) -> None:
-        """Starts ``job``'s next step, unless one is open, while ``running`` (the inference
-        step's program) has not run: the cut if one is due, then, if it still has not, the rest."""
-        if job.done or job.in_step or running.is_ready():
+        """Starts ``job``'s next step while ``running`` (the inference step's program) runs:
+        the cut if one is due, then the lease and plan, each if its median time fits what is
+        left of the host's usual free time. With nothing to start, waits for ``running`` and
+        records that free time."""
+        begun = time.perf_counter()
+        if job.done or job.in_step:
+            wait_until_ready(running)
+            self._free_s.append(time.perf_counter() - begun)
             return
-        start = time.perf_counter()
-        cut = self._cut_for(job)
-        if running.is_ready():
-            self.made["cut only"] += 1
+        if not self._free_s:
             return
-        self._start(job, cut, start)
+        free_until = begun + float(np.quantile(self._free_s, FREE_QUANTILE))
+        if self._cut_due:
+            if begun + _median(self._cut_s) > free_until:
+                return
+            self._new_cut(job)
+        if time.perf_counter() + _median(self._plan_s) > free_until or running.is_ready():
+            self.made["plan did not fit"] += 1
+            return
+        self._start(job)
         self.made["while running"] += 1
 
     def before(self, job: FineTuneJob, deadline: float) -> MicroStep | None:
@@ -62,24 +86,34 @@ class StepStarts:
         replace the slow ones, so after a few fills the oldest is dropped: a run's first start
         (11 ms with its first lease, against ~9 ms budgets) blocked all others."""
         start = time.perf_counter()
-        if self._start_s and float(np.median(self._start_s)) > deadline - start:
+        cost = _median(self._plan_s) + (_median(self._cut_s) if self._cut_due else 0.0)
+        if cost > deadline - start:
             self._gated += 1
             if self._gated >= GATED_LIMIT:
-                self._start_s.popleft()
+                for record in (self._cut_s, self._plan_s):
+                    if record:
+                        record.popleft()
                 self._gated = 0
             return None
         self._gated = 0
+        if self._cut_due:
+            self._new_cut(job)
         self.made["in a fill"] += 1
-        return self._start(job, self._cut_for(job), start)
+        return self._start(job)
 
-    def _cut_for(self, job: FineTuneJob) -> Granularity:
-        if self.cut is None or self._cut_uses >= RECUT_EVERY:
-            self.cut, self._cut_uses = self._choose_cut(job), 0
-        return self.cut
+    def _new_cut(self, job: FineTuneJob) -> None:
+        start = time.perf_counter()
+        self.cut, self._cut_uses = self._choose_cut(job), 0
+        self._cut_s.append(time.perf_counter() - start)
 
-    def _start(self, job: FineTuneJob, cut: Granularity, start: float) -> MicroStep | None:
-        """Leases the step's pages and plans it; records the host seconds since ``start``."""
+    def _start(self, job: FineTuneJob) -> MicroStep | None:
+        """Leases the step's pages and plans it with the kept cut; records its host seconds."""
+        start = time.perf_counter()
         self._cut_uses += 1
-        micro = job.next_micro_step(cut)
-        self._start_s.append(time.perf_counter() - start)
+        micro = job.next_micro_step(self.cut)
+        self._plan_s.append(time.perf_counter() - start)
         return micro
+
+
+def _median(seconds: deque[float]) -> float:
+    return float(np.median(seconds)) if seconds else 0.0
