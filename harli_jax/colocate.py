@@ -202,7 +202,7 @@ def run_colocated(
         "slo_backoff_ms": scheduler.backoff.seconds * 1e3,  # harli's, at the end of the run
         "fill_share": scheduler.gate.fill_share,  # harli's iterations its fill gate let fill
         "fill_outcomes": dict(scheduler.fill_outcomes),  # harli's fills: on time, or why late
-        "step_starts": dict(scheduler.starts.made),  # where harli started its train steps
+        "step_starts": scheduler.starts.summary(),  # where harli started its train steps
         "requests": dataclasses.asdict(result),
         "finetune_steps": job.step - steps_before,
         "finetune_tokens": job.tokens_trained - tokens_before,

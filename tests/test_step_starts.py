@@ -59,6 +59,9 @@ def test_a_step_starts_while_the_inference_step_runs():
     starts.while_running(job, Running())
     assert len(choices) == 1 and job.planned == ["cut 1"] and job.in_step
     assert starts.made == {"while running": 1}
+    summary = starts.summary()
+    assert summary["while running"] == 1 and summary["free_ms"] == 10.0
+    assert set(summary) == {"while running", "cut_ms", "plan_ms", "free_ms"}
 
 
 def test_a_plan_that_does_not_fit_the_free_time_is_left_to_the_fill_with_its_cut():

@@ -101,6 +101,12 @@ class StepStarts:
         self.made["in a fill"] += 1
         return self._start(job)
 
+    def summary(self) -> dict[str, float | None]:
+        """Where starts were made (counts), and the recent host times they were gated on (ms)."""
+        free_ms = float(np.quantile(self._free_s, FREE_QUANTILE)) * 1e3 if self._free_s else None
+        times = dict(cut_ms=_median(self._cut_s) * 1e3, plan_ms=_median(self._plan_s) * 1e3)
+        return {**self.made, **times, "free_ms": free_ms}
+
     def _new_cut(self, job: FineTuneJob) -> None:
         start = time.perf_counter()
         self.cut, self._cut_uses = self._choose_cut(job), 0
