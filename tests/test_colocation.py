@@ -159,7 +159,7 @@ def test_a_step_that_stops_fitting_is_dropped_and_cut_again():
     row, not left to stall the job for good."""
     job = fake_job()
     job.done, job.in_step = False, True
-    job.next_micro_step = lambda cut: SimpleNamespace(key=("fwd", "cut", 0, 0))
+    job.next_micro_step = lambda cut: SimpleNamespace(key=("fwd", "cut", 0, 0), kind="fwd")
     job.abandon = lambda: setattr(job, "in_step", False)
     scheduler, _ = scheduler_with_cuts(job, {0: [15.0]})
     for _ in range(_STALL_LIMIT - 1):
@@ -168,6 +168,25 @@ def test_a_step_that_stops_fitting_is_dropped_and_cut_again():
     scheduler._fill(job, time.perf_counter() + 0.010)
     assert not job.in_step
     assert scheduler.metrics.summary()["finetune_steps_dropped"] == 1
+
+
+def test_a_fill_leaves_room_for_the_next_start_before_the_update_that_completes_a_step():
+    """The next step is started alongside the next inference step, which it outlasts by its
+    expected delay (here 30 ms): the update that completes the open step must leave that."""
+    job = fake_job()
+    job.done, job.in_step, job.tokens_trained = False, True, 0
+    update = SimpleNamespace(key=("fwd", "cut", 0, 0), kind="update")
+    job.next_micro_step = lambda cut: update
+    scheduler, _ = scheduler_with_cuts(job, {0: [1.0]})
+    dispatched = []
+    scheduler.runner.dispatch = lambda job, micro, estimate: (
+        dispatched.append(micro),
+        setattr(job, "done", True),
+    )
+    scheduler.starts._plan_s.append(0.030)
+    assert not scheduler._fill(job, time.perf_counter() + 0.010)
+    scheduler.starts._plan_s.clear()
+    assert scheduler._fill(job, time.perf_counter() + 0.010) and dispatched == [update]
 
 
 def test_static_budget_is_the_slo_less_the_p99_calibrated_step_and_never_adapts():

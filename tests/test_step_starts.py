@@ -1,10 +1,12 @@
-"""Harli's step starts: made while the inference step runs, a part at a time where the part fits
-the host's usual free time there; in a fill only when a typical start fits before the deadline."""
+"""Harli's step starts: made while the inference step runs (the cut, then the plan if that step
+has still not run); in a fill only when a typical start fits before the deadline."""
 
 from __future__ import annotations
 
 import time
 from types import SimpleNamespace
+
+import pytest
 
 from harli_jax.sched.step_starts import GATED_LIMIT, RECUT_EVERY, StepStarts
 
@@ -64,29 +66,30 @@ def test_a_step_starts_while_the_inference_step_runs():
     assert set(summary) == {"while running", "cut_ms", "plan_ms", "free_ms"}
 
 
-def test_a_plan_that_does_not_fit_the_free_time_is_left_to_the_fill_with_its_cut():
+def test_a_plan_the_inference_step_leaves_no_time_for_is_left_to_the_fill_with_its_cut():
     job = Job()
-    starts, choices = starts_with(free_s=0.010, plan_s=0.020)
-    starts.while_running(job, Running())
+    starts, choices = starts_with(free_s=0.010)
+    assert starts.while_running(job, Running(ready_after=1))  # ready once the cut is chosen
     assert len(choices) == 1 and job.planned == []
     micro = starts.before(job, deadline=time.perf_counter() + 1.0)
     assert micro.key == ("fwd", "cut 1") and len(choices) == 1  # the cut is not chosen again
-    assert starts.made == {"plan did not fit": 1, "in a fill": 1}
+    assert starts.made == {"plan left to the fill": 1, "in a fill": 1}
 
 
 def test_nothing_is_done_once_the_inference_step_has_run():
     job = Job()
     starts, choices = starts_with(free_s=0.010)
-    starts.cut = "kept"  # no cut due: only the plan is left, and the step is ready
-    starts.while_running(job, Running(ready_after=0))
+    assert not starts.while_running(job, Running(ready_after=0))
     assert job.planned == [] and choices == []
 
 
-def test_a_cut_longer_than_the_free_time_is_not_started():
-    job = Job()
-    starts, choices = starts_with(free_s=0.002, cut_s=0.005)
-    starts.while_running(job, Running())
-    assert choices == [] and job.planned == []
+def test_the_expected_delay_is_what_a_start_takes_beyond_the_hosts_usual_free_time():
+    starts, _ = starts_with(free_s=0.001, cut_s=0.002, plan_s=0.003)
+    assert starts.expected_delay() == pytest.approx(0.004)  # a cut is due
+    starts.cut = "kept"
+    assert starts.expected_delay() == pytest.approx(0.002)
+    starts._free_s.extend([0.010] * 10)
+    assert starts.expected_delay() == 0.0
 
 
 def test_with_a_step_open_it_waits_for_the_inference_step_and_learns_the_free_time():

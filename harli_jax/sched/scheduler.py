@@ -149,6 +149,7 @@ class ColocationScheduler:
         self._after_train = False  # whether fine-tune work ran since the last inference step
         self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
         self.starts = StepStarts(self._harli_granularity)
+        self._step_carried_start = False  # the running inference step's host time did a start
         self._stalls = 0  # iterations in a row in which the open step could not go on
         self.backoff = SloBackoff(config.backoff_target, max_s=config.tpot_slo_s / 2)
         if config.policy == "harli":  # the backoff is harli's alone
@@ -190,13 +191,14 @@ class ColocationScheduler:
         """The loop's hook once an inference step's first program is queued (``running`` is
         ready once it has run): waits for the fine-tune programs queued before it (:meth:`drain`),
         then harli starts the next train step while the device runs the inference step
-        (:class:`~harli_jax.sched.step_starts.StepStarts`)."""
+        (:class:`~harli_jax.sched.step_starts.StepStarts`). A step whose host time carried a
+        start is not an inference latency sample."""
         ended = self.drain()
         # Not while the gate trains whole steps in idle time: a step started now is micro-stepped.
         if self.config.policy == "harli" and self.jobs and self.gate.filling:
             job = self.jobs[0]
             try:
-                self.starts.while_running(job, running)
+                self._step_carried_start = self.starts.while_running(job, running)
             except Exception as error:  # a broken job must not take serving down with it
                 self._fail(job, error)
         return ended
@@ -331,7 +333,9 @@ class ColocationScheduler:
             if key not in self.predictor:
                 break
             estimate = self._estimate(family(micro.key), key)
-            if self.runner.inflight.busy_until() + estimate > deadline:
+            # The step it completes has the next start made alongside the next inference step.
+            extra = self.starts.expected_delay() if micro.kind == "update" else 0.0
+            if self.runner.inflight.busy_until() + estimate + extra > deadline:
                 if not ran:
                     self._stalled(job)
                 break
@@ -376,9 +380,10 @@ class ColocationScheduler:
         """Learns from an inference step (``calibrating``: also keeps it for ``static``)."""
         if not calibrating:
             self.gate.on_inference(report.features["rows"], report.seconds)
+        carried_start, self._step_carried_start = self._step_carried_start, False
         if report.key not in self.predictor:
             self.predictor.register(report.key, "inference", report.cost)
-        elif report.key in self._seen_inference:
+        elif report.key in self._seen_inference and not carried_start:
             features = inference_features(report, self._after_train)
             self.predictor.observe(report.key, report.seconds, **features)
             if report.features.get("prefill_tokens"):

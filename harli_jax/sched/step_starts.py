@@ -1,14 +1,15 @@
 """When harli starts a fine-tune job's next train step, and with which cut.
 
-Starting a step is host work: choosing its cut (pricing every cut: 2-3 ms on the H100's host, so a
-choice is kept for a few steps), then leasing its arena pages, moving its batch and planning its
-micro-steps (together 3-4 ms on that host, some starts 9-14 ms). Done inside a fill, it comes out
-of the fine-tune budget, and a slow one cost a token its SLO. So :class:`StepStarts` starts the
-next step while the device runs the inference step before the fill (the host only waits for it
-then), one part at a time and only where the part's recent median time fits the time the host is
-usually free there, so that it never holds the inference step's results back
-(:meth:`StepStarts.while_running`). What does not fit is left to the fill, which makes a start
-only if it fits before its deadline (:meth:`StepStarts.before`).
+Starting a step is host work: choosing its cut (pricing every cut: ~2.5 ms on the H100's host, so
+a choice is kept for a few steps), then leasing its arena pages, moving its batch and planning its
+micro-steps (~3 ms on that host, some starts 9-14 ms). Done inside a fill, it comes out of the
+fine-tune budget, and a slow one cost a token its SLO. So :class:`StepStarts` starts the next step
+while the device runs the inference step before the fill, when the host only waits for it
+(:meth:`StepStarts.while_running`): the cut, then, if that program has still not run, the plan.
+The host is free there for only ~1.2 ms on the H100 at heavy load, so a start outlasts the
+inference step by the rest; the fill that completes a step leaves that room
+(:meth:`StepStarts.expected_delay`). A plan the inference step leaves no time for is made by the
+next fill, if its median time fits before the fill's deadline (:meth:`StepStarts.before`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from harli_jax.lora.train import MicroStep
 
 RECUT_EVERY = 4  # step starts that reuse a choice of cut
 GATED_LIMIT = 8  # fills in a row a start may wait for before its slowest record is dropped
-# The share of inference steps whose free host time a part of a start must fit: a part that
-# outlasts the step delays its tokens.
+# The share of inference steps that leave the host less free time than `expected_delay` assumes.
 FREE_QUANTILE = 0.25
 
 
@@ -45,36 +45,43 @@ class StepStarts:
         self._plan_s: deque[float] = deque(maxlen=16)
         self._free_s: deque[float] = deque(maxlen=64)
         self._gated = 0  # fills in a row too short for a start
-        # Where starts were made ("while running", "in a fill"), and the steps whose free time
-        # was too short for a plan ("plan did not fit").
+        # Where starts were made ("while running", "in a fill"), and the inference steps that
+        # ran out after the cut was chosen ("plan left to the fill").
         self.made: collections.Counter[str] = collections.Counter()
 
     @property
     def _cut_due(self) -> bool:
         return self.cut is None or self._cut_uses >= RECUT_EVERY
 
-    def while_running(self, job: FineTuneJob, running: jax.Array) -> None:
-        """Starts ``job``'s next step while ``running`` (the inference step's program) runs:
-        the cut if one is due, then the lease and plan, each if its median time fits what is
-        left of the host's usual free time. With nothing to start, waits for ``running`` and
-        records that free time."""
+    def while_running(self, job: FineTuneJob, running: jax.Array) -> bool:
+        """Starts ``job``'s next step while ``running`` (the inference step's program) runs: the
+        cut if one is due, then, if ``running`` has still not run, the lease and plan. Returns
+        whether it did any of that host work, which may outlast ``running`` and so delay the
+        inference step's results (:meth:`expected_delay`). With nothing to start, waits for
+        ``running`` and records how long the host was free."""
         begun = time.perf_counter()
         if job.done or job.in_step:
             wait_until_ready(running)
             self._free_s.append(time.perf_counter() - begun)
-            return
-        if not self._free_s:
-            return
-        free_until = begun + float(np.quantile(self._free_s, FREE_QUANTILE))
+            return False
+        if running.is_ready():
+            return False
         if self._cut_due:
-            if begun + _median(self._cut_s) > free_until:
-                return
             self._new_cut(job)
-        if time.perf_counter() + _median(self._plan_s) > free_until or running.is_ready():
-            self.made["plan did not fit"] += 1
-            return
+            if running.is_ready():
+                self.made["plan left to the fill"] += 1
+                return True
         self._start(job)
         self.made["while running"] += 1
+        return True
+
+    def expected_delay(self) -> float:
+        """Seconds by which the next start is expected to outlast the inference step it runs
+        alongside: its median cut (if one is due) and plan, less the host's usual free time
+        there (``FREE_QUANTILE`` of it). A fill that completes a step leaves this room."""
+        cost = self._cost()
+        free = float(np.quantile(self._free_s, FREE_QUANTILE)) if self._free_s else 0.0
+        return max(0.0, cost - free)
 
     def before(self, job: FineTuneJob, deadline: float) -> MicroStep | None:
         """Starts ``job``'s next step in a fill if the median recent start fits before
@@ -86,8 +93,7 @@ class StepStarts:
         replace the slow ones, so after a few fills the oldest is dropped: a run's first start
         (11 ms with its first lease, against ~9 ms budgets) blocked all others."""
         start = time.perf_counter()
-        cost = _median(self._plan_s) + (_median(self._cut_s) if self._cut_due else 0.0)
-        if cost > deadline - start:
+        if self._cost() > deadline - start:
             self._gated += 1
             if self._gated >= GATED_LIMIT:
                 for record in (self._cut_s, self._plan_s):
@@ -100,6 +106,10 @@ class StepStarts:
             self._new_cut(job)
         self.made["in a fill"] += 1
         return self._start(job)
+
+    def _cost(self) -> float:
+        """The median host seconds of the next start: its cut, if one is due, and its plan."""
+        return _median(self._plan_s) + (_median(self._cut_s) if self._cut_due else 0.0)
 
     def summary(self) -> dict[str, float | None]:
         """Where starts were made (counts), and the recent host times they were gated on (ms)."""
