@@ -21,10 +21,10 @@ planned: decode as the step just run, plus a prefill chunk priced as the slowest
 ran one. Every few train steps it picks the cut that finishes a step in the fewest iterations when
 its predicted micro-steps are packed, in order, into the time fine-tuning was left in the recent
 iterations (:mod:`harli_jax.sched.cut_choice`); it starts each train step (the cut, the pages, the
-plan) while the device runs the inference step before a fill, where the host's free time there
-allows, off the fine-tune budget (:mod:`harli_jax.sched.step_starts`). A step whose next
-micro-step has not fitted for several iterations in a row (the load rose after it was cut) is
-dropped and its batch cut again.
+plan) while the device runs the inference step before a fill, off the fine-tune budget, and the
+fill that completes a step leaves room for that start's overrun of the inference step
+(:mod:`harli_jax.sched.step_starts`). A step whose next micro-step has not fitted for several
+iterations in a row (the load rose after it was cut) is dropped and its batch cut again.
 Where decode leaves enough idle time, training whole steps only there trains more than filling
 iterations, which stretches requests over that idle time:
 :class:`~harli_jax.sched.fill_gate.FillGate` decides which.

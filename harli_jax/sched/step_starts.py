@@ -27,7 +27,7 @@ from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.lora.train import MicroStep
 
 RECUT_EVERY = 4  # step starts that reuse a choice of cut
-GATED_LIMIT = 8  # fills in a row a start may wait for before its slowest record is dropped
+GATED_LIMIT = 8  # fills in a row a start may wait for before its oldest records are dropped
 # The share of inference steps that leave the host less free time than `expected_delay` assumes.
 FREE_QUANTILE = 0.25
 
@@ -79,9 +79,7 @@ class StepStarts:
         """Seconds by which the next start is expected to outlast the inference step it runs
         alongside: its median cut (if one is due) and plan, less the host's usual free time
         there (``FREE_QUANTILE`` of it). A fill that completes a step leaves this room."""
-        cost = self._cost()
-        free = float(np.quantile(self._free_s, FREE_QUANTILE)) if self._free_s else 0.0
-        return max(0.0, cost - free)
+        return max(0.0, self._cost() - (self._free() or 0.0))
 
     def before(self, job: FineTuneJob, deadline: float) -> MicroStep | None:
         """Starts ``job``'s next step in a fill if the median recent start fits before
@@ -111,11 +109,15 @@ class StepStarts:
         """The median host seconds of the next start: its cut, if one is due, and its plan."""
         return _median(self._plan_s) + (_median(self._cut_s) if self._cut_due else 0.0)
 
+    def _free(self) -> float | None:
+        """The host's usual free seconds during an inference step (None before any record)."""
+        return float(np.quantile(self._free_s, FREE_QUANTILE)) if self._free_s else None
+
     def summary(self) -> dict[str, float | None]:
-        """Where starts were made (counts), and the recent host times they were gated on (ms)."""
-        free_ms = float(np.quantile(self._free_s, FREE_QUANTILE)) * 1e3 if self._free_s else None
+        """Where starts were made (counts), and the recent host times they were priced at (ms)."""
+        free = self._free()
         times = dict(cut_ms=_median(self._cut_s) * 1e3, plan_ms=_median(self._plan_s) * 1e3)
-        return {**self.made, **times, "free_ms": free_ms}
+        return {**self.made, **times, "free_ms": None if free is None else free * 1e3}
 
     def _new_cut(self, job: FineTuneJob) -> None:
         start = time.perf_counter()
