@@ -51,7 +51,8 @@ class ArenaSteps:
         self._open: TrainPlan | None = None  # the plan whose pages are leased
         # (mode, residual pages of each span, pages per slot, pages per layer's gradient sums)
         self._lease_shape: tuple[str, tuple[int, ...], int, int] | None = None
-        self._span_acc: dict[tuple[tuple[int, ...], ...], list[jax.Array]] = {}
+        self._span_acc: dict[tuple[tuple[int, int, int], ...], list[jax.Array]] = {}
+        self._shapes: dict[tuple, tuple[str, tuple[int, ...], int, int]] = {}  # _lease_shape_for
 
     def _slots(self, rows: int, seq_len: int) -> ArenaSlots:
         t = self._trainer
@@ -61,32 +62,47 @@ class ArenaSteps:
             tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in one_layer),
         )
 
-    def reserve(self, rows: int, seq_len: int, token_chunks: int, spans: list[Span]) -> bool:
-        """`Trainer.reserve`, co-located."""
+    def _lease_shape_for(
+        self, rows: int, seq_len: int, token_chunks: int, spans: list[Span]
+    ) -> tuple[str, tuple[int, ...], int, int]:
+        """(residual mode, residual pages of each span, pages per slot, pages per layer's
+        gradient sums) of a step of this shape and cut in this arena: worked out once, not at
+        every start (twice a start, over every span's residuals, on the co-located step's host
+        side)."""
+        table = self._arena.pages
+        capacity = table.num_pages - table.reserved
+        key = (rows, seq_len, token_chunks, capacity, tuple((s.place, *s.view_key) for s in spans))
+        if key in self._shapes:
+            return self._shapes[key]
         t = self._trainer
         slots = self._slots(rows // token_chunks, seq_len)
         per_slot = self._arena.pages_for(slots.hidden)
         per_layer = self._arena.pages_for(slots.layer_grads)
-        table = self._arena.pages
-        capacity = table.num_pages - table.reserved
         fixed = (len(spans) + 1) * per_slot + t.num_layers * per_layer
         # Chunks run one after another: each span's residual pages serve every chunk in turn.
         # Residuals are kept where they take at most half the arena (serving keeps the rest),
         # else recomputed.
         for mode in ("kept", "recomputed"):
             residuals = [t.residuals(s, rows // token_chunks, seq_len, mode) for s in spans]
-            saved = [self._arena.pages_for(r.saved) for r in residuals]
-            need = self.lease_size = fixed + sum(saved)
-            if 2 * need <= capacity:
+            saved = tuple(self._arena.pages_for(r.saved) for r in residuals)
+            if 2 * (fixed + sum(saved)) <= capacity:
                 break
-        self.mode = mode
-        shape = (mode, tuple(saved), per_slot, per_layer)
-        if need > capacity:  # waiting would never help: fail the job
+        if fixed + sum(saved) > capacity:  # waiting would never help: fail the job
             raise ValueError(
-                f"a train step of {rows}x{seq_len} tokens needs {need} arena pages, the arena has "
-                f"{capacity}: give the engine more memory "
+                f"a train step of {rows}x{seq_len} tokens needs {fixed + sum(saved)} arena pages, "
+                f"the arena has {capacity}: give the engine more memory "
                 "(--memory-fraction, num_pages) or train with a smaller batch or sequence length"
             )
+        self._shapes[key] = (mode, saved, per_slot, per_layer)
+        return self._shapes[key]
+
+    def reserve(self, rows: int, seq_len: int, token_chunks: int, spans: list[Span]) -> bool:
+        """`Trainer.reserve`, co-located."""
+        shape = self._lease_shape_for(rows, seq_len, token_chunks, spans)
+        self.mode, saved, per_slot, per_layer = shape
+        num_layers = self._trainer.num_layers
+        need = self.lease_size = (len(spans) + 1) * per_slot + num_layers * per_layer + sum(saved)
+        table = self._arena.pages
         if self._owner in table and self._lease_shape != shape:
             self.release()
         if self._owner not in table:
@@ -97,7 +113,7 @@ class ArenaSteps:
             pages = self._arena.page_array(self._owner)
             slot_end = (len(spans) + 1) * per_slot
             saved_ends = slot_end + np.cumsum(saved)
-            self._acc_pages = pages[saved_ends[-1] :].reshape(t.num_layers, per_layer)
+            self._acc_pages = pages[saved_ends[-1] :].reshape(num_layers, per_layer)
             slot_pages = list(pages[:slot_end].reshape(len(spans) + 1, per_slot))
             saved_pages = np.split(pages[slot_end : saved_ends[-1]], saved_ends[:-1] - slot_end)
             self._slot_pages, self._saved_pages, self._acc_device = jax.device_put(
@@ -109,13 +125,14 @@ class ArenaSteps:
     def _span_acc_pages(self, spans: list[Span]) -> list[jax.Array]:
         """The gradient-sum pages of each span's layers (as its backward program reads them),
         on the device; transferred once per lease and cut."""
-        n = self._trainer.num_layers
-        layers = tuple(
-            tuple((i + s.shift) % n for i in range(s.layers.start, s.layers.stop)) for s in spans
-        )
-        if layers not in self._span_acc:
-            self._span_acc[layers] = jax.device_put([self._acc_pages[list(ls)] for ls in layers])
-        return self._span_acc[layers]
+        cut = tuple(s.view_key for s in spans)
+        if cut not in self._span_acc:
+            n = self._trainer.num_layers
+            layers = [
+                [(i + s.shift) % n for i in range(s.layers.start, s.layers.stop)] for s in spans
+            ]
+            self._span_acc[cut] = jax.device_put([self._acc_pages[ls] for ls in layers])
+        return self._span_acc[cut]
 
     def release(self) -> None:
         """`Trainer.release`, co-located."""
