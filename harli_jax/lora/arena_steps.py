@@ -52,7 +52,7 @@ class ArenaSteps:
         # (mode, residual pages of each span, pages per slot, pages per layer's gradient sums)
         self._lease_shape: tuple[str, tuple[int, ...], int, int] | None = None
         self._span_acc: dict[tuple[tuple[int, int, int], ...], list[jax.Array]] = {}
-        self._shapes: dict[tuple, tuple[str, tuple[int, ...], int, int]] = {}  # _lease_shape_for
+        self._shapes: dict[tuple, tuple[tuple[str, tuple[int, ...], int, int], int]] = {}
 
     def _slots(self, rows: int, seq_len: int) -> ArenaSlots:
         t = self._trainer
@@ -64,11 +64,11 @@ class ArenaSteps:
 
     def _lease_shape_for(
         self, rows: int, seq_len: int, token_chunks: int, spans: list[Span]
-    ) -> tuple[str, tuple[int, ...], int, int]:
-        """(residual mode, residual pages of each span, pages per slot, pages per layer's
-        gradient sums) of a step of this shape and cut in this arena: worked out once, not at
-        every start (twice a start, over every span's residuals, on the co-located step's host
-        side)."""
+    ) -> tuple[tuple[str, tuple[int, ...], int, int], int]:
+        """The lease shape (residual mode, residual pages of each span, pages per slot, pages
+        per layer's gradient sums) of a step of this shape and cut in this arena, and the pages
+        it needs: worked out once, not at every start (twice a start, over every span's
+        residuals, on the co-located step's host side)."""
         table = self._arena.pages
         capacity = table.num_pages - table.reserved
         key = (rows, seq_len, token_chunks, capacity, tuple((s.place, *s.view_key) for s in spans))
@@ -85,23 +85,22 @@ class ArenaSteps:
         for mode in ("kept", "recomputed"):
             residuals = [t.residuals(s, rows // token_chunks, seq_len, mode) for s in spans]
             saved = tuple(self._arena.pages_for(r.saved) for r in residuals)
-            if 2 * (fixed + sum(saved)) <= capacity:
+            need = fixed + sum(saved)
+            if 2 * need <= capacity:
                 break
-        if fixed + sum(saved) > capacity:  # waiting would never help: fail the job
+        if need > capacity:  # waiting would never help: fail the job
             raise ValueError(
-                f"a train step of {rows}x{seq_len} tokens needs {fixed + sum(saved)} arena pages, "
-                f"the arena has {capacity}: give the engine more memory "
+                f"a train step of {rows}x{seq_len} tokens needs {need} arena pages, the arena has "
+                f"{capacity}: give the engine more memory "
                 "(--memory-fraction, num_pages) or train with a smaller batch or sequence length"
             )
-        self._shapes[key] = (mode, saved, per_slot, per_layer)
+        self._shapes[key] = ((mode, saved, per_slot, per_layer), need)
         return self._shapes[key]
 
     def reserve(self, rows: int, seq_len: int, token_chunks: int, spans: list[Span]) -> bool:
         """`Trainer.reserve`, co-located."""
-        shape = self._lease_shape_for(rows, seq_len, token_chunks, spans)
-        self.mode, saved, per_slot, per_layer = shape
-        num_layers = self._trainer.num_layers
-        need = self.lease_size = (len(spans) + 1) * per_slot + num_layers * per_layer + sum(saved)
+        shape, need = self._lease_shape_for(rows, seq_len, token_chunks, spans)
+        (self.mode, saved, per_slot, per_layer), self.lease_size = shape, need
         table = self._arena.pages
         if self._owner in table and self._lease_shape != shape:
             self.release()
@@ -113,7 +112,7 @@ class ArenaSteps:
             pages = self._arena.page_array(self._owner)
             slot_end = (len(spans) + 1) * per_slot
             saved_ends = slot_end + np.cumsum(saved)
-            self._acc_pages = pages[saved_ends[-1] :].reshape(num_layers, per_layer)
+            self._acc_pages = pages[saved_ends[-1] :].reshape(self._trainer.num_layers, per_layer)
             slot_pages = list(pages[:slot_end].reshape(len(spans) + 1, per_slot))
             saved_pages = np.split(pages[slot_end : saved_ends[-1]], saved_ends[:-1] - slot_end)
             self._slot_pages, self._saved_pages, self._acc_device = jax.device_put(
