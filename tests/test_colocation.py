@@ -179,10 +179,12 @@ def test_a_fill_leaves_room_for_the_next_start_before_the_update_that_completes_
     job.next_micro_step = lambda cut: update
     scheduler, _ = scheduler_with_cuts(job, {0: [1.0]})
     dispatched = []
-    scheduler.runner.dispatch = lambda job, micro, estimate: (
-        dispatched.append(micro),
-        setattr(job, "done", True),
-    )
+
+    def dispatch(job, micro, estimate):  # the update ran: the job has nothing left
+        dispatched.append(micro)
+        job.done = True
+
+    scheduler.runner.dispatch = dispatch
     scheduler.starts._plan_s.append(0.030)
     assert not scheduler._fill(job, time.perf_counter() + 0.010)
     scheduler.starts._plan_s.clear()
