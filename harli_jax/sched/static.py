@@ -34,14 +34,20 @@ def budget(config: SchedulerConfig, calibration: Calibration) -> float:
 def cut(config: SchedulerConfig, calibration: Calibration, job: FineTuneJob) -> Granularity:
     """The coarsest cut whose slowest calibrated micro-step fits the budget, else the finest (or
     ``static_granularity`` where configured)."""
+    return _cut_within(config, calibration, job, budget(config, calibration))
+
+
+def _cut_within(
+    config: SchedulerConfig, calibration: Calibration, job: FineTuneJob, budget_s: float
+) -> Granularity:
+    """`cut` for a budget of ``budget_s`` seconds, already worked out."""
     options = cuts(job)
     if config.static_granularity is not None:
         return options[config.static_granularity]
-    seconds_left = budget(config, calibration)
     for option in options:
         keys = calibration.cuts.get(option_id(job, option))
         seconds = [calibration.seconds.get(k, math.inf) for k in keys or ()]
-        if seconds and max(seconds) <= seconds_left:
+        if seconds and max(seconds) <= budget_s:
             return option
     return options[-1]
 
@@ -51,7 +57,7 @@ def fill(config: SchedulerConfig, runner: MicroStepRunner, job: FineTuneJob) -> 
     whether it dispatched any."""
     calibration = runner.calibration
     seconds_left, ran = budget(config, calibration), False
-    granularity = cut(config, calibration, job)
+    granularity = _cut_within(config, calibration, job, seconds_left)
     while not job.done:
         micro = job.next_micro_step(granularity)
         if micro is None:
