@@ -1,10 +1,12 @@
 """GPU check of the fast decode path against its reference (run on the GPU; CPU tests cover the
 kernel through Pallas' interpreter, this covers the compiled Triton kernel).
 
-1. The paged decode attention kernel against the reference on float32-upcast inputs, fresh random
-   data per case: GQA groups of 4, 7 and 8, head dims 64 and 128, sliding windows, padded page
-   tables, batch 1 to 64, positions from 0 to the row's end. Passing: relative error
-   ||out - ref|| / ||ref|| under 1e-2 (bf16 operands), no NaN, and within 2x of the XLA bf16 path.
+1. The paged decode attention kernel (RoPE, the new key and value written, attention) against the
+   reference on float32-upcast inputs, fresh random data per case: GQA groups of 4, 7 and 8, head
+   dims 64 and 128, sliding windows, padded page tables, pages smaller and larger than a block,
+   batch 1 to 64, positions from 0 to the row's end. Passing: relative error
+   ||out - ref|| / ||ref|| under 1e-2 (bf16 operands), no NaN, within 2x of the XLA bf16 path,
+   and the written caches within 1e-2 of the reference's.
    The reports' `rel_err` column holds that error for (1), the largest log-prob gap for (2).
 2. The engine's decode step with the kernel against the same step through the XLA path: top-5
    and chosen log-probabilities within 0.05 (greedy tokens agree but for bf16 near-ties), on a
@@ -50,34 +52,40 @@ KERNEL_CASES = [
     ("qwen group 7", 3, 28, 4, 128, 16, 40, None),
     ("window 100", 5, 16, 2, 64, 16, 32, 100),
     ("pages of 8", 4, 8, 8, 64, 8, 24, None),
+    ("pages of 128", 8, 32, 4, 64, 128, 8, None),
 ]
 LAYERS, LAYER = 3, 2
 
 
 def _kernel_case(key, batch, heads, kv_heads, head_dim, page_size, width, window) -> dict:
-    keys = jax.random.split(key, 5)
+    keys = jax.random.split(key, 7)
     pages = batch * width + 1
     shape = (LAYERS, pages, page_size, kv_heads, head_dim)
     k_cache = jax.random.normal(keys[0], shape, jnp.bfloat16)
     v_cache = jax.random.normal(keys[1], shape, jnp.bfloat16)
     q = jax.random.normal(keys[2], (batch, heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(keys[5], (batch, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(keys[6], (batch, kv_heads, head_dim), jnp.bfloat16)
     table = jax.random.permutation(keys[3], jnp.arange(1, pages, dtype=jnp.int32))
     table = table.reshape(batch, width)
     positions = jax.random.randint(keys[4], (batch,), 0, width * page_size)
     positions = positions.at[0].set(width * page_size - 1)  # one full row, every time
-    args = (k_cache, v_cache, LAYER, table, positions, window)
-    out = paged_decode_attention(q, *args)
-    upcast = [x.astype(jnp.float32) for x in (q, k_cache, v_cache)]
-    exact = paged_decode_attention_reference(*upcast, LAYER, table, positions, window)
-    xla = paged_decode_attention_reference(q, *args)
+    inv_freq = 1.0 / 10000.0 ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    tail = (LAYER, table, positions, inv_freq, window)
+    out, k_out, v_out = paged_decode_attention(q, k, v, k_cache, v_cache, *tail)
+    upcast = [x.astype(jnp.float32) for x in (q, k, v, k_cache, v_cache)]
+    exact, k_exact, v_exact = paged_decode_attention_reference(*upcast, *tail)
+    xla = paged_decode_attention_reference(q, k, v, k_cache, v_cache, *tail)[0]
 
-    def rel(x):
+    def rel(x, reference):
         x = x.astype(jnp.float32)
-        return float(jnp.linalg.norm(x - exact) / jnp.linalg.norm(exact))
+        return float(jnp.linalg.norm(x - reference) / jnp.linalg.norm(reference))
 
-    err, xla_err = rel(out), rel(xla)
+    err, xla_err = rel(out, exact), rel(xla, exact)
+    cache_err = max(rel(k_out, k_exact), rel(v_out, v_exact))
     nan = bool(jnp.isnan(out.astype(jnp.float32)).any())
-    return dict(rel_err=err, xla_rel_err=xla_err, ok=err < 1e-2 and not nan and err < 2 * xla_err)
+    ok = err < 1e-2 and not nan and err < 2 * xla_err and cache_err < 1e-2
+    return dict(rel_err=err, xla_rel_err=xla_err, cache_rel_err=cache_err, ok=ok)
 
 
 def _random_model(layers: int = 4) -> Llama:

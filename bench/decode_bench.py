@@ -45,9 +45,14 @@ _GRAPHS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"  # XLA
 VARIANTS: dict[str, dict[str, Any]] = {
     "kernel": dict(attention="pallas"),
     "reference": dict(attention="reference"),
-    "attn-small-blocks": dict(
-        attention="pallas", tuning=Tuning(block_tokens=64, target_programs=256, min_split_tokens=64)
+    # The kernel's launch shape (bench/NOTES.md, session 14).
+    "attn-blocks-64": dict(attention="pallas", tuning=Tuning(block_tokens=64)),
+    "attn-programs-256": dict(attention="pallas", tuning=Tuning(target_programs=256)),
+    "attn-programs-1024": dict(
+        attention="pallas", tuning=Tuning(target_programs=1024, min_split_tokens=64)
     ),
+    "attn-stages-3": dict(attention="pallas", tuning=Tuning(num_stages=3)),
+    "attn-warps-8": dict(attention="pallas", tuning=Tuning(num_warps=8)),
     "no-dot-merger": dict(attention="pallas", options={"xla_gpu_dot_merger_threshold_mb": 0}),
     "no-command-buffer": dict(attention="pallas", options={"xla_gpu_enable_command_buffer": ""}),
     "graphs-with-cond": dict(

@@ -1,13 +1,15 @@
 """Decode attention over the paged KV cache: a Pallas (Triton) kernel and its pure-JAX reference.
 
-One query token per batch row attends to the keys its page table lists, up to and including its
-own position (and no further back than the sliding window, if any). The XLA path (the reference)
-gathers every row's pages into a contiguous ``[batch, pages * page_size, ...]`` copy per layer and
-then runs two batched matmuls with transposes around them, so the KV bytes cross device memory
-several times. The kernel reads each page once, straight out of the stacked cache
-``[layers, pages, page_size, kv_heads, head_dim]`` (no per-layer slice, which XLA would
-materialise), stops at the row's length, and splits long rows over several programs
-(flash-decoding) so that small batches still fill the GPU; a tiny XLA fusion merges the splits.
+One new token per batch row: rotate its query and key (RoPE), write its key and value into the
+row's page at its position, and attend to the row's keys up to and including that position (no
+further back than the sliding window, if any). The XLA path (the reference) does these as separate
+kernels: the rotation, a scatter per cache half, a gather of every row's pages into a contiguous
+copy, two batched matmuls with transposes around them. The kernel does them in one launch per
+layer: it reads each page once, in place in the stacked cache ``[layers, pages, page_size,
+kv_heads, head_dim]`` (a per-layer slice would be materialised by XLA), stops at the row's length,
+and splits long rows over several programs (flash-decoding) so that small batches still fill the
+GPU; a tiny XLA fusion merges the splits. The new token's key joins the softmax from registers,
+so no program waits for the write to land.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from harli_jax.memory.kv_cache import KVCache
+from harli_jax.models.rope import apply_rope
+
 _MASKED = -1e30  # finite, as in the model's own attention: masked logits never make NaN
-_QUERY_ROWS = 16  # tensor-core dots need at least 16 rows; the head group is padded up to it
+_QUERY_ROWS = 16  # tensor-core dots need at least 16 rows; a head group is padded up to it
 
 
 class Tuning(NamedTuple):
@@ -41,22 +46,32 @@ DEFAULT_TUNING = Tuning()
 
 def paged_decode_attention_reference(
     q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     layer: int,
     page_table: jax.Array,
     positions: jax.Array,
+    inv_freq: jax.Array,
     window: int | None = None,
-) -> jax.Array:
-    """The XLA path: q [B, H, D], caches [L, P, ps, KH, D], page_table [B, n], positions [B].
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The XLA path. q [B, H, D], k/v [B, KH, D] (before RoPE), caches [L, P, ps, KH, D],
+    page_table [B, n], positions [B], inv_freq [D / 2].
 
-    Returns [B, H, D] in ``q``'s dtype. Same arithmetic as the model's prefill attention:
-    float32 scores and softmax, probabilities cast to the cache dtype before the value product.
+    Returns the attention output [B, H, D] in ``q``'s dtype and the caches with each row's new key
+    and value written at its position. Same arithmetic as the model's prefill attention: float32
+    scores and softmax, probabilities cast to the cache dtype before the value product.
     """
     batch, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[3]
-    keys = k_cache[layer, page_table].reshape(batch, -1, kv_heads, head_dim)
-    values = v_cache[layer, page_table].reshape(batch, -1, kv_heads, head_dim)
+    page_size, kv_heads = k_cache.shape[2], k_cache.shape[3]
+    q = apply_rope(q[:, None], positions[:, None], inv_freq)[:, 0]
+    k = apply_rope(k[:, None], positions[:, None], inv_freq)
+    slots = page_table[jnp.arange(batch), positions // page_size] * page_size
+    cache = KVCache(k_cache, v_cache).write(
+        layer, (slots + positions % page_size)[:, None], k, v[:, None]
+    )
+    keys, values = cache.read(layer, page_table)
     grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("bkgd,bskd->bkgs", grouped, keys, preferred_element_type=jnp.float32)
     key_pos = jnp.arange(keys.shape[1])[None, :]
@@ -66,7 +81,7 @@ def paged_decode_attention_reference(
     scores = jnp.where(valid[:, None, None], scores * head_dim**-0.5, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgs,bskd->bkgd", probs, values)
-    return out.reshape(batch, heads, head_dim).astype(q.dtype)
+    return out.reshape(batch, heads, head_dim).astype(q.dtype), cache.k, cache.v
 
 
 def split_plan(batch: int, kv_heads: int, pages: int, page_size: int, tuning: Tuning) -> int:
@@ -86,32 +101,57 @@ def _kernel(
     layer_ref,  # [1] int32: the layer, as data, so that all layers share one compiled kernel
     positions_ref,  # [B] int32, whole array
     table_ref,  # [pages_per_split] int32: this split's slice of the row's page table
-    q_ref,  # [_QUERY_ROWS, D]
-    k_ref,  # [L, P, ps, KH, D], whole cache
+    cos_ref,  # [B, D]: RoPE's cosines at each row's position
+    sin_ref,  # [B, D]: its sines, negated in the first half (see _rope_tables)
+    q_ref,  # [B, H, D], whole array: queries before RoPE
+    k_new_ref,  # [B, KH, D], whole array: the new keys before RoPE
+    v_new_ref,  # [B, KH, D]
+    k_ref,  # [L, P, ps, KH, D], whole cache (read)
     v_ref,
-    out_ref,  # [_QUERY_ROWS, D] float32, unnormalised
-    max_ref,  # [_QUERY_ROWS] float32, running max of the logits
-    sum_ref,  # [_QUERY_ROWS] float32, softmax denominator at that max
+    out_ref,  # [S, B, KH, G, D] float32, unnormalised, whole array
+    max_ref,  # [S, B, KH, G] float32, running max of the logits
+    sum_ref,  # [S, B, KH, G] float32, softmax denominator at that max
+    k_out_ref,  # the caches again, aliased to k_ref / v_ref: the new key and value go here
+    v_out_ref,
     *,
     pages_per_block: int,
+    query_rows: int,
     window: int | None,
 ):
     layer = layer_ref[0]
     row, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     pages_per_split = table_ref.shape[0]
     page_size, head_dim = k_ref.shape[2], k_ref.shape[4]
+    group = out_ref.shape[3]
     block_tokens = pages_per_block * page_size
+    split_tokens = pages_per_split * page_size
     position = positions_ref[row]
     lowest = 0 if window is None else jnp.maximum(position - window + 1, 0)
-    first_page = split * pages_per_split
-    # Only blocks that hold at least one key in [lowest, position] are visited.
-    begin = jnp.maximum(lowest // page_size - first_page, 0) // pages_per_block
-    end = jnp.minimum(
-        pl.cdiv(position // page_size + 1 - first_page, pages_per_block),
-        pages_per_split // pages_per_block,
-    )
-    q = q_ref[...]
+    first_token = split * split_tokens
+    owner = (position >= first_token) & (position < first_token + split_tokens)
     scale = head_dim**-0.5
+
+    # RoPE in the rotate-half layout, x * cos + [x2, x1] * [-sin, sin]: the swapped halves are
+    # a second load of the same row. Query rows past the group repeat its last query (tensor-core
+    # dots want 16 rows), so their results equal that row's and may be stored over it.
+    rows = head * group + jnp.minimum(jnp.arange(query_rows), group - 1)
+    swap = (jnp.arange(head_dim) + head_dim // 2) % head_dim
+    cos, sin = cos_ref[row, :], sin_ref[row, :]
+    q = q_ref[row, rows, :] * cos + q_ref[row, rows[:, None], swap[None, :]] * sin
+    new_key = k_new_ref[row, head, :] * cos + k_new_ref[row, head, swap] * sin
+    new_value = v_new_ref[row, head, :]
+    new_logit = (q.astype(jnp.float32) * new_key.astype(jnp.float32)[None, :]).sum(-1) * scale
+
+    @pl.when(owner)
+    def _write():  # this split holds the row's position: the new key and value go to its slot
+        page = table_ref[(position - first_token) // page_size]
+        k_out_ref[layer, page, position % page_size, head, :] = new_key
+        v_out_ref[layer, page, position % page_size, head, :] = new_value
+
+    # The cached keys before the position (its slot holds a stale key until the write lands);
+    # only blocks that hold at least one key in [lowest, position) are visited.
+    begin = jnp.maximum(lowest - first_token, 0) // block_tokens
+    end = jnp.minimum(pl.cdiv(position - first_token, block_tokens), split_tokens // block_tokens)
 
     def body(block, carry):
         acc, running_max, denom = carry
@@ -121,8 +161,8 @@ def _kernel(
         logits = jax.lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
-        key_pos = (first_page + block * pages_per_block) * page_size + jnp.arange(block_tokens)
-        valid = (key_pos <= position) & (key_pos >= lowest)
+        key_pos = first_token + block * block_tokens + jnp.arange(block_tokens)
+        valid = (key_pos < position) & (key_pos >= lowest)
         logits = jnp.where(valid[None, :], logits * scale, _MASKED)
         new_max = jnp.maximum(running_max, logits.max(axis=-1))
         correction = jnp.exp(running_max - new_max)
@@ -134,30 +174,48 @@ def _kernel(
         return acc, new_max, denom
 
     init = (
-        jnp.zeros((_QUERY_ROWS, head_dim), jnp.float32),
-        jnp.full((_QUERY_ROWS,), _MASKED, jnp.float32),
-        jnp.zeros((_QUERY_ROWS,), jnp.float32),
+        jnp.zeros((query_rows, head_dim), jnp.float32),
+        jnp.full((query_rows,), _MASKED, jnp.float32),
+        jnp.zeros((query_rows,), jnp.float32),
     )
     acc, running_max, denom = jax.lax.fori_loop(begin, end, body, init)
-    out_ref[...] = acc
-    max_ref[...] = running_max
-    sum_ref[...] = denom
+    # The new token itself, in the split that holds it.
+    new_max = jnp.where(owner, jnp.maximum(running_max, new_logit), running_max)
+    correction = jnp.exp(running_max - new_max)
+    new_prob = jnp.where(owner, jnp.exp(new_logit - new_max), 0.0)
+    out = acc * correction[:, None] + new_prob[:, None] * new_value.astype(jnp.float32)[None, :]
+    group_rows = jnp.minimum(jnp.arange(query_rows), group - 1)
+    out_ref[split, row, head, group_rows, :] = out
+    max_ref[split, row, head, group_rows] = new_max
+    sum_ref[split, row, head, group_rows] = denom * correction + new_prob
+
+
+def _rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """[B, D] cosines and signed sines at ``positions``: the same in every layer's call, so XLA
+    computes them once per step. Rounded to ``dtype`` as :func:`apply_rope` rounds them."""
+    angles = positions[:, None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    cos, sin = jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([-sin, sin], axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "tuning", "interpret"))
 def paged_decode_attention(
     q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     layer: int | jax.Array,
     page_table: jax.Array,
     positions: jax.Array,
+    inv_freq: jax.Array,
     window: int | None = None,
     *,
     tuning: Tuning | None = None,
     interpret: bool | None = None,
-) -> jax.Array:
-    """The kernel; same contract as :func:`paged_decode_attention_reference`.
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel; same contract as :func:`paged_decode_attention_reference`. The caches are
+    updated in place when the caller donates them (the engine's step does).
 
     Shapes must be powers of two where Triton needs them (page size, head dim); the page table
     is padded to a power of two here (with page 0, never read past a row's position). Off the GPU
@@ -168,8 +226,7 @@ def paged_decode_attention(
     batch, heads, head_dim = q.shape
     page_size, kv_heads = k_cache.shape[2], k_cache.shape[3]
     group = heads // kv_heads
-    if group > _QUERY_ROWS:
-        raise ValueError(f"{group} query heads per kv head; the kernel takes at most {_QUERY_ROWS}")
+    query_rows = max(2 ** math.ceil(math.log2(group)), _QUERY_ROWS)
     tuning = tuning or DEFAULT_TUNING
     pages_per_block = max(tuning.block_tokens // page_size, 1)
     pages = max(2 ** math.ceil(math.log2(page_table.shape[1])), pages_per_block)
@@ -179,32 +236,27 @@ def paged_decode_attention(
     pages_per_block = min(pages_per_block, pages_per_split)
     num_warps = tuning.num_warps * (2 if head_dim >= 128 else 1)
 
-    grouped = q.reshape(batch, kv_heads, group, head_dim)
-    grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, _QUERY_ROWS - group), (0, 0)))
-    partial_shape = (splits, batch, kv_heads, _QUERY_ROWS)
-    out, running_max, denom = pl.pallas_call(
-        functools.partial(_kernel, pages_per_block=pages_per_block, window=window),
+    partial_shape = (splits, batch, kv_heads, group)
+    out, running_max, denom, k_cache, v_cache = pl.pallas_call(
+        functools.partial(
+            _kernel, pages_per_block=pages_per_block, query_rows=query_rows, window=window
+        ),
         grid=(batch, kv_heads, splits),
         in_specs=[
             pl.no_block_spec,
             pl.no_block_spec,
             pl.BlockSpec((None, pages_per_split), lambda b, h, s: (b, s)),
-            pl.BlockSpec((None, None, _QUERY_ROWS, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            pl.no_block_spec,
-            pl.no_block_spec,
+            *[pl.no_block_spec] * 7,
         ],
-        out_specs=[
-            pl.BlockSpec(
-                (None, None, None, _QUERY_ROWS, head_dim), lambda b, h, s: (s, b, h, 0, 0)
-            ),
-            pl.BlockSpec((None, None, None, _QUERY_ROWS), lambda b, h, s: (s, b, h, 0)),
-            pl.BlockSpec((None, None, None, _QUERY_ROWS), lambda b, h, s: (s, b, h, 0)),
-        ],
+        out_specs=[pl.no_block_spec] * 5,
         out_shape=[
             jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
         ],
+        input_output_aliases={8: 3, 9: 4},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=tuning.num_stages),
         interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
         name="paged_decode_attention",
@@ -212,7 +264,10 @@ def paged_decode_attention(
         jnp.asarray(layer, jnp.int32).reshape(1),
         positions.astype(jnp.int32),
         page_table.astype(jnp.int32),
-        grouped,
+        *_rope_tables(positions, inv_freq, q.dtype),
+        q,
+        k.astype(k_cache.dtype),
+        v.astype(v_cache.dtype),
         k_cache,
         v_cache,
     )
@@ -222,7 +277,7 @@ def paged_decode_attention(
     weight = jnp.exp(running_max - overall_max)
     total = (denom * weight).sum(axis=0)
     merged = (out * weight[..., None]).sum(axis=0) / total[..., None]
-    return merged[:, :, :group].reshape(batch, heads, head_dim).astype(q.dtype)
+    return merged.reshape(batch, heads, head_dim).astype(q.dtype), k_cache, v_cache
 
 
 def use_decode_kernel(heads: int, kv_heads: int, head_dim: int, page_size: int) -> bool:
@@ -240,7 +295,7 @@ def use_decode_kernel(heads: int, kv_heads: int, head_dim: int, page_size: int) 
         choice = "pallas" if jax.default_backend() == "gpu" and jax.device_count() == 1 else ""
     return (
         choice == "pallas"
-        and heads // kv_heads <= _QUERY_ROWS
+        and heads % kv_heads == 0
         and _power_of_two(head_dim)
         and head_dim >= 16
         and _power_of_two(page_size)

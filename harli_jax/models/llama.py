@@ -93,6 +93,26 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(batch, tokens, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim)
+        if (
+            cache is not None
+            and tokens == 1
+            and use_decode_kernel(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.page_size)
+        ):
+            # Decode: one kernel rotates, writes the new key and value, and reads each row's
+            # pages in place (the new token's slot is where its position falls in its pages).
+            out, k_cache, v_cache = paged_decode_attention(
+                q[:, 0],
+                k[:, 0],
+                v[:, 0],
+                cache.k,
+                cache.v,
+                layer,
+                paged.page_table,
+                positions[:, 0],
+                inv_freq,
+                cfg.sliding_window,
+            )
+            return self.o_proj(out.reshape(batch, 1, -1)), KVCache(k_cache, v_cache)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is None:
             # Self-attention over this batch's tokens; packed rows attend within their segment.
@@ -103,20 +123,6 @@ class Attention(nnx.Module):
             keys, values = k, v
         else:
             cache = cache.write(layer, paged.slots, k, v)
-            if tokens == 1 and use_decode_kernel(
-                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.page_size
-            ):
-                # Decode: read each row's pages in place instead of gathering a copy of them.
-                out = paged_decode_attention(
-                    q[:, 0],
-                    cache.k,
-                    cache.v,
-                    layer,
-                    paged.page_table,
-                    positions[:, 0],
-                    cfg.sliding_window,
-                )
-                return self.o_proj(out.reshape(batch, 1, -1)), cache
             keys, values = cache.read(layer, paged.page_table)
             key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (batch, keys.shape[1]))
             mask = causal_mask(positions, key_pos, cfg.sliding_window)
