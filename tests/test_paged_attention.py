@@ -98,9 +98,7 @@ def test_kernel_writes_and_attends_as_float64_numpy(batch, heads, kv_heads, widt
 
 
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "width", "page", "window"), CASES[:3])
-def test_reference_writes_and_attends_as_float64_numpy(
-    batch, heads, kv_heads, width, page, window
-):
+def test_reference_writes_and_attends_as_float64_numpy(batch, heads, kv_heads, width, page, window):
     case = _case(batch + 100, batch, heads, kv_heads, width, page)
     _check(paged_decode_attention_reference, case, window)
 
