@@ -261,10 +261,10 @@ def time_decode(
 ) -> dict[str, Any]:
     """The row's measurements: the engine's own step, the engine loop, and any variants."""
     rng = np.random.default_rng(batch * 100003 + context)
-    eng = _engine(model, batch, context)
-    inputs, packed = _step_args(_decode_inputs(eng, batch, context, rng))
     out: dict[str, Any] = {}
     try:
+        eng = _engine(model, batch, context)  # its arena may not fit beside the weights
+        inputs, packed = _step_args(_decode_inputs(eng, batch, context, rng))
         started = time.perf_counter()
         step = functools.partial(_engine_step, eng, 1)
         eng.cache, timing = _time_chained(step, eng.cache, packed)
@@ -278,7 +278,7 @@ def time_decode(
             eng.cache, out["kernels"] = _kernel_profile(step, eng.cache, packed, 1)
         if engine:
             out |= _time_engine(eng, batch, context, rng)
-    except Exception as err:  # an out-of-memory row is reported, not fatal
+    except Exception as err:  # an out-of-memory row is reported, not fatal (MemoryError too)
         out["error"] = f"{type(err).__name__}: {str(err)[:300]}"
         return out
     for name in variants:
