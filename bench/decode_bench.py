@@ -64,6 +64,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     ),
     # Weight reads at small batches: XLA's Triton GEMMs against cuBLAS (bench/NOTES.md, session 11).
     "no-triton-gemm": dict(attention="pallas", options={"xla_gpu_enable_triton_gemm": False}),
+    # XLA's Triton emitter for normalisation-shaped fusions (RMSNorm: a row reduction, then the
+    # row scaled by it), which its default fusion splits in two kernels (bench/NOTES.md).
+    "triton-heroless-fusion": dict(
+        attention="pallas",
+        options={"xla_gpu_experimental_enable_triton_heroless_priority_fusion": True},
+    ),
+    "triton-all-fusions": dict(
+        attention="pallas", options={"xla_gpu_experimental_all_fusions_with_triton": True}
+    ),
     "greedy-no-sampler": dict(attention="pallas", program="greedy"),
     # The full sampler (top-k/top-p sort, random bits, top logprobs), as every step ran it before
     # the engine picked sampler variants per batch.
