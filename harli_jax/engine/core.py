@@ -396,12 +396,7 @@ class EngineCore:
         compile in ``workers`` threads (default: one per CPU core; 1 compiles serially).
         """
         start = time.perf_counter()
-        self.programs.compile_all(self.weights, self.cache, progress, workers)
-        # A program's first run loads its kernels (on the H100, 20-80 ms more than its later
-        # runs): that belongs here, not on the TPOT of the first request to reach its bucket.
-        for shape in self.programs.shape_buckets():
-            for variant in PRECOMPILED_VARIANTS:
-                self.cache = self.programs.run_blank(self.weights, self.cache, shape, variant)
+        self.cache = self.programs.compile_all(self.weights, self.cache, progress, workers)
         return time.perf_counter() - start
 
     def _emit(

@@ -6,8 +6,8 @@ an all-padding one); and the registry of compiled programs with their costs (XLA
 analytic one). A program compiles on first use, or at start-up (:meth:`StepPrograms.compile_all`)
 for the sampler variants a plain request runs; :meth:`StepPrograms.largest_temp_bytes` sizes the
 temporaries the arena must leave room for. The device state (model state, KV cache) stays with
-the engine: calls here take it, and :meth:`StepPrograms.run_blank`, the one that runs a program,
-returns the cache it donated into.
+the engine: calls here take it, and those that run programs (:meth:`StepPrograms.run_blank`,
+:meth:`StepPrograms.compile_all`) return the cache they donated it into.
 """
 
 from __future__ import annotations
@@ -187,8 +187,9 @@ class StepPrograms:
         cache: KVCache,
         progress: Callable[[int, int], None],
         workers: int | None,
-    ) -> None:
-        """Compiles :data:`PRECOMPILED_VARIANTS` of every shape bucket (those not compiled yet).
+    ) -> KVCache:
+        """Compiles :data:`PRECOMPILED_VARIANTS` of every shape bucket (those not compiled yet)
+        and runs each once; returns the cache the runs donated ``cache`` into.
 
         ``progress(done, total)`` counts shape buckets, on the calling thread. Tracing and
         lowering are Python and run here; XLA's compilation releases the GIL, so the programs
@@ -216,6 +217,12 @@ class StepPrograms:
                 if left[index] == 0:
                     done += 1
                     progress(done, len(shapes))
+        # A program's first run loads its kernels (on the H100, 20-80 ms more than its later
+        # runs): that belongs here, not on the TPOT of the first request to reach its bucket.
+        for shape in shapes:
+            for variant in PRECOMPILED_VARIANTS:
+                cache = self.run_blank(weights, cache, shape, variant)
+        return cache
 
     def run_blank(
         self, weights: Weights, cache: KVCache, shape: Shape, variant: SamplerVariant
