@@ -43,7 +43,6 @@ TUNINGS = {
     "rows16": DEFAULT_TUNING._replace(rows=16),
     "chunk256": DEFAULT_TUNING._replace(chunk=256),
     "chunk1024": DEFAULT_TUNING._replace(chunk=1024),
-    "warps8": DEFAULT_TUNING._replace(num_warps=8),
     "stages2": DEFAULT_TUNING._replace(num_stages=2),
     "stages4": DEFAULT_TUNING._replace(num_stages=4),
 }
@@ -126,20 +125,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--batches", default="1,4")
     args = parser.parse_args()
+    top = dict(command="python3 " + " ".join(sys.argv), device=device_name(), copies=COPIES)
+    top["tunings"] = {label: tuning._asdict() for label, tuning in TUNINGS.items()}
     rows = []
     for name, width, outputs, kind in MATVEC_CASES:
         for batch in (int(b) for b in args.batches.split(",")):
             rows.append(_case(name, width, outputs, kind, batch))
             print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        top = dict(command="python3 " + " ".join(sys.argv), device=device_name(), copies=COPIES)
-        args.out.write_text(
-            json.dumps(
-                top | dict(tunings={k: t._asdict() for k, t in TUNINGS.items()}, rows=rows),
-                indent=1,
-            )
-            + "\n"
-        )
+            if args.out:  # after every row, so a run cut short keeps what it measured
+                args.out.write_text(json.dumps(top | dict(rows=rows), indent=1) + "\n")
     keys = ("case", "batch", "weight_mb", "xla_us", "default_us", "best", "best_tb_s")
     print(format_table([{k: r[k] for k in keys} for r in rows]))
 
