@@ -7,19 +7,27 @@ spans' residuals, its running gradient and its gradient sums in those pages, and
 back on `release`, which drops the open step: it is planned again from the start, never
 half-applied. The LoRA parameters and optimiser moments stay in the trainer, outside the arena
 (small, and they must survive a release).
+
+A step is planned on the host while serving waits (a co-located start: ~2-4 ms of Python on the
+GPU hosts, where the host is free for ~1.2 ms during a heavy-load inference step), and a cut's
+micro-steps in one lease are the same at every step but for the batch, the step number and the
+running loss. So each lease builds a cut's micro-steps once, with their programs, pages and
+frozen views bound (its skeleton, of `Unbound` micro-steps), and each step's plan binds that
+skeleton to the step's own arguments (`StepArgs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from harli_jax.lora.plan import ProgramKey, TrainPlan
+from harli_jax.lora.plan import ProgramKey, TrainPlan, Unbound
 from harli_jax.lora.programs import HEAD, ArenaSlots, Batch, Leaves, Span
 from harli_jax.memory import arena as pages_io
 from harli_jax.memory.arena import Arena
@@ -28,6 +36,23 @@ from harli_jax.memory.page_table import OutOfPages, Owner
 
 if TYPE_CHECKING:
     from harli_jax.lora.train import Trainer
+
+
+@dataclasses.dataclass(slots=True)
+class StepArgs:
+    """What one step's micro-steps take beyond their skeleton: each row chunk's batch arguments
+    (`Trainer._chunks`), the loss's denominator, the masked-token count, and the running loss
+    (each loss head's output, the next head's and the update's input)."""
+
+    chunks: list[tuple]
+    denominator: np.float32
+    count: int
+    loss: jax.Array
+
+
+def _cut(rows: int, seq_len: int, token_chunks: int, spans: Sequence[Span]) -> tuple:
+    """A step's shape and cut, as a key."""
+    return rows, seq_len, token_chunks, tuple((s.place, *s.view_key) for s in spans)
 
 
 class ArenaSteps:
@@ -51,8 +76,9 @@ class ArenaSteps:
         self._open: TrainPlan | None = None  # the plan whose pages are leased
         # (mode, residual pages of each span, pages per slot, pages per layer's gradient sums)
         self._lease_shape: tuple[str, tuple[int, ...], int, int] | None = None
-        self._span_acc: dict[tuple[tuple[int, int, int], ...], list[jax.Array]] = {}
         self._shapes: dict[tuple, tuple[tuple[str, tuple[int, ...], int, int], int]] = {}
+        self._skeletons: dict[tuple, tuple[Unbound, ...]] = {}  # the lease's, by `_cut`
+        self._zero_loss = jnp.zeros((), jnp.float32)  # each step's running loss starts here
 
     def _slots(self, rows: int, seq_len: int) -> ArenaSlots:
         t = self._trainer
@@ -63,7 +89,7 @@ class ArenaSteps:
         )
 
     def _lease_shape_for(
-        self, rows: int, seq_len: int, token_chunks: int, spans: list[Span]
+        self, rows: int, seq_len: int, token_chunks: int, spans: Sequence[Span]
     ) -> tuple[tuple[str, tuple[int, ...], int, int], int]:
         """The lease shape (residual mode, residual pages of each span, pages per slot, pages
         per layer's gradient sums) of a step of this shape and cut in this arena, and the pages
@@ -71,7 +97,7 @@ class ArenaSteps:
         residuals, on the co-located step's host side)."""
         table = self._arena.pages
         capacity = table.num_pages - table.reserved
-        key = (rows, seq_len, token_chunks, capacity, tuple((s.place, *s.view_key) for s in spans))
+        key = (*_cut(rows, seq_len, token_chunks, spans), capacity)
         if key in self._shapes:
             return self._shapes[key]
         t = self._trainer
@@ -97,7 +123,7 @@ class ArenaSteps:
         self._shapes[key] = ((mode, saved, per_slot, per_layer), need)
         return self._shapes[key]
 
-    def reserve(self, rows: int, seq_len: int, token_chunks: int, spans: list[Span]) -> bool:
+    def reserve(self, rows: int, seq_len: int, token_chunks: int, spans: Sequence[Span]) -> bool:
         """`Trainer.reserve`, co-located."""
         shape, need = self._lease_shape_for(rows, seq_len, token_chunks, spans)
         (self.mode, saved, per_slot, per_layer), self.lease_size = shape, need
@@ -115,23 +141,11 @@ class ArenaSteps:
             self._acc_pages = pages[saved_ends[-1] :].reshape(self._trainer.num_layers, per_layer)
             slot_pages = list(pages[:slot_end].reshape(len(spans) + 1, per_slot))
             saved_pages = np.split(pages[slot_end : saved_ends[-1]], saved_ends[:-1] - slot_end)
-            self._slot_pages, self._saved_pages, self._acc_device = jax.device_put(
+            self._slot_pages, self._saved_pages, self._acc = jax.device_put(
                 (slot_pages, saved_pages, self._acc_pages)
             )
-            self._lease_shape, self._span_acc = shape, {}
+            self._lease_shape, self._skeletons = shape, {}
         return True
-
-    def _span_acc_pages(self, spans: list[Span]) -> list[jax.Array]:
-        """The gradient-sum pages of each span's layers (as its backward program reads them),
-        on the device; transferred once per lease and cut."""
-        cut = tuple(s.view_key for s in spans)
-        if cut not in self._span_acc:
-            n = self._trainer.num_layers
-            layers = [
-                [(i + s.shift) % n for i in range(s.layers.start, s.layers.stop)] for s in spans
-            ]
-            self._span_acc[cut] = jax.device_put([self._acc_pages[ls] for ls in layers])
-        return self._span_acc[cut]
 
     def release(self) -> None:
         """`Trainer.release`, co-located."""
@@ -144,77 +158,98 @@ class ArenaSteps:
     def holds_pages(self) -> bool:
         return self._owner in self._arena.pages
 
-    def plan(self, batch: Batch, token_chunks: int, spans: list[Span]) -> TrainPlan:
+    def plan(self, batch: Batch, token_chunks: int, spans: Sequence[Span]) -> TrainPlan:
         """`Trainer.plan`, co-located: raises `OutOfPages` if the step's pages cannot be had."""
         t = self._trainer
         rows, seq_len = np.shape(batch["tokens"])
         if not self.reserve(rows, seq_len, token_chunks, spans):
             raise OutOfPages(self.lease_size, self._arena.pages.num_free)
-        plan = self._open = TrainPlan(t.step)
-        acc = self._acc_device
+        skeleton = self._skeleton(rows, seq_len, token_chunks, spans)
         buffer = self._arena.buffer
-        self._arena.buffer = t._call(("zero-grads",), pages_io.zero, (0,), buffer, acc)
-        self._loss = jnp.zeros((), jnp.float32)
+        self._arena.buffer = t._call(("zero-grads",), pages_io.zero, (0,), buffer, self._acc)
         count = int(np.sum(batch["loss_mask"]))
-        slots = self._slots(rows // token_chunks, seq_len)
-        for batch_args in t._chunks(batch, token_chunks, plan.step):
-            self._plan_chunk(plan, spans, slots, batch_args, np.float32(max(count, 1)))
+        chunks = t._chunks(batch, token_chunks, t.step)
+        args = StepArgs(chunks, np.float32(max(count, 1)), count, self._zero_loss)
+        self._open = TrainPlan.bind(t.step, skeleton, args)
+        return self._open
 
-        def update() -> Leaves:
-            args = (t._lora, t._opt, acc, self._loss)
-            program = functools.partial(t._p.arena_update, slots)
-            lora, opt, metrics = self._run(plan, ("update",), program, (0, 1), args)
-            self._open = None
-            return t._finish(plan, lora, opt, metrics, count)
-
-        plan._add("update", ("update",), update)
-        return plan
-
-    def _plan_chunk(
-        self,
-        plan: TrainPlan,
-        spans: list[Span],
-        slots: ArenaSlots,
-        batch_args: tuple,
-        denominator: np.float32,
-    ) -> None:
-        """Span s writes its output to slot s and its residuals to its own pages, and reads
-        slot s - 1; the last slot holds the running gradient."""
+    def _skeleton(
+        self, rows: int, seq_len: int, token_chunks: int, spans: Sequence[Span]
+    ) -> tuple[Unbound, ...]:
+        """The micro-steps of a step of this shape and cut in the lease, with every argument
+        bound but the step's own (`StepArgs`); built once per lease and cut. Span s writes its
+        output to slot s and its residuals to its own pages, and reads slot s - 1; the last slot
+        holds the running gradient."""
+        cut = _cut(rows, seq_len, token_chunks, spans)
+        if cut in self._skeletons:
+            return self._skeletons[cut]
         t = self._trainer
+        rows //= token_chunks  # each chunk's, which its programs see
+        slots = self._slots(rows, seq_len)
         act, grad, saved = self._slot_pages[:-1], self._slot_pages[-1], self._saved_pages
-        span_acc = self._span_acc_pages(spans)
-        rows, seq_len = batch_args[0]["tokens"].shape
-
-        def fwd(s: int, span: Span, key: ProgramKey) -> KVCache:
-            lora = t._p.lora.take(t._lora, span)
-            inputs = act[s - 1] if s else None
-            args = (lora, t._frozen_view(span), inputs, act[s], saved[s], *batch_args)
-            residuals = t.residuals(span, rows, seq_len, self.mode)
-            program = functools.partial(t._p.arena_forward, span, slots, residuals)
-            return self._run(plan, key, program, (), args)
-
-        def head() -> jax.Array:
-            lora, frozen = t._p.lora.take(t._lora, HEAD), t._frozen_view(HEAD)
-            args = (lora, frozen, act[-1], grad, batch_args[0], denominator, self._loss)
-            program = functools.partial(t._p.arena_head, slots)
-            (self._loss,) = self._run(plan, ("head", rows, seq_len), program, (), args)
-            return self._loss
-
-        def bwd(s: int, span: Span, key: ProgramKey) -> KVCache:
-            lora = t._p.lora.take(t._lora, span)
-            inputs = act[s - 1] if s else None
-            args = (lora, t._frozen_view(span), inputs, saved[s], grad, span_acc[s])
-            residuals = t.residuals(span, rows, seq_len, self.mode)
-            program = functools.partial(t._p.arena_backward, span, slots, residuals)
-            return self._run(plan, key, program, (), (*args, *batch_args))
-
+        # The gradient-sum pages of each span's layers, as its backward program reads them.
+        n = t.num_layers
+        layers = [[(i + s.shift) % n for i in range(s.layers.start, s.layers.stop)] for s in spans]
+        span_acc = jax.device_put([self._acc_pages[ls] for ls in layers])
+        forward, backward = [], []  # (kind, key, span, program, fixed arguments) of each span
         for s, span in enumerate(spans):
-            key = ("fwd", span.place, span.length, rows, seq_len, self.mode)
-            plan._add("fwd", key, functools.partial(fwd, s, span, key))
-        plan._add("head", ("head", rows, seq_len), head)
-        for s, span in reversed(list(enumerate(spans))):
-            key = ("bwd", span.place, span.length, rows, seq_len, self.mode)
-            plan._add("bwd", key, functools.partial(bwd, s, span, key))
+            shape = (span.place, span.length, rows, seq_len, self.mode)
+            residuals = t.residuals(span, rows, seq_len, self.mode)
+            frozen, inputs = t._frozen_view(span), act[s - 1] if s else None
+            program = functools.partial(t._p.arena_forward, span, slots, residuals)
+            fixed = (frozen, inputs, act[s], saved[s])
+            forward.append(("fwd", ("fwd", *shape), span, program, fixed))
+            program = functools.partial(t._p.arena_backward, span, slots, residuals)
+            fixed = (frozen, inputs, saved[s], grad, span_acc[s])
+            backward.append(("bwd", ("bwd", *shape), span, program, fixed))
+        head = (
+            "head",
+            ("head", rows, seq_len),
+            HEAD,
+            functools.partial(t._p.arena_head, slots),
+            (t._frozen_view(HEAD), act[-1], grad),
+        )
+        skeleton = []
+        for chunk in range(token_chunks):
+            for kind, key, span, program, fixed in (*forward, head, *reversed(backward)):
+                step = self._head if kind == "head" else self._span_step
+                run = functools.partial(step, key, span, program, fixed, chunk)
+                skeleton.append(Unbound(kind, key, run))
+        program = functools.partial(t._p.arena_update, slots)
+        update = functools.partial(self._update, program, self._acc)
+        skeleton.append(Unbound("update", ("update",), update))
+        self._skeletons[cut] = tuple(skeleton)
+        return self._skeletons[cut]
+
+    def _span_step(
+        self, key: ProgramKey, span: Span, program: Callable, fixed: tuple, chunk: int,
+        plan: TrainPlan,
+    ) -> KVCache:  # fmt: skip
+        """A span's forward or backward on row chunk ``chunk`` of ``plan``'s step."""
+        t = self._trainer
+        lora = t._p.lora.take(t._lora, span)
+        return self._run(plan, key, program, (), (lora, *fixed, *plan.args.chunks[chunk]))
+
+    def _head(
+        self, key: ProgramKey, span: Span, program: Callable, fixed: tuple, chunk: int,
+        plan: TrainPlan,
+    ) -> jax.Array:  # fmt: skip
+        """The loss head (``span`` is `HEAD`) on row chunk ``chunk`` of ``plan``'s step: adds
+        the chunk's loss to the step's."""
+        t, args = self._trainer, plan.args
+        lora, chunk_arrays = t._p.lora.take(t._lora, span), args.chunks[chunk][0]
+        inputs = (lora, *fixed, chunk_arrays, args.denominator, args.loss)
+        (args.loss,) = self._run(plan, key, program, (), inputs)
+        return args.loss
+
+    def _update(self, program: Callable, acc: jax.Array, plan: TrainPlan) -> Leaves:
+        """The optimiser update from the step's gradient sums (``acc``, their pages)."""
+        t, args = self._trainer, plan.args
+        lora, opt, metrics = self._run(
+            plan, ("update",), program, (0, 1), (t._lora, t._opt, acc, args.loss)
+        )
+        self._open = None
+        return t._finish(plan, lora, opt, metrics, args.count)
 
     def _run(
         self, plan: TrainPlan, key: ProgramKey, fn: Callable, donate: tuple[int, ...], args: tuple

@@ -31,7 +31,7 @@ segment_ids=, layers=slice, hidden=)`` and ``model.logits(hidden)``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -41,7 +41,7 @@ import optax
 from flax import nnx
 
 from harli_jax.lora.arena_steps import ArenaSteps
-from harli_jax.lora.plan import MicroStep, ProgramKey, TrainPlan
+from harli_jax.lora.plan import MicroStep, ProgramKey, TrainPlan, spans_of
 from harli_jax.lora.programs import (
     HEAD,
     Batch,
@@ -189,7 +189,8 @@ class Trainer:
         now, ValueError if they never could. Always True outside co-location."""
         if self._arena_steps is None:
             return True
-        return self._arena_steps.reserve(rows, seq_len, token_chunks, self._spans(layer_spans))
+        spans = spans_of(layer_spans, self.num_layers)
+        return self._arena_steps.reserve(rows, seq_len, token_chunks, spans)
 
     def release(self) -> None:
         """Drops the open co-located step (it is planned again later) and frees its pages."""
@@ -209,7 +210,7 @@ class Trainer:
         rows = np.shape(batch["tokens"])[0]
         if token_chunks < 1 or rows % token_chunks:
             raise ValueError(f"token_chunks={token_chunks} must divide the batch's {rows} rows")
-        spans = self._spans(layer_spans)
+        spans = spans_of(layer_spans, self.num_layers)
         if self._arena_steps is not None:
             return self._arena_steps.plan(batch, token_chunks, spans)
         if self._accumulating:  # an earlier plan stopped before its update: drop its sums
@@ -238,7 +239,7 @@ class Trainer:
         return [(c, self._key, np.int32(step), np.int32(r)) for r, c in zip(first_rows, chunks)]
 
     def _plan_chunk(
-        self, plan: TrainPlan, spans: list[Span], batch_args: tuple, denominator: np.float32
+        self, plan: TrainPlan, spans: Sequence[Span], batch_args: tuple, denominator: np.float32
     ) -> None:
         chunk = batch_args[0]
         rows, seq_len = chunk["tokens"].shape
@@ -327,28 +328,6 @@ class Trainer:
                 np.int32(0),
             )
         return self._residuals[key]
-
-    def _spans(self, layer_spans: list[tuple[int, int]]) -> list[Span]:
-        n_layers = self.num_layers
-        starts = [0, *(b for _, b in layer_spans)]
-        if (
-            not layer_spans
-            or starts[-1] != n_layers
-            or any(a != start or a >= b for (a, b), start in zip(layer_spans, starts))
-        ):
-            raise ValueError(
-                f"layer_spans {layer_spans} must be contiguous non-empty (start, stop) pairs "
-                f"covering layers 0..{n_layers}"
-            )
-        spans = []
-        for a, b in layer_spans:
-            if a == 0:
-                spans.append(Span("whole" if b == n_layers else "first", slice(0, b), 0))
-            elif b == n_layers:
-                spans.append(Span("last", slice(a, b), 0))
-            else:
-                spans.append(Span("middle", slice(0, b - a), a))
-        return spans
 
     def _frozen_view(self, span: Span) -> Leaves:
         """``span``'s view of the frozen state (`StateLayout.take`), which never changes."""
