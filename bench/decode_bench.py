@@ -23,7 +23,7 @@ from harli_jax.engine.core import EngineConfig, EngineCore
 from harli_jax.engine.sampling import FULL, SamplerInputs, SamplerVariant, SamplingParams
 from harli_jax.engine.step_inputs import pack_inputs
 from harli_jax.engine.steps import make_decode_steps, make_forward_step
-from harli_jax.kernels import matvec, paged_attention
+from harli_jax.kernels import paged_attention
 from harli_jax.kernels.paged_attention import Tuning
 from harli_jax.memory.kv_cache import KVCache, PagedBatch
 from harli_jax.models.config import ModelConfig
@@ -73,11 +73,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "triton-all-fusions": dict(
         attention="pallas", options={"xla_gpu_experimental_all_fusions_with_triton": True}
     ),
-    # The decode projections through XLA (no fused RMSNorm/SiLU/residual kernel), and the
-    # fused kernel's launch shape (bench/NOTES.md, session 15).
-    "matvec-off": dict(attention="pallas", matvec="reference"),
-    "matvec-rows-16": dict(attention="pallas", matvec_tuning=matvec.Tuning(rows=16)),
-    "matvec-rows-4": dict(attention="pallas", matvec_tuning=matvec.Tuning(rows=4)),
     "greedy-no-sampler": dict(attention="pallas", program="greedy"),
     # The full sampler (top-k/top-p sort, random bits, top logprobs), as every step ran it before
     # the engine picked sampler variants per batch.
@@ -163,28 +158,20 @@ def _step_args(inputs: tuple) -> tuple[tuple, tuple]:
 
 
 @contextlib.contextmanager
-def _kernels(spec: dict[str, Any]) -> Iterator[None]:
-    """Traces the model with the variant's decode kernels and launch shapes: its attention path
-    and tuning, and its projection path (``matvec``, default auto) and tuning (all are read
+def _attention(choice: str, tuning: Tuning | None) -> Iterator[None]:
+    """Traces the model with decode attention ``choice`` and kernel ``tuning`` (both are read
     when the step is traced)."""
-    settings = {
-        "HARLI_DECODE_ATTENTION": spec["attention"],
-        "HARLI_DECODE_MATVEC": spec.get("matvec", "auto"),
-    }
-    env_before = {name: os.environ.get(name) for name in settings}
-    tunings_before = paged_attention.DEFAULT_TUNING, matvec.DEFAULT_TUNING
-    os.environ.update(settings)
-    paged_attention.DEFAULT_TUNING = spec.get("tuning") or tunings_before[0]
-    matvec.DEFAULT_TUNING = spec.get("matvec_tuning") or tunings_before[1]
+    before = os.environ.get("HARLI_DECODE_ATTENTION"), paged_attention.DEFAULT_TUNING
+    os.environ["HARLI_DECODE_ATTENTION"] = choice
+    paged_attention.DEFAULT_TUNING = tuning or before[1]
     try:
         yield
     finally:
-        paged_attention.DEFAULT_TUNING, matvec.DEFAULT_TUNING = tunings_before
-        for name, value in env_before.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+        paged_attention.DEFAULT_TUNING = before[1]
+        if before[0] is None:
+            del os.environ["HARLI_DECODE_ATTENTION"]
+        else:
+            os.environ["HARLI_DECODE_ATTENTION"] = before[0]
 
 
 def _greedy_step(graphdef: nnx.GraphDef) -> Callable:
@@ -248,7 +235,7 @@ def _variant(engine: EngineCore, name: str, inputs: tuple, profile: bool):
     """(cache, timing, profile) of one step variant on ``engine``'s cache."""
     spec = VARIANTS[name]
     state, static = engine.state, {}
-    with _kernels(spec):
+    with _attention(spec["attention"], spec.get("tuning")):
         if spec.get("program") == "greedy":
             run, args = _greedy_step(engine.graphdef), inputs
         elif "steps" in spec:

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from harli_jax.kernels.matvec import Norm, fused_matvec, matvec_fits, use_fused_matvec
 from harli_jax.kernels.paged_attention import paged_decode_attention, use_decode_kernel
 from harli_jax.memory.kv_cache import KVCache, PagedBatch
 from harli_jax.models.config import ModelConfig
@@ -94,11 +93,26 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(batch, tokens, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(batch, tokens, cfg.num_kv_heads, cfg.head_dim)
-        if cache is not None and tokens == 1 and self.decode_kernel(cache):
-            out, cache = self.decode(
-                q[:, 0], k[:, 0], v[:, 0], positions, inv_freq, layer, cache, paged
+        if (
+            cache is not None
+            and tokens == 1
+            and use_decode_kernel(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.page_size)
+        ):
+            # Decode: one kernel rotates, writes the new key and value, and reads each row's
+            # pages in place (the new token's slot is where its position falls in its pages).
+            out, k_cache, v_cache = paged_decode_attention(
+                q[:, 0],
+                k[:, 0],
+                v[:, 0],
+                cache.k,
+                cache.v,
+                layer,
+                paged.page_table,
+                positions[:, 0],
+                inv_freq,
+                cfg.sliding_window,
             )
-            return self.o_proj(out[:, None]), cache
+            return self.o_proj(out.reshape(batch, 1, -1)), KVCache(k_cache, v_cache)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is None:
             # Self-attention over this batch's tokens; packed rows attend within their segment.
@@ -113,41 +127,6 @@ class Attention(nnx.Module):
             key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (batch, keys.shape[1]))
             mask = causal_mask(positions, key_pos, cfg.sliding_window)
         return self.o_proj(attend(q, keys, values, mask)), cache
-
-    def decode_kernel(self, cache: KVCache) -> bool:
-        """Whether decode attention takes the paged kernel (:meth:`decode`) for this cache."""
-        cfg = self.config
-        return use_decode_kernel(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.page_size)
-
-    def decode(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        positions: jax.Array,
-        inv_freq: jax.Array,
-        layer: int,
-        cache: KVCache,
-        paged: PagedBatch,
-    ) -> tuple[jax.Array, KVCache]:
-        """Decode attention of one new token per row (q [B, H * D], k/v [B, KH * D] before
-        RoPE) -> [B, H * D]: one kernel rotates, writes the new key and value, and reads each
-        row's pages in place (the new token's slot is where its position falls in its pages)."""
-        cfg = self.config
-        batch = q.shape[0]
-        out, k_cache, v_cache = paged_decode_attention(
-            q.reshape(batch, cfg.num_heads, cfg.head_dim),
-            k.reshape(batch, cfg.num_kv_heads, cfg.head_dim),
-            v.reshape(batch, cfg.num_kv_heads, cfg.head_dim),
-            cache.k,
-            cache.v,
-            layer,
-            paged.page_table,
-            positions[:, 0],
-            inv_freq,
-            cfg.sliding_window,
-        )
-        return out.reshape(batch, -1), KVCache(k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -169,56 +148,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, dtype, rngs)
 
     def __call__(self, x, positions, inv_freq, layer, cache, paged, segment_ids):
-        if cache is not None and self._fused_decode(x, cache):
-            return self._decode(x, positions, inv_freq, layer, cache, paged)
         attn_out, cache = self.self_attn(
             self.input_layernorm(x), positions, inv_freq, layer, cache, paged, segment_ids
         )
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), cache
-
-    def _fused_decode(self, x: jax.Array, cache: KVCache) -> bool:
-        """Whether this decode step takes :meth:`_decode`: one token per row of a small batch,
-        both decode kernels on, and plain projections (a LoRA-wrapped one takes the XLA path)."""
-        batch, tokens, hidden = x.shape
-        attn, mlp = self.self_attn, self.mlp
-        cfg = attn.config
-        into_hidden = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
-        return (
-            tokens == 1
-            and use_fused_matvec()
-            and attn.decode_kernel(cache)
-            and all(type(p) is Linear for p in [*into_hidden, attn.o_proj, mlp.down_proj])
-            and matvec_fits(batch, hidden, [p.weight.shape[0] for p in into_hidden])
-            and matvec_fits(batch, cfg.num_heads * cfg.head_dim, [hidden])
-            and matvec_fits(batch, cfg.intermediate_size, [hidden])
-        )
-
-    def _decode(self, x, positions, inv_freq, layer, cache, paged):
-        """The layer for one token per row through the fused projection kernel: the RMSNorms,
-        SiLU(gate) * up and the residual adds ride in the projections' launches, and q, k, v
-        (gate, up) share one. The same function as :meth:`__call__`'s general path."""
-        attn, mlp = self.self_attn, self.mlp
-        x = x[:, 0]
-        q, k, v = _matvec(x, [attn.q_proj, attn.k_proj, attn.v_proj], norm=self.input_layernorm)
-        out, cache = attn.decode(q, k, v, positions, inv_freq, layer, cache, paged)
-        (x,) = _matvec(out, [attn.o_proj], residual=x)
-        norm = self.post_attention_layernorm
-        (hidden,) = _matvec(x, [mlp.gate_proj, mlp.up_proj], norm=norm, glu=True)
-        (x,) = _matvec(hidden, [mlp.down_proj], residual=x)
-        return x[:, None], cache
-
-
-def _matvec(x: jax.Array, linears: list[Linear], norm: RMSNorm | None = None, **kwargs):
-    """:func:`fused_matvec` over ``linears``' weights (and biases, if they have them)."""
-    biases = [p.bias[...] for p in linears] if linears[0].bias is not None else None
-    return fused_matvec(
-        x,
-        [p.weight[...] for p in linears],
-        biases,
-        norm=None if norm is None else Norm(norm.weight[...], norm.eps),
-        **kwargs,
-    )
 
 
 class Llama(nnx.Module):
