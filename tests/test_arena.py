@@ -176,7 +176,7 @@ def test_train_micro_step_programs_alias_the_arena_and_abandoned_plans_stop(
     trainer.run_plan(plan)
     keys = {step.key for step in plan}
     assert {key[0] for key in keys} == {"fwd", "head", "bwd", "update"}
-    for key in keys:
+    for key in {*keys, ("start", ROWS, SEQ, 2)}:  # and the step's start (clears, cuts the batch)
         assert arena_is_aliased(trainer.executable(key).as_text(), arena.buffer.k.shape), key
 
     plan = trainer.plan(packed_batch(1), 2, [(0, 1), (1, 3), (3, 4)])

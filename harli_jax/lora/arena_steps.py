@@ -13,7 +13,8 @@ GPU hosts, where the host is free for ~1.2 ms during a heavy-load inference step
 micro-steps in one lease are the same at every step but for the batch, the step number and the
 running loss. So each lease builds a cut's micro-steps once, with their programs, pages and
 frozen views bound (its skeleton, of `Unbound` micro-steps), and each step's plan binds that
-skeleton to the step's own arguments (`StepArgs`).
+skeleton to the step's own arguments (`StepArgs`). The start's device work, clearing the gradient
+sums and cutting the batch into row chunks, is one program (`_start`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from harli_jax.lora.plan import ProgramKey, TrainPlan, Unbound
-from harli_jax.lora.programs import HEAD, ArenaSlots, Batch, Leaves, Span
+from harli_jax.lora.programs import FIELDS, HEAD, ArenaSlots, Batch, Leaves, Span
 from harli_jax.memory import arena as pages_io
 from harli_jax.memory.arena import Arena
 from harli_jax.memory.kv_cache import KVCache
@@ -48,6 +49,18 @@ class StepArgs:
     denominator: np.float32
     count: int
     loss: jax.Array
+
+
+def _start(
+    token_chunks: int, arena: KVCache, acc_pages: jax.Array, batch: Batch
+) -> tuple[KVCache, list[dict[str, jax.Array]]]:
+    """A step's start on the device, as one program: clears the step's gradient sums and cuts
+    its batch into ``token_chunks`` row chunks. Its one dispatch, with the batch's arrays as
+    arguments, replaced a clearing program and a transfer per chunk and field (20 at 4 chunks,
+    ~1.7 ms of host time on a 2-core CPU)."""
+    split = {name: jnp.split(batch[name], token_chunks) for name in FIELDS}
+    chunks = [{name: split[name][i] for name in FIELDS} for i in range(token_chunks)]
+    return pages_io.zero(arena, acc_pages), chunks
 
 
 def _cut(rows: int, seq_len: int, token_chunks: int, spans: Sequence[Span]) -> tuple:
@@ -165,11 +178,13 @@ class ArenaSteps:
         if not self.reserve(rows, seq_len, token_chunks, spans):
             raise OutOfPages(self.lease_size, self._arena.pages.num_free)
         skeleton = self._skeleton(rows, seq_len, token_chunks, spans)
-        buffer = self._arena.buffer
-        self._arena.buffer = t._call(("zero-grads",), pages_io.zero, (0,), buffer, self._acc)
+        arrays = {name: np.asarray(batch[name], np.int32) for name in FIELDS}
+        start, buffer = functools.partial(_start, token_chunks), self._arena.buffer
+        key = ("start", rows, seq_len, token_chunks)
+        self._arena.buffer, chunks = t._call(key, start, (0,), buffer, self._acc, arrays)
         count = int(np.sum(batch["loss_mask"]))
-        chunks = t._chunks(batch, token_chunks, t.step)
-        args = StepArgs(chunks, np.float32(max(count, 1)), count, self._zero_loss)
+        denominator = np.float32(max(count, 1))
+        args = StepArgs(t._chunks(chunks, t.step), denominator, count, self._zero_loss)
         self._open = TrainPlan.bind(t.step, skeleton, args)
         return self._open
 

@@ -32,7 +32,8 @@ from harli_jax.lora.inject import LoraBatch, set_dropout_keys
 from harli_jax.memory.arena import load, store
 from harli_jax.memory.kv_cache import KVCache
 
-Batch = Mapping[str, Any]  # PackedBatches' dict: tokens, targets, loss_mask, segment_ids, positions
+FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")  # a `Batch`'s arrays
+Batch = Mapping[str, Any]  # PackedBatches' dict of the FIELDS, int32 [rows, seq_len] each
 Leaves = list  # a state flattened to its arrays, in its treedef's order
 
 
@@ -380,8 +381,7 @@ class TrainPrograms:
         hidden = None if hidden_pages is None else load(arena, hidden_pages, slots.hidden)
         saved = load(arena, saved_pages, list(residuals.saved))
         grad_out = load(arena, grad_pages, slots.hidden)
-        batch_args = (chunk, key, step, offset)
-        pullback = residuals.pullback((lora, frozen, hidden, *batch_args), saved)
+        pullback = residuals.pullback((lora, frozen, hidden, chunk, key, step, offset), saved)
         grad_trained, grad_in = pullback(grad_out)
         position = {i: n for n, i in enumerate(self.lora.in_layers(span.layers))}
         for row, layer in enumerate(range(span.layers.start, span.layers.stop)):

@@ -43,6 +43,7 @@ from flax import nnx
 from harli_jax.lora.arena_steps import ArenaSteps
 from harli_jax.lora.plan import MicroStep, ProgramKey, TrainPlan, spans_of
 from harli_jax.lora.programs import (
+    FIELDS,
     HEAD,
     Batch,
     Leaves,
@@ -57,8 +58,6 @@ from harli_jax.memory.page_table import Owner
 
 __all__ = ["MicroStep", "ProgramCache", "TrainPlan", "Trainer", "loss_fn"]
 
-
-_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")  # a batch's arrays
 
 # Jitted programs by (graphdef, optimizer or None, program key). A program is a pure function of
 # those (jit keys it further by argument types), so trainers of one model and optimizer that share
@@ -160,7 +159,7 @@ class Trainer:
         run (which then uses it): its memory analysis says whether it fits before it runs."""
         key, program = self._step_program(rows, seq_len)
         if key not in self._jitted:
-            batch = {name: jax.ShapeDtypeStruct((rows, seq_len), np.int32) for name in _FIELDS}
+            batch = {name: jax.ShapeDtypeStruct((rows, seq_len), np.int32) for name in FIELDS}
             args = jax.tree.map(_shape_of, self._step_args(batch))
             self._ahead[key] = self._jit(key, program, (0, 1), args).lower(*args).compile()
         return self.executable(key)
@@ -217,7 +216,7 @@ class Trainer:
             self._grads, self._loss = self._call(("zeros",), self._p.zeros, (), self._lora)
         plan = TrainPlan(self.step)
         count = int(np.sum(batch["loss_mask"]))
-        for batch_args in self._chunks(batch, token_chunks, plan.step):
+        for batch_args in self._chunks(_device_chunks(batch, token_chunks), plan.step):
             self._plan_chunk(plan, spans, batch_args, np.float32(max(count, 1)))
         plan._add("update", ("update",), functools.partial(self._run_update, plan, count))
         return plan
@@ -230,13 +229,11 @@ class Trainer:
 
     # -- micro-step plumbing ------------------------------------------------------------------
 
-    def _chunks(self, batch: Batch, token_chunks: int, step: int) -> list[tuple]:
-        """The batch arguments of the micro-step programs for each of ``batch``'s row chunks:
-        (the chunk on the device, the dropout key, ``step``, the chunk's first row)."""
-        rows = np.shape(batch["tokens"])[0]
-        first_rows = range(0, rows, rows // token_chunks)
-        chunks = _device_chunks(batch, token_chunks)
-        return [(c, self._key, np.int32(step), np.int32(r)) for r, c in zip(first_rows, chunks)]
+    def _chunks(self, chunks: list[dict[str, jax.Array]], step: int) -> list[tuple]:
+        """The batch arguments of the micro-step programs for each of a batch's row ``chunks``
+        (on the device): (the chunk, the dropout key, ``step``, the chunk's first row)."""
+        rows = chunks[0]["tokens"].shape[0]
+        return [(c, self._key, np.int32(step), np.int32(i * rows)) for i, c in enumerate(chunks)]
 
     def _plan_chunk(
         self, plan: TrainPlan, spans: Sequence[Span], batch_args: tuple, denominator: np.float32
@@ -322,7 +319,7 @@ class Trainer:
                 self._p.lora.take(self._lora, span),
                 self._frozen_view(span),
                 None if span.place in ("first", "whole") else self.hidden_spec(rows, seq_len),
-                {name: jax.ShapeDtypeStruct((rows, seq_len), np.int32) for name in _FIELDS},
+                {name: jax.ShapeDtypeStruct((rows, seq_len), np.int32) for name in FIELDS},
                 self._key,
                 np.int32(0),
                 np.int32(0),
@@ -384,5 +381,5 @@ def _leaves_of(tree: Any, treedef: jax.tree_util.PyTreeDef, name: str) -> Leaves
 def _device_chunks(batch: Batch, chunks: int) -> list[dict[str, jax.Array]]:
     """``batch`` split into ``chunks`` equal row chunks, on the device in one transfer (one per
     array cost ~0.2 ms each on the H100's host, on the co-located step's critical path)."""
-    split = {name: np.split(np.asarray(batch[name], np.int32), chunks) for name in _FIELDS}
-    return jax.device_put([{name: split[name][i] for name in _FIELDS} for i in range(chunks)])
+    split = {name: np.split(np.asarray(batch[name], np.int32), chunks) for name in FIELDS}
+    return jax.device_put([{name: split[name][i] for name in FIELDS} for i in range(chunks)])
