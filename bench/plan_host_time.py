@@ -5,9 +5,9 @@ no step open) leases the step's arena pages, takes its next batch and plans its 
 is host work only, and on the GPU hosts it outlasted the ~1.2 ms the host is free during a
 heavy-load inference step. This script times it with the device drained before each start, so
 that only the host's part counts, over many starts of each cut of one job: LoRA r=16 on q and v,
-4 x 512-token batches (the co-location benchmark's job) on a random model with TinyLlama's 22
-layers (which set how many micro-steps a plan has: up to 181) and tiny widths. Each timed start
-is followed by its whole step, as in a run.
+batches of 4 x 128 tokens (the co-location benchmark's job at a shorter length) on a random
+model with TinyLlama's 22 layers (which set how many micro-steps a plan has: up to 181) and tiny
+widths. Each timed start is followed by its whole step, as in a run.
 
 Each code tree is measured in a child process of its own (``--tree DIR``: that tree's
 ``harli_jax`` comes first on the path), so the current code and an older worktree can be timed

@@ -1,12 +1,12 @@
 """The plan of one train step: its micro-steps, which the co-location scheduler runs one at a time.
 
-This module owns `MicroStep` and `TrainPlan`, what `Trainer.plan` returns, and `spans_of`, the
-cut of a step's layers into the `Span`s its programs see. Both of a trainer's planners fill plans:
-`harli_jax.lora.train` for a step kept in the trainer's own buffers, adding each micro-step as it
-plans, and `harli_jax.lora.arena_steps` for one kept in arena pages, which builds a cut's
-micro-steps once (`Unbound`, a skeleton) and binds them to each step's arguments
-(`TrainPlan.bind`). A plan runs its micro-steps strictly in order, and each names its compiled
-program by a `ProgramKey`.
+This module owns `MicroStep` and `TrainPlan`, what `Trainer.plan` returns, and the cut of a step
+into the pieces its programs see: `spans_of` for its layers, `row_chunks` for its batch's rows.
+Both of a trainer's planners fill plans: `harli_jax.lora.train` for a step kept in the trainer's
+own buffers, adding each micro-step as it plans, and `harli_jax.lora.arena_steps` for one kept in
+arena pages, which builds a cut's micro-steps once (`Unbound`, a skeleton) and binds them to each
+step's arguments (`TrainPlan.bind`). A plan runs its micro-steps strictly in order, and each names
+its compiled program by a `ProgramKey`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from harli_jax.lora.programs import Span
+import numpy as np
+
+from harli_jax.lora.programs import FIELDS, Batch, Span
 
 ProgramKey = tuple
 
@@ -112,3 +114,10 @@ def spans_of(layer_spans: Sequence[tuple[int, int]], num_layers: int) -> tuple[S
     """The `Span`s of a step's layers cut into ``layer_spans`` (contiguous ``(start, stop)``
     pairs covering all ``num_layers``); made once per cut, as a start asks for them twice."""
     return _layer_spans(tuple(map(tuple, layer_spans)), num_layers)
+
+
+def row_chunks(batch: Batch, chunks: int, split: Callable = np.split) -> list[dict[str, Any]]:
+    """``batch``'s arrays (`FIELDS`) cut into ``chunks`` equal row chunks by ``split``:
+    `np.split` on the host, `jnp.split` inside a program."""
+    parts = {name: split(batch[name], chunks) for name in FIELDS}
+    return [{name: parts[name][i] for name in FIELDS} for i in range(chunks)]
