@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from harli_jax.lora.layout import HEAD, Leaves, Span
 from harli_jax.lora.plan import ProgramKey, TrainPlan, Unbound, row_chunks
-from harli_jax.lora.programs import FIELDS, HEAD, ArenaSlots, Batch, Leaves, Span
+from harli_jax.lora.programs import FIELDS, ArenaSlots, Batch
 from harli_jax.memory import arena as pages_io
 from harli_jax.memory.arena import Arena
 from harli_jax.memory.kv_cache import KVCache

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from harli_jax.lora.programs import FIELDS, Batch, Span
+from harli_jax.lora.layout import Span
+from harli_jax.lora.programs import FIELDS, Batch
 
 ProgramKey = tuple
 

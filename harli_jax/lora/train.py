@@ -41,18 +41,9 @@ import optax
 from flax import nnx
 
 from harli_jax.lora.arena_steps import ArenaSteps
+from harli_jax.lora.layout import HEAD, Leaves, Span, StateLayout
 from harli_jax.lora.plan import MicroStep, ProgramKey, TrainPlan, row_chunks, spans_of
-from harli_jax.lora.programs import (
-    FIELDS,
-    HEAD,
-    Batch,
-    Leaves,
-    Residuals,
-    Span,
-    StateLayout,
-    TrainPrograms,
-    loss_fn,
-)
+from harli_jax.lora.programs import FIELDS, Batch, Residuals, TrainPrograms, loss_fn
 from harli_jax.memory.arena import Arena
 from harli_jax.memory.page_table import Owner
 
