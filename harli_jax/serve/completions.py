@@ -319,8 +319,15 @@ def _chat_logprobs(entries: list[TokenLogprob] | None, vocab: _Vocabulary) -> Ch
     return ChatLogprobs(content=content)
 
 
-def _event(chunk: BaseModel) -> str:
-    return f"data: {chunk.model_dump_json()}\n\n"
+# Characters JSON leaves raw that `str.splitlines` (and clients that split a stream with it, as
+# httpx's `iter_lines` does) takes for line ends: raw, they would cut a generated text's event in
+# two. In a JSON string the escape is the same text.
+_LINE_BREAKING = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
+def event(chunk: BaseModel) -> str:
+    """``chunk`` as one server-sent event: a single ``data:`` line, whatever its text holds."""
+    return f"data: {chunk.model_dump_json().translate(_LINE_BREAKING)}\n\n"
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
@@ -345,13 +352,13 @@ async def _completion_events(
                 logprobs=logprobs,
                 finish_reason=out.finish_reason,
             )
-            yield _event(
+            yield event(
                 CompletionResponse(
                     id=call.id, created=call.created, model=call.model, choices=[choice]
                 )
             )
     if body.include_usage:
-        yield _event(
+        yield event(
             CompletionResponse(
                 id=call.id,
                 created=call.created,
@@ -367,7 +374,7 @@ async def _chat_events(
     gen: Generation, call: _Call, vocab: _Vocabulary, body: ChatCompletionRequest, count: int
 ) -> AsyncIterator[str]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return _event(
+        return event(
             ChatCompletionChunk(
                 id=call.id, created=call.created, model=call.model, choices=choices, usage=usage
             )
