@@ -1,0 +1,134 @@
+"""Probe (issue 3): can XLA itself fuse a decoder layer's small elementwise kernels into its
+batch-1 projections, if the projections are written as multiply-reduce instead of dots?
+
+At batch 1 a TinyLlama layer runs eight small XLA kernels beside its weight reads (two RMSNorms of
+two kernels each, SiLU x up, the residual adds; bench/NOTES.md, session 14): XLA emits an M=1 dot
+as a row reduction and fuses no elementwise producer into it. Written as
+``sum(x[None, :] * W, axis=-1)`` the projection is a reduction whose input XLA may fuse the norm's
+scale into. Each variant runs the layers' projections only (no attention: its output is the
+query, so q, k, v and o are all read), for all layers of the shape in one program, with the
+weights of every layer distinct (past the L2), against the floor of their bytes at the copy rate
+measured in the same run:
+
+- ``dot``: the model's code (`einsum`, RMSNorm as in `harli_jax.models.llama`);
+- ``reduce``: every projection as a float32 multiply-reduce over the bf16 weight;
+- ``reduce-fused-qkv``: the same with q, k and v in one weight (one reduction reads all three).
+
+    python3 bench/projection_probe.py --out bench/results   # GPU; prints a table, writes JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import common  # noqa: I001  (sets the allocator before jax is imported)
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-5
+
+
+def rms_scale(h: jax.Array, gain: jax.Array) -> jax.Array:
+    h32 = h.astype(jnp.float32)
+    return (h32 * jax.lax.rsqrt(jnp.mean(h32 * h32, -1, keepdims=True) + EPS)) * gain
+
+
+def dot(x: jax.Array, weight: jax.Array) -> jax.Array:
+    return jnp.einsum("...i,oi->...o", x.astype(weight.dtype), weight)
+
+
+def reduce(x: jax.Array, weight: jax.Array) -> jax.Array:
+    product = x.astype(jnp.float32)[..., None, :] * weight.astype(jnp.float32)
+    return jnp.sum(product, -1).astype(weight.dtype)
+
+
+def layers_program(project, fused_qkv: bool):
+    """All layers' projections at batch 1: ``h`` [1, hidden] through every layer's weights."""
+
+    def run(h, layers):
+        for w in layers:
+            x = rms_scale(h, w["norm1"])
+            if fused_qkv:
+                qkv = project(x, w["qkv"])
+                q, kv = qkv[..., : w["o"].shape[1]], qkv[..., w["o"].shape[1] :]
+            else:
+                q = project(x, w["q"])
+                kv = jnp.concatenate([project(x, w["k"]), project(x, w["v"])], -1)
+            q = q + kv.sum().astype(q.dtype) * 0  # so k and v are computed, not dropped
+            h = h + project(q, w["o"])
+            x = rms_scale(h, w["norm2"])
+            gate, up = project(x, w["gate"]), project(x, w["up"])
+            h = h + project(jax.nn.silu(gate) * up, w["down"])
+        return h
+
+    return jax.jit(run)
+
+
+def make_layers(shape: dict, key: jax.Array, num_layers: int) -> tuple[list[dict], int]:
+    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
+    head_dim = hidden // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * head_dim
+    dims = dict(q=(hidden, hidden), k=(kv, hidden), v=(kv, hidden), o=(hidden, hidden))
+    dims |= dict(gate=(inner, hidden), up=(inner, hidden), down=(hidden, inner))
+    layers, nbytes = [], 0
+    for index in range(num_layers):
+        keys = jax.random.split(jax.random.fold_in(key, index), len(dims))
+        layer = {
+            name: (jax.random.normal(k, dim, jnp.float32) * 0.02).astype(jnp.bfloat16)
+            for k, (name, dim) in zip(keys, dims.items())
+        }
+        layer["qkv"] = jnp.concatenate([layer["q"], layer["k"], layer["v"]])
+        layer["norm1"] = layer["norm2"] = jnp.ones((hidden,), jnp.float32)
+        nbytes += sum(layer[name].nbytes for name in dims)
+        layers.append(layer)
+    return layers, nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(common.SHAPES))
+    parser.add_argument("--layers", type=int, help="layers (default: the shape's; fewer on a CPU)")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    shape = common.SHAPES[args.shape]
+    num_layers = args.layers or shape["num_hidden_layers"]
+    layers, nbytes = make_layers(shape, jax.random.key(0), num_layers)
+    bandwidth = common.measure_hbm_bandwidth_jax()
+    floor_ms = nbytes / bandwidth * 1e3
+    h = jnp.ones((1, shape["hidden_size"]), jnp.bfloat16)
+    variants = {
+        "dot": layers_program(dot, fused_qkv=False),
+        "reduce": layers_program(reduce, fused_qkv=False),
+        "reduce-fused-qkv": layers_program(reduce, fused_qkv=True),
+        "dot-fused-qkv": layers_program(dot, fused_qkv=True),
+    }
+    rows, reference = [], variants["dot"](h, layers).astype(jnp.float32)
+    for name, program in variants.items():
+        out = program(h, layers).astype(jnp.float32)
+        error = float(jnp.max(jnp.abs(out - reference)) / jnp.max(jnp.abs(reference)))
+        timing = common.time_jax(program, h, layers, warmup=3, iters=args.iters)
+        kernels = program.lower(h, layers).compile().as_text().count(", kind=k")
+        rows.append(
+            dict(
+                model=args.shape,
+                layers=num_layers,
+                variant=name,
+                ms=timing["median_ms"],
+                p90_ms=timing["p90_ms"],
+                floor_ms=floor_ms,
+                over_floor=timing["median_ms"] / floor_ms,
+                fusions=kernels,
+                max_rel_diff_vs_dot=error,
+            )
+        )
+    command = shlex.join(["python3", *sys.argv])
+    path = args.out / f"projection-probe-{common.device_name()}.json"
+    common.write_result(path, rows, command, bandwidth_tb_s=bandwidth / 1e12, weight_bytes=nbytes)
+
+
+if __name__ == "__main__":
+    main()
