@@ -40,6 +40,10 @@ Everything is derived from measurements taken first, and recorded in the JSON:
     python3 bench/colocate.py --loads light          # TinyLlama-1.1B shape, one load per call
     python3 bench/colocate.py --loads heavy          # ... merged into the same results file
     python3 bench/colocate.py --shapes tiny --quick --out /tmp/r  # CPU smoke run of every path
+
+`--timelines` keeps each run's timelines in its `runs` entry: every output token's TPOT sample,
+the fine-tune tokens, and every program (inference step or micro-step: start, family, seconds),
+for per-iteration analysis of how a policy spent its fills.
 """
 
 from __future__ import annotations
@@ -204,10 +208,17 @@ def finetune_alone(job: FineTuneJob, setup: Setup) -> float:
 
 
 def run_one(
-    llm, job, trace, config: SchedulerConfig, base: ColocationScheduler, predictor=None
+    llm,
+    job,
+    trace,
+    config: SchedulerConfig,
+    base: ColocationScheduler,
+    predictor=None,
+    timeline: bool = False,
 ) -> dict:
     """One policy over one trace, starting from copies of the shared calibration and predictor
-    (or from ``predictor``, which the run then trains on); its summary."""
+    (or from ``predictor``, which the run then trains on); its summary (with ``timeline``: and
+    the run's timelines)."""
     predictor = predictor or base.predictor.copy()
     started = time.perf_counter()
     report = run_colocated(
@@ -245,6 +256,7 @@ def run_one(
         refused=report["requests"]["refused"],
         elapsed_s=report["elapsed_s"],
         setup_s=ended - started - report["elapsed_s"],
+        **({"timeline": report["timeline"]} if timeline else {}),
     )
 
 
@@ -397,7 +409,7 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
         for policy in args.policies:
             say(f"{load} load, {policy}: {len(trace)} requests over {setup.duration_s:g} s ...")
             config = SchedulerConfig(policy, slo_ms * 1e-3, static_budget_s=static_ms * 1e-3)
-            result = run_one(llm, job, trace, config, base)
+            result = run_one(llm, job, trace, config, base, timeline=args.timelines)
             busy = results.busy_share("serve-only", load, shape)
             if policy == "serve-only":
                 busy = result["busy_share"]
@@ -498,6 +510,7 @@ def _parse() -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=float, help="seconds of trace per run (default 20)")
     parser.add_argument("--quick", action="store_true", help="small engine, short traces")
+    parser.add_argument("--timelines", action="store_true", help="keep each run's timelines")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--ckpt-root", type=Path, default=Path("/tmp/harli-bench-ckpt"))
     parser.add_argument("--jax-cache", type=Path, default=Path("/tmp/harli-bench-jax-cache"))

@@ -211,6 +211,7 @@ def run_colocated(
         "timeline": {
             "tpot": [(t - metrics.start, gap) for t, gap in metrics.tpot_s],
             "finetune": [(t - metrics.start, n) for t, n in metrics.finetune],
+            "programs": [(t - metrics.start, f, s) for t, f, s in metrics.programs],
         },
     }
 

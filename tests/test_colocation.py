@@ -69,6 +69,10 @@ def test_every_request_is_served_and_training_follows_the_policy(llm, policy, tm
         assert report["finetune_tokens"] > 0
     # Every token trained during the run is in the run's metrics, micro-stepped or not.
     assert sum(n for _, n in report["timeline"]["finetune"]) == report["finetune_tokens"]
+    # The program timeline holds the inference steps, and fine-tune programs iff it trained.
+    families = {family for _, family, _ in report["timeline"]["programs"]}
+    assert "inference" in families
+    assert any(f.startswith("train/") for f in families) == (policy != "serve-only")
 
 
 def test_an_idle_loop_trains_whole_steps_as_one_program_outside_the_arena(llm, tmp_path):

@@ -28,6 +28,9 @@ class EngineMetrics:
         self.ttft_s: deque[float] = deque(maxlen=_KEEP)
         self.tpot_s: deque[tuple[float, float]] = deque(maxlen=_KEEP)  # (time, gap)
         self.finetune: deque[tuple[float, int]] = deque(maxlen=_KEEP)  # (time, tokens)
+        # Co-located programs: (start, family, seconds; None where not known), inference steps
+        # and fine-tune micro-steps alike, so an iteration's parts can be told apart afterwards.
+        self.programs: deque[tuple[float, str, float | None]] = deque(maxlen=_KEEP)
         self.finetune_tokens = 0
         self.finetune_steps_dropped = 0  # open steps the scheduler abandoned (batch retrained)
         self.output_tokens = 0
@@ -63,6 +66,10 @@ class EngineMetrics:
         with self.lock:
             self.finetune.append((self.clock(), tokens))
             self.finetune_tokens += tokens
+
+    def on_program(self, start: float, family: str, seconds: float | None) -> None:
+        with self.lock:
+            self.programs.append((start, family, seconds))
 
     def on_finetune_abandoned(self) -> None:
         with self.lock:

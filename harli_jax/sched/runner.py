@@ -46,23 +46,26 @@ def family(micro_key: tuple) -> str:
 
 class MicroStepRunner:
     """Dispatches micro-steps and learns their times (``calibration``: what `calibrate` found);
-    ``on_tokens`` receives the tokens of every step a micro-step completes."""
+    ``on_tokens`` receives the tokens of every step a micro-step completes, ``on_program`` each
+    program's dispatch time, family and seconds (None: not known) once it has run."""
 
     def __init__(
         self,
         predictor: Predictor,
         calibration: Calibration,
         on_tokens: Callable[[int], None] = lambda tokens: None,
+        on_program: Callable[[float, str, float | None], None] = lambda *program: None,
     ):
         self.predictor, self.calibration, self.on_tokens = predictor, calibration, on_tokens
+        self.on_program = on_program
         self.inflight = InFlight()  # micro-steps dispatched and not yet seen to end
 
     def dispatch(self, job: FineTuneJob, micro: MicroStep, estimate: float = 0.0) -> None:
         """Dispatches ``micro`` behind the programs in flight (``estimate``: its predicted
         seconds, for planning what follows); once it has run, its time goes to the predictor."""
-        record = functools.partial(self._record, job, micro.key)
         finish = job.finish_step if micro.kind == "update" else None
         dispatched = time.perf_counter()
+        record = functools.partial(self._record, job, micro.key, dispatched)
         self.inflight.add(job.start(micro), dispatched, estimate, record, finish)
 
     def run(self, job: FineTuneJob, micro: MicroStep) -> float:
@@ -86,9 +89,16 @@ class MicroStepRunner:
                 return ran
 
     def _record(
-        self, job: FineTuneJob, micro_key: tuple, seconds: float | None, finish_s: float, metrics
+        self,
+        job: FineTuneJob,
+        micro_key: tuple,
+        dispatched: float,
+        seconds: float | None,
+        finish_s: float,
+        metrics,
     ):
-        """Learns from a micro-step that has run: ``seconds`` of its program (None: not known),
+        """Learns from a micro-step dispatched at ``dispatched`` that has run: ``seconds`` of its
+        program (None: not known),
         then ``finish_s`` of its step's bookkeeping (an update's: 0.5 ms on the H100's host,
         which delays decode as much as a program does). A step that wrote a checkpoint feeds its
         program's seconds alone: the write (0.1 s on a CPU) comes every ``checkpoint_every``
@@ -102,6 +112,7 @@ class MicroStepRunner:
             self.predictor.observe(key, seconds if checkpointed else seconds + finish_s)
         # else: the job's first run of a known program compiled it: not a latency sample
         warm.add(key)
+        self.on_program(dispatched, family(micro_key), seconds)
         if metrics is not None:
             self.on_tokens(metrics["tokens"])
 

@@ -144,7 +144,10 @@ class ColocationScheduler:
         self._slack = deque(maxlen=64)  # recent fine-tune budgets, for choosing granularity
         # Tokens go to the metrics of the moment: a run swaps in its own.
         on_tokens = lambda tokens: self.metrics.on_finetune_tokens(tokens)  # noqa: E731
-        self.runner = MicroStepRunner(predictor, calibration or Calibration(), on_tokens)
+        on_program = lambda *program: self.metrics.on_program(*program)  # noqa: E731
+        self.runner = MicroStepRunner(
+            predictor, calibration or Calibration(), on_tokens, on_program
+        )
         self._seen_inference: set[str] = set()  # a program's first step may compile
         self._after_train = False  # whether fine-tune work ran since the last inference step
         self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
@@ -372,7 +375,9 @@ class ColocationScheduler:
         start = time.perf_counter()
         tokens = job.train_step()["tokens"]
         self.metrics.on_finetune_tokens(tokens)
-        self.gate.on_whole_step(tokens, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.metrics.on_program(start, "train/whole", seconds)
+        self.gate.on_whole_step(tokens, seconds)
         return True
 
     # -- predictor plumbing -----------------------------------------------------------------
@@ -380,6 +385,7 @@ class ColocationScheduler:
         """Learns from an inference step (``calibrating``: also keeps it for ``static``)."""
         if not calibrating:
             self.gate.on_inference(report.features["rows"], report.seconds)
+            self.metrics.on_program(report.ended_at - report.seconds, "inference", report.seconds)
         carried_start, self._step_carried_start = self._step_carried_start, False
         if report.key not in self.predictor:
             self.predictor.register(report.key, "inference", report.cost)
