@@ -12,7 +12,8 @@ measured in the same run:
 
 - ``dot``: the model's code (`einsum`, RMSNorm as in `harli_jax.models.llama`);
 - ``reduce``: every projection as a float32 multiply-reduce over the bf16 weight;
-- ``reduce-fused-qkv``: the same with q, k and v in one weight (one reduction reads all three).
+- ``reduce-fused-qkv`` and ``dot-fused-qkv``: each with q, k and v in one weight (one
+  projection reads all three).
 
     python3 bench/projection_probe.py --out bench/results   # GPU; prints a table, writes JSON
 """

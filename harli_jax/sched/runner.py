@@ -98,11 +98,10 @@ class MicroStepRunner:
         metrics,
     ):
         """Learns from a micro-step dispatched at ``dispatched`` that has run: ``seconds`` of its
-        program (None: not known),
-        then ``finish_s`` of its step's bookkeeping (an update's: 0.5 ms on the H100's host,
-        which delays decode as much as a program does). A step that wrote a checkpoint feeds its
-        program's seconds alone: the write (0.1 s on a CPU) comes every ``checkpoint_every``
-        steps, not with the program."""
+        program (None: not known), then ``finish_s`` of its step's bookkeeping (an update's:
+        0.5 ms on the H100's host, which delays decode as much as a program does). A step that
+        wrote a checkpoint feeds its program's seconds alone: the write (0.1 s on a CPU) comes
+        every ``checkpoint_every`` steps, not with the program."""
         key = program_key(job, micro_key)
         warm = _WARM.setdefault(job, set())
         if key not in self.predictor:
