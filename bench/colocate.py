@@ -207,6 +207,27 @@ def finetune_alone(job: FineTuneJob, setup: Setup) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def program_totals(programs: list[tuple[float, str, float | None]], tokens: int) -> dict:
+    """Per program family over a run (``programs``: its timeline; entries before the trace
+    are calibration): how many ran, their summed and median seconds (ms; programs whose time is
+    not known are counted, not timed), and fine-tune tokens per millisecond of train programs,
+    the rate a fill turns its time into tokens."""
+    by_family: dict[str, list[float | None]] = {}
+    for start, name, seconds in programs:
+        if start >= 0:
+            by_family.setdefault(name, []).append(seconds)
+    totals = {}
+    for name, seconds in sorted(by_family.items()):
+        timed = [s for s in seconds if s is not None]
+        total_ms = 1e3 * sum(timed)
+        median_ms = 1e3 * float(np.median(timed)) if timed else None
+        totals[name] = dict(
+            n=len(seconds), timed=len(timed), total_ms=total_ms, median_ms=median_ms
+        )
+    train_ms = sum(v["total_ms"] for k, v in totals.items() if k.startswith("train/"))
+    return dict(families=totals, tokens_per_train_ms=tokens / train_ms if train_ms else None)
+
+
 def run_one(
     llm,
     job,
@@ -250,6 +271,9 @@ def run_one(
         fill_share=report["fill_share"],
         fill_outcomes=report["fill_outcomes"],
         step_starts=report["step_starts"],
+        static_cut=report["static_cut"],
+        dispatch_ms=report["dispatch_ms"],
+        programs=program_totals(report["timeline"]["programs"], tokens),
         decode_batch=decode_batch,
         busy_share=busy_s / report["elapsed_s"],
         finished=report["requests"]["finished"],
@@ -386,6 +410,10 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
     job.use_arena(llm.engine.arena)  # calibrate the programs the runs use: the arena ones
     calibrate_s = calibrate(llm, base, job, progress=say)
     say(f"calibrated in {calibrate_s:.0f} s")
+    # Each micro-step program's calibrated time (ms), keyed by its micro-step: the cuts' sizes.
+    measured["calibrated_ms"] = {
+        key.split("/", 2)[2]: 1e3 * s for key, s in sorted(base.calibration.seconds.items())
+    }
     static_ms = 0.0
     if "static" in args.policies:
         static_ms, measured["static_sweep"] = tune_static(llm, job, base, setup, slo_ms)

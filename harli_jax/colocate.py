@@ -28,6 +28,7 @@ from harli_jax.sched import static
 from harli_jax.sched.calibration import Calibration
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.roofline import measure_device_rates
+from harli_jax.sched.runner import cut_name
 from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
 from harli_jax.sched.trace import TracedRequest
 
@@ -199,6 +200,8 @@ def run_colocated(
         "compile_s": compile_s,
         "started_calibrated": calibrated,
         "static_budget_ms": static.budget(config, scheduler.calibration) * 1e3,
+        "static_cut": cut_name(static.cut(config, scheduler.calibration, job)),
+        "dispatch_ms": scheduler.runner.inflight.dispatch_s * 1e3,  # a micro-step's, host
         "slo_backoff_ms": scheduler.backoff.seconds * 1e3,  # harli's, at the end of the run
         "fill_share": scheduler.gate.fill_share,  # harli's iterations its fill gate let fill
         "fill_outcomes": dict(scheduler.fill_outcomes),  # harli's fills: on time, or why late

@@ -39,14 +39,18 @@ class Running:
         return self
 
 
+def cut(n: int):
+    return (n, [(0, 22)])
+
+
 def starts_with(free_s: float, cut_s: float = 0.001, plan_s: float = 0.001):
     """A `StepStarts` whose records say: the host is free ``free_s`` during a step, a cut
     takes ``cut_s`` and a plan ``plan_s``; and the cuts it chose."""
     choices = []
 
-    def choose(job):
+    def choose(job):  # the n-th choice: n token chunks, one span of 22 layers
         choices.append(job)
-        return f"cut {len(choices)}"
+        return cut(len(choices))
 
     starts = StepStarts(choose)
     starts._free_s.append(free_s)
@@ -59,11 +63,12 @@ def test_a_step_starts_while_the_inference_step_runs():
     job = Job()
     starts, choices = starts_with(free_s=0.010)
     starts.while_running(job, Running())
-    assert len(choices) == 1 and job.planned == ["cut 1"] and job.in_step
+    assert len(choices) == 1 and job.planned == [cut(1)] and job.in_step
     assert starts.made == {"while running": 1}
     summary = starts.summary()
     assert summary["while running"] == 1 and summary["free_ms"] == 10.0
-    assert set(summary) == {"while running", "cut_ms", "plan_ms", "free_ms"}
+    assert summary["steps_by_cut"] == {"1x1": 1}
+    assert set(summary) == {"while running", "cut_ms", "plan_ms", "free_ms", "steps_by_cut"}
 
 
 def test_a_plan_the_inference_step_leaves_no_time_for_is_left_to_the_fill_with_its_cut():
@@ -72,7 +77,7 @@ def test_a_plan_the_inference_step_leaves_no_time_for_is_left_to_the_fill_with_i
     assert starts.while_running(job, Running(ready_after=1))  # ready once the cut is chosen
     assert len(choices) == 1 and job.planned == []
     micro = starts.before(job, deadline=time.perf_counter() + 1.0)
-    assert micro.key == ("fwd", "cut 1") and len(choices) == 1  # the cut is not chosen again
+    assert micro.key == ("fwd", cut(1)) and len(choices) == 1  # the cut is not chosen again
     assert starts.made == {"plan left to the fill": 1, "in a fill": 1}
 
 
@@ -108,14 +113,14 @@ def test_a_cut_is_kept_for_a_few_starts():
     for _ in range(RECUT_EVERY + 1):
         job.in_step = False
         starts.while_running(job, Running())
-    assert job.planned == ["cut 1"] * RECUT_EVERY + ["cut 2"]
+    assert job.planned == [cut(1)] * RECUT_EVERY + [cut(2)]
 
 
 def test_a_slow_start_does_not_block_later_fill_starts_for_good():
     """Fill starts are gated on the median recent start time; one slow start (11 ms, in 9 ms
     budgets) is forgotten after `GATED_LIMIT` gated fills, as no new sample can come."""
     job = Job()
-    starts = StepStarts(lambda job: "cut")
+    starts = StepStarts(lambda job: cut(1))
     starts._plan_s.append(0.011)
     made = [starts.before(job, time.perf_counter() + 0.009) for _ in range(GATED_LIMIT + 1)]
     assert made[:GATED_LIMIT] == [None] * GATED_LIMIT and made[-1] is not None

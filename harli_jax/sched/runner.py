@@ -34,6 +34,12 @@ def cuts(job: FineTuneJob) -> list[Granularity]:
     return granularities(job.trainer.num_layers, job.config.batch_size)
 
 
+def cut_name(option: Granularity) -> str:
+    """A cut's short name: its token chunks x its layer spans, e.g. ``2x22``."""
+    chunks, spans = option
+    return f"{chunks}x{len(spans)}"
+
+
 def program_key(job: FineTuneJob, micro_key: tuple) -> str:
     """The predictor's key of ``job``'s program for the micro-step ``micro_key``."""
     return train_key(job_shape(job), micro_key)

@@ -25,6 +25,7 @@ import numpy as np
 from harli_jax.engine.device_wait import wait_until_ready
 from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.lora.train import MicroStep
+from harli_jax.sched.runner import cut_name
 
 RECUT_EVERY = 4  # step starts that reuse a choice of cut
 GATED_LIMIT = 8  # fills in a row a start may wait for before its oldest records are dropped
@@ -48,6 +49,7 @@ class StepStarts:
         # Where starts were made ("while running", "in a fill"), and the inference steps that
         # ran out after the cut was chosen ("plan left to the fill").
         self.made: collections.Counter[str] = collections.Counter()
+        self.steps_by_cut: collections.Counter[str] = collections.Counter()  # e.g. "2x22"
 
     @property
     def _cut_due(self) -> bool:
@@ -117,7 +119,8 @@ class StepStarts:
         """Where starts were made (counts), and the recent host times they were priced at (ms)."""
         free = self._free()
         times = dict(cut_ms=_median(self._cut_s) * 1e3, plan_ms=_median(self._plan_s) * 1e3)
-        return {**self.made, **times, "free_ms": None if free is None else free * 1e3}
+        free_ms = None if free is None else free * 1e3
+        return {**self.made, **times, "free_ms": free_ms, "steps_by_cut": dict(self.steps_by_cut)}
 
     def _new_cut(self, job: FineTuneJob) -> None:
         start = time.perf_counter()
@@ -130,6 +133,8 @@ class StepStarts:
         self._cut_uses += 1
         micro = job.next_micro_step(self.cut)
         self._plan_s.append(time.perf_counter() - start)
+        if micro is not None:
+            self.steps_by_cut[cut_name(self.cut)] += 1
         return micro
 
 
