@@ -41,6 +41,10 @@ Everything is derived from measurements taken first, and recorded in the JSON:
     python3 bench/colocate.py --loads heavy          # ... merged into the same results file
     python3 bench/colocate.py --shapes tiny --quick --out /tmp/r  # CPU smoke run of every path
 
+A policy may name a fixed cut after a colon (`--policies harli,harli:1x22`): that run uses the
+cut (chunks x layer spans, `harli_jax.sched.runner.cut_name`) for every step, and its rows are
+keyed by the whole name.
+
 `--timelines` keeps each run's timelines in its `runs` entry: every output token's TPOT sample,
 the fine-tune tokens, and every program (inference step or micro-step: start, family, seconds),
 for per-iteration analysis of how a policy spent its fills.
@@ -415,12 +419,13 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
         key.split("/", 2)[2]: 1e3 * s for key, s in sorted(base.calibration.seconds.items())
     }
     static_ms = 0.0
-    if "static" in args.policies:
+    policies = {name.split(":")[0] for name in args.policies}
+    if "static" in policies:
         static_ms, measured["static_sweep"] = tune_static(llm, job, base, setup, slo_ms)
         say(f"static budget {static_ms:.2f} ms")
     if static_ms <= 0:
         say("no static budget fits the SLO: static trains only while no request is running")
-    if "harli" in args.policies:
+    if "harli" in policies:
         measured["warm_up"] = warm_up(llm, job, base, setup, slo_ms)
         say(f"harli warm-up: {json.dumps(measured['warm_up'])}")
 
@@ -436,7 +441,10 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
         )
         for policy in args.policies:
             say(f"{load} load, {policy}: {len(trace)} requests over {setup.duration_s:g} s ...")
-            config = SchedulerConfig(policy, slo_ms * 1e-3, static_budget_s=static_ms * 1e-3)
+            name, _, cut = policy.partition(":")
+            config = SchedulerConfig(
+                name, slo_ms * 1e-3, static_budget_s=static_ms * 1e-3, fixed_cut=cut or None
+            )
             result = run_one(llm, job, trace, config, base, timeline=args.timelines)
             busy = results.busy_share("serve-only", load, shape)
             if policy == "serve-only":

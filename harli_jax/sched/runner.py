@@ -40,6 +40,14 @@ def cut_name(option: Granularity) -> str:
     return f"{chunks}x{len(spans)}"
 
 
+def cut_named(job: FineTuneJob, name: str) -> Granularity:
+    """The cut of ``job``'s step called ``name`` (see :func:`cut_name`)."""
+    options = {cut_name(option): option for option in cuts(job)}
+    if name not in options:
+        raise ValueError(f"no cut {name!r} for this job; its cuts are {', '.join(options)}")
+    return options[name]
+
+
 def program_key(job: FineTuneJob, micro_key: tuple) -> str:
     """The predictor's key of ``job``'s program for the micro-step ``micro_key``."""
     return train_key(job_shape(job), micro_key)

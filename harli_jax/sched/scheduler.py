@@ -75,7 +75,7 @@ from harli_jax.sched.costs import StepReport
 from harli_jax.sched.cut_choice import fewest_iterations
 from harli_jax.sched.fill_gate import FillGate
 from harli_jax.sched.predictor import Predictor
-from harli_jax.sched.runner import MicroStepRunner, cuts, family, program_key
+from harli_jax.sched.runner import MicroStepRunner, cut_named, cuts, family, program_key
 from harli_jax.sched.step_starts import StepStarts
 
 POLICIES = ("serve-only", "naive", "static", "harli")
@@ -103,7 +103,9 @@ class SchedulerConfig:
     tpot_slo_s: float = 0.05
     # For "static": fine-tune seconds per iteration; None: SLO - p99 calibrated decode step.
     static_budget_s: float | None = None
-    static_granularity: int | None = None  # index into granularities(); None: see the docstring
+    # A cut's name (runner.cut_name, e.g. "1x22") that "static" and "harli" always use; None:
+    # each chooses its own (see the docstring).
+    fixed_cut: str | None = None
     # A plan's margin: every prediction scaled by ``min_margin``, plus a quantile of how late
     # its family's recent predictions ran (in seconds): ``error_quantile`` for the inference
     # step, ``micro_step_error_quantile`` for each fine-tune micro-step (see the docstring).
@@ -293,6 +295,8 @@ class ColocationScheduler:
 
     def _harli_granularity(self, job: FineTuneJob) -> Granularity:
         """The cut that completes a step in the fewest recent budgets (ties: the coarser)."""
+        if self.config.fixed_cut is not None:
+            return cut_named(job, self.config.fixed_cut)
         options = cuts(job)
         if not self._slack:
             return options[-1]

@@ -14,7 +14,7 @@ import numpy as np
 
 from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.sched.calibration import Calibration, option_id
-from harli_jax.sched.runner import MicroStepRunner, cuts, program_key
+from harli_jax.sched.runner import MicroStepRunner, cut_named, cuts, program_key
 
 if TYPE_CHECKING:
     from harli_jax.sched.scheduler import SchedulerConfig
@@ -33,7 +33,7 @@ def budget(config: SchedulerConfig, calibration: Calibration) -> float:
 
 def cut(config: SchedulerConfig, calibration: Calibration, job: FineTuneJob) -> Granularity:
     """The coarsest cut whose slowest calibrated micro-step fits the budget, else the finest (or
-    ``static_granularity`` where configured)."""
+    ``fixed_cut`` where configured)."""
     return _cut_within(config, calibration, job, budget(config, calibration))
 
 
@@ -41,9 +41,9 @@ def _cut_within(
     config: SchedulerConfig, calibration: Calibration, job: FineTuneJob, budget_s: float
 ) -> Granularity:
     """`cut` for a budget of ``budget_s`` seconds, already worked out."""
+    if config.fixed_cut is not None:
+        return cut_named(job, config.fixed_cut)
     options = cuts(job)
-    if config.static_granularity is not None:
-        return options[config.static_granularity]
     for option in options:
         keys = calibration.cuts.get(option_id(job, option))
         seconds = [calibration.seconds.get(k, math.inf) for k in keys or ()]
