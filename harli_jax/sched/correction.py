@@ -24,13 +24,14 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 _KEY_WINDOW = 16  # recent samples of one program behind its residual factor
 _REFIT_EVERY = 16  # samples between refits of a family's regression, once it has 2x that many
+_BASES_KEPT = 256  # rows whose fitted base a fit remembers
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,16 @@ class Fit:
     weights: np.ndarray | None  # None while too few samples
     factor: float  # the prior: median measured / roofline
     floor_ratio: float  # the fastest measured / roofline seen
+    # base()'s answers: the scheduler prices the same few rows (a train program has no
+    # features) several times an iteration, and a fit is replaced, never changed.
+    _bases: dict[tuple[float, ...], float] = field(default_factory=dict, compare=False, repr=False)
 
     def base(self, row: tuple[float, ...]) -> float:
-        return float(self.bases(np.array([row]))[0])
+        if row not in self._bases:
+            if len(self._bases) >= _BASES_KEPT:
+                self._bases.clear()
+            self._bases[row] = float(self.bases(np.array([row]))[0])
+        return self._bases[row]
 
     def bases(self, rows: np.ndarray) -> np.ndarray:
         """The fit at each of ``rows``: the regression, except where it falls below the fastest

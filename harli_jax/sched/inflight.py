@@ -49,11 +49,15 @@ class InFlight:
         self._programs: deque[_Program] = deque()
         self._last_end = -math.inf
         self._dispatch_s: deque[float] = deque(maxlen=64)  # host seconds of recent dispatches
+        self._dispatch_quantile: float | None = None  # dispatch_s, until the next dispatch
 
     @property
     def dispatch_s(self) -> float:
         """The host seconds a dispatch takes (90th percentile of recent ones; 0 before any)."""
-        return float(np.quantile(self._dispatch_s, 0.9)) if self._dispatch_s else 0.0
+        if self._dispatch_quantile is None:
+            recent = self._dispatch_s
+            self._dispatch_quantile = float(np.quantile(recent, 0.9)) if recent else 0.0
+        return self._dispatch_quantile
 
     @property
     def last_end(self) -> float:
@@ -84,6 +88,7 @@ class InFlight:
         with ``finish`` (later programs may need it)."""
         queued = self._clock()
         self._dispatch_s.append(queued - dispatched)
+        self._dispatch_quantile = None
         self._programs.append(_Program(done, queued, estimate, finish, record))
         while len(self._programs) >= self.depth or (finish is not None and self._programs):
             self._retire()
