@@ -79,136 +79,30 @@ from bench import common  # noqa: E402  (sets the JAX allocator mode before jax 
 # isort: split
 import numpy as np  # noqa: E402
 
+from bench.colocate_setup import (  # noqa: E402
+    LOADS,
+    QUICK,
+    LoggingPredictor,
+    Setup,
+    finetune_alone,
+    load_rate,
+    load_trace,
+    make_job,
+    solo_decode_ms,
+    write_data,
+)
 from bench.train import enable_compile_cache, ensure_checkpoint  # noqa: E402
 from harli_jax.colocate import calibrate, run_colocated  # noqa: E402
-from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob  # noqa: E402
+from harli_jax.engine.finetune import FineTuneJob  # noqa: E402
 from harli_jax.engine.metrics import EngineMetrics  # noqa: E402
-from harli_jax.engine.sampling import SamplingParams  # noqa: E402
 from harli_jax.llm import LLM  # noqa: E402
-from harli_jax.lora import LoraConfig  # noqa: E402
-from harli_jax.sched.predictor import Predictor  # noqa: E402
 from harli_jax.sched.roofline import measure_device_rates  # noqa: E402
 from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig  # noqa: E402
-from harli_jax.sched.trace import synthetic_trace  # noqa: E402
 
 SLO_FACTOR, SLO_BATCH = 5.0, 16
-LOADS = {"light": 4, "heavy": 24}  # requests in the decode batch at SLO-long iterations
 STATIC_SHARES = (1.0, 0.75, 0.5, 0.25)  # of the headroom static's budget is tuned among
-EOS = 2
 # The table's columns; each run's other numbers go to the JSON's `runs`.
 ROW_KEYS = ("ft_tok_s", "slo_attainment", "tpot_p99_ms", "decode_mape", "decode_batch", "refused")
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """Sizes of one benchmark run (`--quick` shrinks them for a CPU smoke run)."""
-
-    max_num_seqs: int = 32
-    max_model_len: int = 1024
-    page_size: int = 64
-    # Of the device, for weights, programs and the arena (None: an arena of twice the KV pages
-    # max_num_seqs x max_model_len needs, too small on the H100 to keep a train step's
-    # residuals: every backward recomputed its forward).
-    memory_fraction: float | None = 0.5
-    mean_prompt: int = 128
-    mean_output: int = 128
-    duration_s: float = 20.0
-    ft_rows: int = 4
-    ft_seq_len: int = 512
-    decode_steps: int = 32  # timed steps per solo batch size
-    alone_steps: int = 10
-
-
-QUICK = Setup(
-    max_num_seqs=8, max_model_len=256, mean_prompt=32, mean_output=32, duration_s=4.0,
-    ft_seq_len=128, decode_steps=8, alone_steps=2, memory_fraction=None,
-)  # fmt: skip
-
-
-class IdTokenizer:
-    """Pre-tokenized data for `PackedBatches`: an example's text is its token ids, space-separated
-    (the benchmark checkpoints have no tokenizer.json)."""
-
-    eos_token_ids = (EOS,)
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [int(token) for token in text.split()]
-
-
-class LoggingPredictor(Predictor):
-    """A `Predictor` that also logs each inference step it learns from: (when, seconds, rows)."""
-
-    def __init__(self, rates) -> None:
-        super().__init__(rates)
-        self._inference_keys: set[str] = set()
-        self.inference_log: list[tuple[float, float, float]] = []
-
-    def register(self, key, family, cost) -> None:
-        super().register(key, family, cost)
-        if family == "inference":
-            self._inference_keys.add(key)
-
-    def observe(self, key, measured_s, **features):
-        if key in self._inference_keys:
-            self.inference_log.append((time.perf_counter(), measured_s, features.get("rows", 0)))
-        return super().observe(key, measured_s, **features)
-
-    def since(self, start: float) -> tuple[float, float]:
-        """Busy seconds of inference steps after `start`, and the mean batch of those decoding."""
-        steps = [(s, rows) for t, s, rows in self.inference_log if t >= start]
-        batches = [rows for _, rows in steps if rows > 0]
-        return sum(s for s, _ in steps), float(np.mean(batches)) if batches else 0.0
-
-
-def write_data(path: Path, vocab_size: int, seq_len: int, examples: int = 400) -> Path:
-    """Random-word "text" examples of 1/8 to 1 1/8 rows, as pre-tokenized ids."""
-    rng = np.random.default_rng(0)
-    with path.open("w") as f:
-        for _ in range(examples):
-            ids = rng.integers(
-                EOS + 1, vocab_size, size=rng.integers(seq_len // 8, seq_len * 9 // 8)
-            )
-            f.write(json.dumps({"text": " ".join(map(str, ids))}) + "\n")
-    return path
-
-
-def make_job(llm: LLM, data: Path, out_dir: Path, setup: Setup) -> FineTuneJob:
-    config = FineTuneConfig(
-        data=data,
-        out_dir=out_dir,
-        lora=LoraConfig(r=16, alpha=32, target_modules=("q_proj", "v_proj")),
-        steps=1_000_000,  # never finishes within a run
-        batch_size=setup.ft_rows,
-        seq_len=setup.ft_seq_len,
-        checkpoint_every=1_000_000,  # no checkpoint writes inside the measured runs
-    )
-    return FineTuneJob(out_dir.name, config, llm.model, IdTokenizer())
-
-
-def solo_decode_ms(llm: LLM, batch: int, setup: Setup) -> float:
-    """Median wall time (ms) of an `EngineCore.step` that only decodes `batch` rows."""
-    core, rng = llm.engine, np.random.default_rng(batch)
-    params = SamplingParams(max_tokens=setup.decode_steps + 1, temperature=0.0, ignore_eos=True)
-    for _ in range(batch):
-        vocab = core.model_config.vocab_size
-        core.add_request(rng.integers(EOS + 1, vocab, size=setup.mean_prompt).tolist(), params)
-    times = []
-    while core.has_unfinished():
-        core.step()
-        report = core.last_report
-        if report and "+" not in report.key and report.features["rows"] == batch:
-            times.append(report.seconds)
-    return float(np.median(times)) * 1e3
-
-
-def finetune_alone(job: FineTuneJob, setup: Setup) -> float:
-    """Tokens/s of whole train steps (one program each) with nothing else running."""
-    for _ in range(2):  # compiles
-        job.train_step()
-    start, tokens = time.perf_counter(), 0
-    for _ in range(setup.alone_steps):
-        tokens += job.train_step()["tokens"]
-    return tokens / (time.perf_counter() - start)
 
 
 def program_totals(programs: list[tuple[float, str, float | None]], tokens: int) -> dict:
@@ -460,22 +354,6 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
             say(json.dumps(_finite(row)))
             results.save()
     shutil.rmtree(work, ignore_errors=True)
-
-
-def load_rate(load: str, setup: Setup, slo_ms: float) -> float:
-    """Arrivals per second at which ``LOADS[load]`` requests decode at SLO-long iterations."""
-    return LOADS[load] / (setup.mean_output * slo_ms * 1e-3)
-
-
-def load_trace(rate: float, duration_s: float, setup: Setup, seed: int) -> list:
-    return synthetic_trace(
-        rate,
-        duration_s,
-        max_len=setup.max_model_len,
-        seed=seed,
-        mean_prompt=setup.mean_prompt,
-        mean_output=setup.mean_output,
-    )
 
 
 def tune_static(

@@ -39,7 +39,7 @@ from bench import common  # noqa: E402  (sets the JAX allocator mode before jax 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.colocate import EOS, QUICK, Setup, make_job, write_data  # noqa: E402
+from bench.colocate_setup import EOS, QUICK, Setup, make_job, write_data  # noqa: E402
 from bench.decode_profile import trace_events  # noqa: E402
 from bench.train import ensure_checkpoint  # noqa: E402
 from harli_jax.engine.sampling import SamplingParams  # noqa: E402

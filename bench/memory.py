@@ -39,7 +39,7 @@ from bench import common  # noqa: E402  (sets the JAX allocator mode before jax 
 # isort: split
 import jax  # noqa: E402
 
-from bench.colocate import IdTokenizer, write_data  # noqa: E402
+from bench.colocate_setup import IdTokenizer, write_data  # noqa: E402
 from bench.train import LORA, ensure_checkpoint  # noqa: E402
 from harli_jax import LLM  # noqa: E402
 from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob, granularities  # noqa: E402

@@ -45,7 +45,11 @@ def measure(starts: int, warm: int, jax_cache: Path) -> dict:
     from flax import nnx
 
     import harli_jax
-    from bench.colocate import IdTokenizer, write_data
+
+    try:
+        from bench.colocate_setup import IdTokenizer, write_data
+    except ImportError:  # a tree from before session 17 keeps them in bench.colocate
+        from bench.colocate import IdTokenizer, write_data
     from bench.train import enable_compile_cache
     from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob, granularities
     from harli_jax.lora import LoraConfig
