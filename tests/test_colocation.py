@@ -267,6 +267,20 @@ def test_harli_budget_is_the_slo_less_the_next_step_with_its_absolute_margin():
     assert prefill_budget == pytest.approx(0.02 - 0.012 - config.loop_overhead_s)
 
 
+def test_the_predictor_learns_from_an_inference_step_after_the_fill_is_planned():
+    """Learning (refits, quantiles) is host time; made before the fill, it would keep the device
+    idle between the step and the fill's first program."""
+    scheduler, _ = scheduler_with_cuts(fake_job(), {0: [1.0]})
+    decode = StepReport("forward/r4/t1/p2", {"flops": 0.0, "bytes accessed": 4e9}, {"rows": 4.0}, 0)
+    scheduler.observe_inference(decode)  # registers the program; the first run may compile
+    events = []
+    observe = scheduler.predictor.observe
+    scheduler.predictor.observe = lambda *a, **k: events.append("learn") or observe(*a, **k)
+    scheduler._work = lambda report, will_prefill: events.append("fill") or False
+    scheduler.after_step(dataclasses.replace(decode, seconds=0.004, ended_at=time.perf_counter()))
+    assert events == ["fill", "learn"]
+
+
 def test_a_micro_step_carries_the_p90_of_its_familys_lateness_not_the_p99():
     """An iteration runs several micro-steps and their margins add up, so each carries the 90th
     percentile of how late its family ran; the iteration's 99th is the backoff's."""
