@@ -1,0 +1,43 @@
+"""bench/fill_analysis.py splits a co-located run's program timeline into iterations: one
+inference program, the fine-tune programs dispatched before the next, and the host time left."""
+
+import pytest
+
+from bench.fill_analysis import iterations, summarise
+
+# (start, family, seconds): two filled iterations and one unfilled, then the last step; the
+# fill's last program was seen late (no time); calibration entries come before the trace (t < 0).
+PROGRAMS = [
+    (-1.0, "train/fwd", 0.5),
+    (0.000, "inference", 0.002),
+    (0.0025, "train/fwd", 0.001),
+    (0.0036, "train/bwd", 0.002),
+    (0.0060, "inference", 0.002),
+    (0.0085, "train/fwd", None),
+    (0.0100, "inference", 0.002),
+    (0.0130, "inference", 0.002),
+]
+
+
+def test_an_iteration_runs_from_one_inference_program_to_the_next():
+    found = iterations(PROGRAMS)
+    assert [i["micro_steps"] for i in found] == [2, 1, 0]
+    assert [i["seconds"] for i in found] == pytest.approx([0.006, 0.004, 0.003])
+    assert found[0]["train_s"] == pytest.approx(0.003)
+    assert found[0]["families"] == ["train/fwd", "train/bwd"]
+    assert found[1]["train_s"] == 0.0  # seen late: counted, not timed
+
+
+def test_a_run_is_summarised_over_its_filled_iterations():
+    run = dict(
+        policy="harli",
+        load="heavy",
+        timeline=dict(programs=PROGRAMS, finetune=[(-1.0, 512), (0.009, 300)]),
+    )
+    row = summarise(run, slo_ms=10.0)
+    assert row["filled_iterations"] == 2
+    assert row["iteration_ms"] == pytest.approx(5.0)  # median of 6 and 4 ms
+    assert row["slo_left_ms"] == pytest.approx(5.0)
+    assert row["micro_steps"] == 1.5
+    assert row["tokens_per_train_ms"] == pytest.approx(300 / 3.0)  # the trace's tokens only
+    assert row["tokens_per_filled_iteration_ms"] == pytest.approx(300 / 10.0)
