@@ -21,6 +21,7 @@ at position `context - 1`, so it attends to `context` keys.
     python3 bench/decode.py --part hf --out /tmp/hf.json           # HF rows alone
     python3 bench/decode.py --part ours --hf-json /tmp/hf.json     # ours, merged with those
     python3 bench/decode.py --part ours --profile --variants reference,kernel --batches 1,32
+    python3 bench/decode.py --part ours --projection reduce --batches 1   # multiply-reduce GEMVs
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from bench.decode_bench import (  # noqa: E402
     VARIANTS,
     load_model,
     profile_projections,
+    projection,
     time_decode,
     time_prefill,
 )
@@ -72,6 +74,12 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="kernels per step, HLO summary")
     parser.add_argument("--projections", action="store_true", help="weight-read bandwidths")
     parser.add_argument("--variants", default="", help=f"extra step variants: {sorted(VARIANTS)}")
+    parser.add_argument(
+        "--projection",
+        choices=("reduce",),
+        help="trace every program of the ours part (ours_ms included) with this projection of "
+        "few rows (decode_bench.projection)",
+    )
     parser.add_argument("--deadline-s", type=float, default=1e9, help="start no row after this")
     return parser.parse_args()
 
@@ -279,7 +287,9 @@ def main() -> None:
     if args.part in ("all", "hf"):
         _hf_part(args, names, rows, prefill, started)
     if args.part in ("all", "ours"):
-        _ours_part(args, names, rows, prefill, extra, started)
+        with projection(args.projection):
+            _ours_part(args, names, rows, prefill, extra, started)
+        extra["projection"] = args.projection
     for path in args.hf_json:
         _merge_hf(path, rows, prefill)
     _split_details(rows, extra)

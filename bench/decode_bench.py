@@ -164,7 +164,7 @@ REDUCE_ROWS = 4  # the most rows a "reduce" projection takes; more go to the dot
 
 
 @contextlib.contextmanager
-def _projection(kind: str | None) -> Iterator[None]:
+def projection(kind: str | None) -> Iterator[None]:
     """Traces the model's projections of up to ``REDUCE_ROWS`` rows as ``kind`` ("reduce": a
     float32 multiply-reduce over the weight's input axis; None: the model's own dot)."""
     if kind is None:
@@ -267,7 +267,7 @@ def _variant(engine: EngineCore, name: str, inputs: tuple, profile: bool):
     """(cache, timing, profile) of one step variant on ``engine``'s cache."""
     spec = VARIANTS[name]
     state, static = engine.state, {}
-    with _attention(spec["attention"], spec.get("tuning")), _projection(spec.get("projection")):
+    with _attention(spec["attention"], spec.get("tuning")), projection(spec.get("projection")):
         if spec.get("program") == "greedy":
             run, args = _greedy_step(engine.graphdef), inputs
         elif "steps" in spec:
