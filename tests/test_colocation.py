@@ -294,3 +294,67 @@ def test_a_micro_step_carries_the_p90_of_its_familys_lateness_not_the_p99():
         predictor.observe(key, predictor.predict(key) + extra)
     expected = predictor.predict(key) * 1.05 + np.quantile(late, 0.9)
     assert scheduler._estimate("train/fwd", key) == pytest.approx(expected, abs=2e-5)
+
+
+class Running:
+    """An inference program that has run (``ready``) or is still running."""
+
+    def __init__(self, ready: bool = False) -> None:
+        self.ready = ready
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def block_until_ready(self):
+        return self
+
+
+def open_step(kinds: list[str]):
+    """A stand-in job inside a step whose next micro-steps are of ``kinds``, in order."""
+    job = fake_job()
+    job.done, job.in_step, job.tokens_trained = False, True, 0
+    micros = [SimpleNamespace(key=("fwd", "cut", 0, 0), kind=kind) for kind in kinds]
+    job.next_micro_step = lambda cut: micros[0]
+    return job, micros
+
+
+def test_the_open_steps_next_micro_step_is_queued_behind_the_running_inference_step():
+    """The device goes from the inference step to the fill without waiting for the host, when
+    the micro-step fits the tightest tenth of recent budgets; not once the step has run (the
+    dispatch would delay its tokens), not behind a prefill chunk a decode may follow, never
+    an update (its bookkeeping waits for it)."""
+    job, _ = open_step(["fwd"])
+    scheduler, _ = scheduler_with_cuts(job, {0: [1.0]})
+    scheduler.jobs.append(job)
+    dispatched = []
+    scheduler.runner.dispatch = lambda job, micro, estimate: dispatched.append(estimate)
+    scheduler._slack.extend([0.010] * 8)
+    scheduler.during_step(Running(ready=True))
+    scheduler.during_step(Running(), last=False)
+    assert dispatched == []
+    scheduler.during_step(Running())
+    assert dispatched == [pytest.approx(scheduler._queued_behind)]
+    assert dispatched[0] == pytest.approx(0.001 * 1.05, rel=0.05)
+    scheduler._slack.extend([0.0005] * 64)  # budgets tighter than the micro-step now
+    scheduler._queued_behind = None
+    scheduler.during_step(Running())
+    assert len(dispatched) == 1
+    update_job, _ = open_step(["update"])
+    scheduler.jobs[0] = update_job
+    scheduler._slack.extend([0.010] * 64)
+    scheduler.during_step(Running())
+    assert len(dispatched) == 1
+
+
+def test_static_charges_a_queued_micro_step_to_its_budget():
+    """Static's first micro-step of an iteration may be queued behind the inference step; its
+    calibrated time still comes out of that iteration's fixed budget."""
+    job, _ = open_step(["fwd"] * 4)
+    scheduler, _ = scheduler_with_cuts(job, {0: [3.0]}, policy="static", static_budget_s=0.007)
+    scheduler.jobs.append(job)
+    dispatched = []
+    scheduler.runner.dispatch = lambda job, micro, seconds: dispatched.append(seconds)
+    scheduler.during_step(Running())
+    report = StepReport("forward/r4/t1/p2", {}, {"rows": 4.0}, 0.002, ended_at=time.perf_counter())
+    scheduler._advance(job, report, will_prefill=False)
+    assert dispatched == [0.003, 0.003]  # 7 ms: the queued one and one more, not a third

@@ -85,7 +85,7 @@ class RecordingColocator:
     def predictor_errors(self):
         return {}
 
-    def during_step(self, running):
+    def during_step(self, running, last):
         self.during_steps += 1
         return None
 
@@ -130,7 +130,7 @@ def test_a_step_queues_its_first_program_before_waiting_for_earlier_work(llm):
     core.step()  # prefill
     seen, ended = [], []
 
-    def during(running):
+    def during(running, last):
         seen.append(core.cache is cache_before)  # False: the step's program took the cache
         time.sleep(0.05)  # the queued work ends 50 ms later
         ended.append(time.perf_counter())
@@ -145,16 +145,20 @@ def test_a_step_queues_its_first_program_before_waiting_for_earlier_work(llm):
 def test_the_hook_gets_the_running_program_once_per_step(llm):
     """The hook may use the host while the step's first program runs: it gets an array that
     becomes ready when that program has run, once per step even when the step runs two
-    programs (a prefill chunk, then decode)."""
+    programs (a prefill chunk, then decode), and whether a program of the step follows it."""
     core = llm.engine
     core.add_request(PROMPTS[0], GREEDY)
     core.step()  # the first request's prefill
     core.add_request(PROMPTS[1], GREEDY)
     running = []
-    outputs = core.step(lambda array: running.append(jax.block_until_ready(array)))
+    hook = lambda array, last: running.append((jax.block_until_ready(array), last))  # noqa: E731
+    outputs = core.step(hook)
     assert "+" in core.last_report.key  # prefill and decode
-    assert len(running) == 1 and isinstance(running[0], jax.Array)
+    assert len(running) == 1 and isinstance(running[0][0], jax.Array)
+    assert running[0][1] is False  # the decode program follows the prefill chunk
     assert outputs
+    core.step(hook)
+    assert "+" not in core.last_report.key and running[1][1] is True
 
 
 def test_the_loop_hands_each_step_the_colocators_hook(llm):

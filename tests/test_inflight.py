@@ -60,6 +60,19 @@ def test_a_program_found_ended_by_a_late_drain_has_no_time_but_is_recorded():
     assert records == [None]
 
 
+def test_a_program_queued_behind_an_inference_step_is_timed_from_that_steps_end():
+    """Queued while the inference program ran, it could start only once that ended: its time
+    and what follows it count from then, not from its dispatch."""
+    times = []
+    queue = InFlight(depth=2, clock=Clock(1.0, 1.0, 7.0, 7.0))
+    record = lambda seconds, finish_s, result: times.append(seconds)  # noqa: E731
+    queue.add(jnp.zeros(()), dispatched=0.5, estimate=2.0, record=record)
+    queue.hold_until(4.0)  # the host saw the inference step end at 4
+    assert queue.busy_until() == pytest.approx(6.0)
+    queue.drain()
+    assert times == [7.0 - 4.0]
+
+
 def test_busy_until_chains_the_estimates_of_what_is_queued():
     clock = Clock()
     queue = InFlight(depth=3, clock=clock)

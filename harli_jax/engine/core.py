@@ -42,7 +42,7 @@ from harli_jax.memory.sizing import arena_pages, check_memory_fraction
 from harli_jax.sched.costs import StepReport
 
 # What a step calls once its first program is dispatched (see EngineCore.step).
-DuringStep = Callable[[jax.Array], float | None]
+DuringStep = Callable[[jax.Array, bool], float | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,11 +250,13 @@ class EngineCore:
         """One prefill batch and one decode batch; returns the requests that gained tokens.
 
         ``during`` is called once the step's first program is dispatched, with an array that is
-        ready once that program has run. It waits for device work queued before this step
-        (fine-tune programs the scheduler left in flight), so that the host's side of the step
-        (its inputs and dispatch: about half of a small decode step on the H100's host)
-        overlaps that work instead of following it, may use the host while the program runs,
-        and returns when the host saw the queued work end (None: nothing was queued).
+        ready once that program has run and whether it is the step's last program (a prefill
+        chunk's is not: the sequences whose prompt it completes may decode next). It waits for
+        device work queued before this step (fine-tune programs the scheduler left in flight),
+        so that the host's side of the step (its inputs and dispatch: about half of a small
+        decode step on the H100's host) overlaps that work instead of following it, may use
+        the host while the program runs, and returns when the host saw the queued work end
+        (None: nothing was queued).
 
         Leaves ``last_report``: the programs it ran, their summed cost and its wall time,
         counted from when the device was free for it (the queued work's end, if later).
@@ -360,7 +362,7 @@ class EngineCore:
         )
         keys.append(step.key)
         self.cache, packed = self.programs.program(step)(*step.args)
-        queued_ended = None if during is None else during(packed)
+        queued_ended = None if during is None else during(packed, max_chunk == 1)
         # The program packs what its variant computed into one array: one device-to-host copy.
         sampled = unpack(np.asarray(wait_until_ready(packed)), step.variant)
         new_tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()

@@ -41,11 +41,12 @@ class Colocator(Protocol):
         has no inference work); ``will_prefill``: the next step runs a prefill chunk. True if
         it ran any. It may leave its last programs queued on the device."""
 
-    def during_step(self, running: jax.Array) -> float | None:
+    def during_step(self, running: jax.Array, last: bool) -> float | None:
         """Called once an inference step's first program is queued behind the fine-tune programs
-        left queued (``running`` is ready once it has run): waits for those, returning when the
-        host saw the last end (None: none was queued); may use the host until ``running`` is
-        ready."""
+        left queued (``running`` is ready once it has run; ``last``: no program of the step
+        follows it): waits for those, returning when the host saw the last end (None: none was
+        queued); may use the host until ``running`` is ready, and queue work behind it if
+        ``last``."""
 
     def drain(self) -> float | None:
         """Waits for the fine-tune programs left queued; returns when the host saw the last end

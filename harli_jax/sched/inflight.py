@@ -93,6 +93,14 @@ class InFlight:
         while len(self._programs) >= self.depth or (finish is not None and self._programs):
             self._retire()
 
+    def hold_until(self, moment: float) -> None:
+        """The programs queued now could not start before ``moment``: they were queued behind an
+        inference program the host saw end then. Their times and ``busy_until`` count from it."""
+        self._programs = deque(
+            dataclasses.replace(program, queued=max(program.queued, moment))
+            for program in self._programs
+        )
+
     def drain(self, late: bool = False) -> float | None:
         """Waits for every queued program; returns the clock time the host saw the last one end
         (None if none was queued).

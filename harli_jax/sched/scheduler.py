@@ -45,7 +45,8 @@ The baselines share all the machinery and differ only in that decision:
 
 With no inference work at all, every policy but ``serve-only`` trains in whole steps. Micro-steps
 run through a :class:`~harli_jax.sched.runner.MicroStepRunner`, which keeps the next one queued on
-the device while the host prepares the one after; an inference program's first step under a
+the device while the host prepares the one after; ``static`` and ``harli`` queue a fill's first
+micro-step behind the inference step while it runs, where it fits; an inference program's first step under a
 scheduler may compile, so it is not a latency sample.
 """
 
@@ -61,6 +62,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import numpy as np
 
 from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.engine.metrics import EngineMetrics
@@ -157,6 +159,9 @@ class ColocationScheduler:
         self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
         self.starts = StepStarts(self._harli_granularity)
         self._step_carried_start = False  # the running inference step's host time did a start
+        # The seconds charged to the next fill by a micro-step queued behind the running
+        # inference step (None: none was).
+        self._queued_behind: float | None = None
         self._stalls = 0  # iterations in a row in which the open step could not go on
         self.backoff = SloBackoff(config.backoff_target, max_s=config.tpot_slo_s / 2)
         if config.policy == "harli":  # the backoff is harli's alone
@@ -199,21 +204,55 @@ class ColocationScheduler:
         self._learn_pending()
         return self._after_train
 
-    def during_step(self, running: jax.Array) -> float | None:
+    def during_step(self, running: jax.Array, last: bool = True) -> float | None:
         """The loop's hook once an inference step's first program is queued (``running`` is
-        ready once it has run): waits for the fine-tune programs queued before it (:meth:`drain`),
-        then harli starts the next train step while the device runs the inference step
-        (:class:`~harli_jax.sched.step_starts.StepStarts`). A step whose host time carried a
-        start is not an inference latency sample."""
+        ready once it has run; ``last``: no program of the step follows it): waits for the
+        fine-tune programs queued before it (:meth:`drain`), queues the fill's first micro-step
+        behind it (:meth:`_queue_behind`), then harli starts the next train step while the
+        device runs the inference step (:class:`~harli_jax.sched.step_starts.StepStarts`). A
+        step whose host time carried a start is not an inference latency sample."""
         ended = self.drain()
         # Not while the gate trains whole steps in idle time: a step started now is micro-stepped.
-        if self.config.policy == "harli" and self.jobs and self.gate.filling:
+        if self.config.policy in ("harli", "static") and self.jobs and self.gate.filling:
             job = self.jobs[0]
             try:
-                self._step_carried_start = self.starts.while_running(job, running)
+                free_since = time.perf_counter()
+                if last:
+                    self._queued_behind = self._queue_behind(job, running)
+                if self.config.policy == "harli":
+                    carried = self.starts.while_running(job, running, free_since)
+                    self._step_carried_start = self._step_carried_start or carried
             except Exception as error:  # a broken job must not take serving down with it
                 self._fail(job, error)
         return ended
+
+    def _queue_behind(self, job: FineTuneJob, running: jax.Array) -> float | None:
+        """Dispatches the open step's next micro-step behind the running inference step, so that
+        the device goes from one to the other without waiting for the host: learning, planning
+        and the dispatch left it idle ~1 ms of each filled iteration on the H200's host. Only
+        while ``running`` has not run (the dispatch must not delay its tokens), never an update
+        (its step's bookkeeping waits for it), and only where the micro-step fits: harli's
+        estimate the tightest tenth of recent fill budgets, static's calibrated time its
+        budget. Returns the seconds it charged the fill (None: it dispatched nothing)."""
+        if job.done or not job.in_step or running.is_ready():
+            return None
+        micro = job.next_micro_step(cuts(job)[-1])  # the open plan decides
+        key = program_key(job, micro.key)
+        if micro.kind == "update":
+            return None
+        if self.config.policy == "static":
+            seconds = static.fits(self.config, self.calibration, key)
+        elif key in self.predictor and len(self._slack) >= 8:
+            seconds = self._estimate(family(micro.key), key)
+            seconds = seconds if seconds <= np.quantile(self._slack, 0.1) else None
+        else:
+            seconds = None
+        if seconds is not None:
+            self.runner.dispatch(job, micro, seconds)
+            self._stalls = 0
+            # Its dispatch outlasted the program: the host saw the step end late.
+            self._step_carried_start = running.is_ready()
+        return seconds
 
     def drain(self) -> float | None:
         """Waits for the fine-tune programs left queued on the device (the loop's next step
@@ -247,16 +286,19 @@ class ColocationScheduler:
         self.on_job_failed(job, error)
 
     def _advance(self, job: FineTuneJob, report: StepReport | None, will_prefill: bool) -> bool:
+        queued, self._queued_behind = self._queued_behind, None
         if report is None or self.config.policy == "naive":
             self._last_fill = None
             return self._run_whole_step(job)
+        if queued is not None:  # it started as the step's last program ended
+            self.runner.inflight.hold_until(report.ended_at)
         if self.config.policy == "static":
-            return static.fill(self.config, self.runner, job)
+            return static.fill(self.config, self.runner, job, queued or 0.0) or queued is not None
         if self._last_fill is not None:
             self._learn_from(self._last_fill, report)
             self._last_fill = None
         if not self.gate.should_fill():  # training in idle time would train more
-            return False
+            return queued is not None
         # The next token is due one SLO after this step's: the host time since (the inbox,
         # learning from the step) comes out of the budget too.
         deadline = report.ended_at + self._harli_budget(report, will_prefill)
@@ -264,8 +306,8 @@ class ColocationScheduler:
         # Cuts are chosen for the time fine-tuning actually gets: a cut chosen for the nominal
         # budget had micro-steps that never fitted what was left of it, and stalled its step.
         self._slack.append(deadline - time.perf_counter())
-        start = time.perf_counter()
-        ran = self._fill(job, deadline)
+        start = report.ended_at if queued is not None else time.perf_counter()
+        ran = self._fill(job, deadline, queued is not None)
         self._last_fill = _Fill(report.ended_at, start, deadline, time.perf_counter(), ran)
         return ran
 
@@ -329,15 +371,15 @@ class ColocationScheduler:
         return predicted * config.min_margin + min(late, predicted * config.max_late)
 
     # -- running ----------------------------------------------------------------------------
-    def _fill(self, job: FineTuneJob, deadline: float) -> bool:
+    def _fill(self, job: FineTuneJob, deadline: float, queued: bool = False) -> bool:
         """Dispatches micro-steps while the next one's estimate fits before ``deadline`` (a
-        ``time.perf_counter`` time) behind those in flight: planning a step, predicting and
-        learning take host time between programs, which the programs in flight hide but which a
-        budget must still leave room for (on the H100, harli's median iteration once came out
-        5 ms over a 19 ms SLO). Each new step gets its cut from the budgets as they are then.
+        ``time.perf_counter`` time) behind those in flight (``queued``: one was queued behind
+        the inference step): planning a step, predicting and learning take host time between
+        programs, which the programs in flight hide but which a budget must still leave room
+        for (on the H100, harli's median iteration once came out 5 ms over a 19 ms SLO). Each new step gets its cut from the budgets as they are then.
         The last programs are left in flight for the next inference step to queue behind
         (:meth:`drain`). Returns whether it dispatched any."""
-        ran = False
+        ran = queued
         while not job.done:
             micro = self._next_micro_step(job, deadline)
             if micro is None:  # no time to start a step, or no arena pages for one now

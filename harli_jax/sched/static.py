@@ -52,12 +52,15 @@ def _cut_within(
     return options[-1]
 
 
-def fill(config: SchedulerConfig, runner: MicroStepRunner, job: FineTuneJob) -> bool:
-    """Dispatches ``job``'s micro-steps while their calibrated times fit the budget; returns
+def fill(
+    config: SchedulerConfig, runner: MicroStepRunner, job: FineTuneJob, spent: float = 0.0
+) -> bool:
+    """Dispatches ``job``'s micro-steps while their calibrated times fit what ``spent``
+    (calibrated seconds already dispatched in this iteration) left of the budget; returns
     whether it dispatched any."""
     calibration = runner.calibration
-    seconds_left, ran = budget(config, calibration), False
-    granularity = _cut_within(config, calibration, job, seconds_left)
+    granularity = _cut_within(config, calibration, job, budget(config, calibration))
+    seconds_left, ran = budget(config, calibration) - spent, False
     while not job.done:
         micro = job.next_micro_step(granularity)
         if micro is None:
@@ -69,3 +72,10 @@ def fill(config: SchedulerConfig, runner: MicroStepRunner, job: FineTuneJob) -> 
         seconds_left -= seconds
         ran = True
     return ran  # the last programs stay in flight, as harli's do
+
+
+def fits(config: SchedulerConfig, calibration: Calibration, key: str) -> float | None:
+    """The calibrated seconds of program ``key`` if they fit a whole budget (None: they do not,
+    or it was never calibrated): what the first micro-step of an iteration is charged."""
+    seconds = calibration.seconds.get(key)
+    return seconds if seconds is not None and seconds <= budget(config, calibration) else None

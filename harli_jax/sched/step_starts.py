@@ -55,13 +55,16 @@ class StepStarts:
     def _cut_due(self) -> bool:
         return self.cut is None or self._cut_uses >= RECUT_EVERY
 
-    def while_running(self, job: FineTuneJob, running: jax.Array) -> bool:
+    def while_running(
+        self, job: FineTuneJob, running: jax.Array, free_since: float | None = None
+    ) -> bool:
         """Starts ``job``'s next step while ``running`` (the inference step's program) runs: the
         cut if one is due, then, if ``running`` has still not run, the lease and plan. Returns
         whether it did any of that host work, which may outlast ``running`` and so delay the
         inference step's results (:meth:`expected_delay`). With nothing to start, waits for
-        ``running`` and records how long the host was free."""
-        begun = time.perf_counter()
+        ``running`` and records how long the host was free, from ``free_since`` if given (the
+        host's own work since then, a dispatch, would have made way for a start)."""
+        begun = time.perf_counter() if free_since is None else free_since
         if job.done or job.in_step:
             wait_until_ready(running)
             self._free_s.append(time.perf_counter() - begun)
