@@ -133,11 +133,23 @@ def scheduler_with_cuts(job, cut_ms: dict[int, list[float]], policy="harli", **c
 
 
 def test_iterations_per_step_packs_in_order():
-    assert iterations_per_step([6, 6, 6, 6], [10]) == 4
-    assert iterations_per_step([3] * 8, [10]) == 3
+    def iterations(sizes, budgets):
+        return iterations_per_step(sizes, [0.0] * len(sizes), budgets)
+
+    assert iterations([6, 6, 6, 6], [10]) == 4
+    assert iterations([3] * 8, [10]) == 3
     # 3 (8 does not fit the 7 left) | nothing fits 5 | 8 | 3
-    assert iterations_per_step([3, 8, 3], [10, 5]) == 4
-    assert iterations_per_step([11], [10, 5]) == float("inf")
+    assert iterations([3, 8, 3], [10, 5]) == 4
+    assert iterations([11], [10, 5]) == float("inf")
+
+
+def test_packing_charges_margins_as_a_fill_does_not_one_per_micro_step():
+    """A fill prices the program in flight and the next by their estimates (expected seconds
+    plus margin) and earlier ones by what they took: six 1.5 ms micro-steps of 0.5 ms margin
+    fit one 10 ms budget (1.5 x 5 + 2 x 0.5 + 1.5), not the two that a margin on each needs."""
+    assert iterations_per_step([1.5] * 6, [0.5] * 6, [10.0]) == 1
+    assert iterations_per_step([1.5] * 6, [0.5] * 6, [9.9]) == 2
+    assert iterations_per_step([9.0], [1.5], [10.0]) == float("inf")
 
 
 def test_harli_picks_the_cut_that_finishes_a_step_in_fewest_iterations():

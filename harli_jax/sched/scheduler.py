@@ -46,8 +46,8 @@ The baselines share all the machinery and differ only in that decision:
 With no inference work at all, every policy but ``serve-only`` trains in whole steps. Micro-steps
 run through a :class:`~harli_jax.sched.runner.MicroStepRunner`, which keeps the next one queued on
 the device while the host prepares the one after; ``static`` and ``harli`` queue a fill's first
-micro-step behind the inference step while it runs, where it fits; an inference program's first step under a
-scheduler may compile, so it is not a latency sample.
+micro-step behind the inference step while it runs, where it fits. An inference program's first
+step under a scheduler may compile, so it is not a latency sample.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ from harli_jax.sched.calibration import (
     option_id,
 )
 from harli_jax.sched.costs import StepReport
-from harli_jax.sched.cut_choice import fewest_iterations
+from harli_jax.sched.cut_choice import Planned, fewest_iterations
 from harli_jax.sched.fill_gate import FillGate
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.runner import MicroStepRunner, cut_named, cuts, family, program_key
@@ -305,8 +305,9 @@ class ColocationScheduler:
         deadline -= self.backoff.seconds
         # Cuts are chosen for the time fine-tuning actually gets: a cut chosen for the nominal
         # budget had micro-steps that never fitted what was left of it, and stalled its step.
-        self._slack.append(deadline - time.perf_counter())
+        # A micro-step queued behind the step has had the device since the step ended.
         start = report.ended_at if queued is not None else time.perf_counter()
+        self._slack.append(deadline - start)
         ran = self._fill(job, deadline, queued is not None)
         self._last_fill = _Fill(report.ended_at, start, deadline, time.perf_counter(), ran)
         return ran
@@ -349,26 +350,31 @@ class ColocationScheduler:
         options = cuts(job)
         if not self._slack:
             return options[-1]
-        planned = functools.partial(self._planned_seconds, job)
+        planned = functools.partial(self._planned, job)
         return fewest_iterations(options, planned, list(self._slack))
 
-    def _planned_seconds(self, job: FineTuneJob, option: Granularity) -> list[float] | None:
-        """Predicted seconds (with the family's margin) of each micro-step of a step cut as
-        ``option``, in run order; None for a cut not yet calibrated."""
+    def _planned(self, job: FineTuneJob, option: Granularity) -> Planned | None:
+        """The expected seconds and margins of each micro-step of a step cut as ``option``, in
+        run order; None for a cut not yet calibrated."""
         keys = self.calibration.cuts.get(option_id(job, option))
         if not keys or any(key not in self.predictor for key in keys):
             return None
         # train/<shape>/<kind>/...: a cut repeats a few programs many times; price each once.
-        estimate = {k: self._estimate("train/" + k.split("/")[2], k) for k in set(keys)}
-        return [estimate[key] for key in keys]
+        priced = {k: self._priced("train/" + k.split("/")[2], k) for k in set(keys)}
+        return [priced[k][0] for k in keys], [priced[k][1] for k in keys]
 
     def _estimate(self, family: str, key: str, **features: float) -> float:
         """Predicted seconds of program ``key`` with the family's safety margin."""
+        return sum(self._priced(family, key, **features))
+
+    def _priced(self, family: str, key: str, **features: float) -> tuple[float, float]:
+        """Program ``key``'s expected seconds (the prediction, scaled by ``min_margin``) and
+        the margin its family's recent lateness adds."""
         predicted = self.predictor.predict(key, **features)
         config = self.config
         q = config.error_quantile if family == "inference" else config.micro_step_error_quantile
         late = self.predictor.quantile_error_s(family, q)
-        return predicted * config.min_margin + min(late, predicted * config.max_late)
+        return predicted * config.min_margin, min(late, predicted * config.max_late)
 
     # -- running ----------------------------------------------------------------------------
     def _fill(self, job: FineTuneJob, deadline: float, queued: bool = False) -> bool:
@@ -376,9 +382,10 @@ class ColocationScheduler:
         ``time.perf_counter`` time) behind those in flight (``queued``: one was queued behind
         the inference step): planning a step, predicting and learning take host time between
         programs, which the programs in flight hide but which a budget must still leave room
-        for (on the H100, harli's median iteration once came out 5 ms over a 19 ms SLO). Each new step gets its cut from the budgets as they are then.
-        The last programs are left in flight for the next inference step to queue behind
-        (:meth:`drain`). Returns whether it dispatched any."""
+        for (on the H100, harli's median iteration once came out 5 ms over a 19 ms SLO). Each
+        new step gets its cut from the budgets as they are then. The last programs are left in
+        flight for the next inference step to queue behind (:meth:`drain`). Returns whether it
+        dispatched any."""
         ran = queued
         while not job.done:
             micro = self._next_micro_step(job, deadline)
