@@ -29,9 +29,10 @@ Everything is derived from measurements taken first, and recorded in the JSON:
   co-located policy, whose decode capacity is ~3x lower, and its queue would never drain);
 - static budget: tuned offline, as FlexLLM's token budget is, on a heavy-load trace of another
   seed: the largest of 1, 3/4, 1/2, 1/4 of the headroom (SLO - median calibrated decode step -
-  loop overhead) under which static keeps 99% of its tokens within the SLO, then fixed for both
-  loads and never adapted (the SLO - p99 calibrated step rule it replaced gave 0.89 ms on a host
-  whose p99 step was host noise: a straw man); its cut is the coarsest whose slowest calibrated
+  loop overhead) under which static keeps 99% of its tokens within the SLO, refined by two
+  halvings of the gap to the share above it that did not, then fixed for both loads and never
+  adapted (the SLO - p99 calibrated step rule it replaced gave 0.89 ms on a host whose p99
+  step was host noise: a straw man); its cut is the coarsest whose slowest calibrated
   micro-step fits, and it starts a micro-step only if its calibrated time fits what is left (no
   overrun) (see `harli_jax.sched.scheduler`);
 - limit = fine-tune alone (whole steps, no serving) tokens/s x (1 - the share of wall time that
@@ -101,6 +102,7 @@ from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig  # no
 
 SLO_FACTOR, SLO_BATCH = 5.0, 16
 STATIC_SHARES = (1.0, 0.75, 0.5, 0.25)  # of the headroom static's budget is tuned among
+STATIC_BISECTIONS = 2  # then between the largest that met the SLO and the share above it
 # The table's columns; each run's other numbers go to the JSON's `runs`.
 ROW_KEYS = ("ft_tok_s", "slo_attainment", "tpot_p99_ms", "decode_mape", "decode_batch", "refused")
 
@@ -259,7 +261,8 @@ def measure_shape(llm: LLM, job: FineTuneJob, shape: str, setup: Setup, compile_
         ),
         static_rule=(
             "the largest of {1, 3/4, 1/2, 1/4} x (SLO - median calibrated decode step - loop "
-            "overhead) under which static keeps 99% of tokens within the SLO on a heavy-load trace "
+            "overhead), refined by two halvings of the gap to the share above it, under which "
+            "static keeps 99% of tokens within the SLO on a heavy-load trace "
             "of seed 1 (half the duration), fixed once for both loads (static_sweep); cut: the "
             "coarsest whose slowest calibrated micro-step fits; a micro-step runs only if its "
             "calibrated time fits what is left of the budget"
@@ -359,28 +362,45 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
 def tune_static(
     llm: LLM, job: FineTuneJob, base: ColocationScheduler, setup: Setup, slo_ms: float
 ) -> tuple[float, list[dict]]:
-    """Static's budget (ms), tuned offline as FlexLLM's token budget is: the largest of
-    ``STATIC_SHARES`` of the headroom (SLO - median calibrated decode step - loop overhead) under
-    which static keeps ``slo_target`` of its tokens within the SLO at the heavy load, on a
-    trace of another seed than the runs'. Chosen once, for both loads; 0 if none does. Also
+    """Static's budget (ms), tuned offline as FlexLLM's token budget is: the largest share of
+    the headroom (SLO - median calibrated decode step - loop overhead) under which static keeps
+    ``slo_target`` of its tokens within the SLO at the heavy load, on a trace of another seed
+    than the runs': the largest of ``STATIC_SHARES`` that does, then ``STATIC_BISECTIONS``
+    halvings of the gap to the share above it that did not (the quarter steps alone left static
+    up to a quarter of its headroom short). Chosen once, for both loads; 0 if none does. Also
     returns the sweep's (budget, attainment, tokens/s)."""
     config = SchedulerConfig("static", slo_ms * 1e-3)
     decode_s = float(np.median(base.calibration.inference_s))
     headroom_ms = (config.tpot_slo_s - decode_s - config.loop_overhead_s) * 1e3
     trace = load_trace(load_rate("heavy", setup, slo_ms), setup.duration_s / 2, setup, seed=1)
     sweep = []
-    for share in STATIC_SHARES:
+
+    def meets(share: float) -> bool:
         budget_ms = share * headroom_ms
-        config = dataclasses.replace(config, static_budget_s=budget_ms * 1e-3)
-        result = run_one(llm, job, trace, config, base)
+        tuned = dataclasses.replace(config, static_budget_s=budget_ms * 1e-3)
+        result = run_one(llm, job, trace, tuned, base)
         sweep.append(
             dict(budget_ms=budget_ms, slo_attainment=result["slo_attainment"],
                  ft_tok_s=result["ft_tok_s"])
         )  # fmt: skip
         say(f"static tuning: {budget_ms:.2f} ms -> {result['slo_attainment']:.4f} of tokens")
-        if result["slo_attainment"] >= config.slo_target:
-            return budget_ms, sweep
-    return 0.0, sweep
+        return result["slo_attainment"] >= config.slo_target
+
+    failed = None  # the smallest share that did not meet the SLO
+    for share in STATIC_SHARES:
+        if meets(share):
+            break
+        failed = share
+    else:
+        return 0.0, sweep
+    if failed is not None:
+        for _ in range(STATIC_BISECTIONS):
+            middle = (share + failed) / 2
+            if meets(middle):
+                share = middle
+            else:
+                failed = middle
+    return share * headroom_ms, sweep
 
 
 def warm_up(
