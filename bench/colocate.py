@@ -42,9 +42,10 @@ Everything is derived from measurements taken first, and recorded in the JSON:
     python3 bench/colocate.py --loads heavy          # ... merged into the same results file
     python3 bench/colocate.py --shapes tiny --quick --out /tmp/r  # CPU smoke run of every path
 
-A policy may name a fixed cut after a colon (`--policies harli,harli:1x22`): that run uses the
-cut (chunks x layer spans, `harli_jax.sched.runner.cut_name`) for every step, and its rows are
-keyed by the whole name.
+A policy may take variants after colons (`--policies harli,harli:1x22,static:serial`): a cut's
+name (chunks x layer spans, `harli_jax.sched.runner.cut_name`) fixes the cut of every step, and
+`serial` starts every fill once the host has seen the inference step end (no micro-step queued
+behind it). Such a run's rows are keyed by the whole name.
 
 `--timelines` keeps each run's timelines in its `runs` entry: every output token's TPOT sample,
 the fine-tune tokens, and every program (inference step or micro-step: start, family, seconds),
@@ -61,6 +62,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -338,10 +340,7 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
         )
         for policy in args.policies:
             say(f"{load} load, {policy}: {len(trace)} requests over {setup.duration_s:g} s ...")
-            name, _, cut = policy.partition(":")
-            config = SchedulerConfig(
-                name, slo_ms * 1e-3, static_budget_s=static_ms * 1e-3, fixed_cut=cut or None
-            )
+            config = policy_config(policy, slo_ms * 1e-3, static_ms * 1e-3)
             result = run_one(llm, job, trace, config, base, timeline=args.timelines)
             busy = results.busy_share("serve-only", load, shape)
             if policy == "serve-only":
@@ -433,6 +432,21 @@ def say(text: str) -> None:
     print(f"[{time.perf_counter() - _STARTED:6.0f} s] {text}", flush=True)
 
 
+def policy_config(spec: str, slo_s: float, static_budget_s: float) -> SchedulerConfig:
+    """The scheduler configuration of a ``--policies`` entry: a policy, then variants after
+    colons (a cut's name, or ``serial``; see the module docstring)."""
+    name, *variants = spec.split(":")
+    config = SchedulerConfig(name, slo_s, static_budget_s=static_budget_s)
+    for variant in variants:
+        if variant == "serial":
+            config.queue_behind = False
+        elif re.fullmatch(r"\d+x\d+", variant):
+            config.fixed_cut = variant
+        else:
+            raise ValueError(f"{spec!r}: {variant!r} is neither a cut (e.g. 1x22) nor 'serial'")
+    return config
+
+
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="tinyllama-1.1b", help="comma-separated SHAPES names")
@@ -451,6 +465,11 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, help="KV page size (default 64)")
     args = parser.parse_args()
     args.policies = [p for p in args.policies.split(",") if p]
+    for spec in args.policies:
+        try:
+            policy_config(spec, 1.0, 0.0)
+        except ValueError as error:
+            parser.error(f"--policies: {error}")
     args.loads = [load for load in args.loads.split(",") if load]
     for load in args.loads:
         if load not in LOADS:

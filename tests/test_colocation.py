@@ -356,6 +356,10 @@ def test_the_open_steps_next_micro_step_is_queued_behind_the_running_inference_s
     scheduler._slack.extend([0.010] * 64)
     scheduler.during_step(Running())
     assert len(dispatched) == 1
+    scheduler.jobs[0] = job  # fits again, but the configuration turns queueing behind off
+    scheduler.config.queue_behind = False
+    scheduler.during_step(Running())
+    assert len(dispatched) == 1
 
 
 def test_static_charges_a_queued_micro_step_to_its_budget():

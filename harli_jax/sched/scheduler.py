@@ -109,6 +109,9 @@ class SchedulerConfig:
     # A cut's name (runner.cut_name, e.g. "1x22") that "static" and "harli" always use; None:
     # each chooses its own (see the docstring).
     fixed_cut: str | None = None
+    # Whether "static" and "harli" queue a fill's first micro-step behind the running inference
+    # step (see `_queue_behind`); off, every fill starts once the host has seen the step end.
+    queue_behind: bool = True
     # A plan's margin: every prediction scaled by ``min_margin``, plus a quantile of how late
     # its family's recent predictions ran (in seconds): ``error_quantile`` for the inference
     # step, ``micro_step_error_quantile`` for each fine-tune micro-step (see the docstring).
@@ -217,7 +220,7 @@ class ColocationScheduler:
             job = self.jobs[0]
             try:
                 free_since = time.perf_counter()
-                if last:
+                if last and self.config.queue_behind:
                     self._queued_behind = self._queue_behind(job, running)
                 if self.config.policy == "harli":
                     carried = self.starts.while_running(job, running, free_since)
