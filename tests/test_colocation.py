@@ -8,6 +8,7 @@ import json
 import time
 from types import SimpleNamespace
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -374,3 +375,18 @@ def test_static_charges_a_queued_micro_step_to_its_budget():
     report = StepReport("forward/r4/t1/p2", {}, {"rows": 4.0}, 0.002, ended_at=time.perf_counter())
     scheduler._advance(job, report, will_prefill=False)
     assert dispatched == [0.003, 0.003]  # 7 ms: the queued one and one more, not a third
+
+
+def test_a_micro_step_queued_behind_the_step_runs_on_while_the_fill_is_planned():
+    """After a step, the scheduler plans the fill while the micro-step queued behind that step
+    runs; only an idle loop (no step waited for the programs in flight) waits for them first."""
+    scheduler, _ = scheduler_with_cuts(fake_job(), {0: [1.0]})
+    scheduler._work = lambda report, will_prefill: False
+    inflight = scheduler.runner.inflight
+    inflight.add(jnp.zeros(()), time.perf_counter(), 0.001, lambda *record: None)
+    cost, ended = {"flops": 0.0, "bytes accessed": 4e9}, time.perf_counter()
+    report = StepReport("forward/r4/t1/p2", cost, {"rows": 4.0}, 0.002, ended_at=ended)
+    scheduler.after_step(report)
+    assert len(inflight) == 1
+    scheduler.after_step(None)
+    assert len(inflight) == 0

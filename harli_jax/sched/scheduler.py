@@ -196,8 +196,10 @@ class ColocationScheduler:
         """Runs fine-tune work after an inference step (``report``; None if the loop is idle)
         before the next (which runs a prefill chunk if ``will_prefill``). Returns whether it ran
         any."""
-        self.drain()  # what the step did not wait for (it ran no program)
-        if report is not None:
+        if report is None:  # no step waited for the programs in flight (it ran none)
+            self.drain()
+        else:  # one queued behind the step runs on while the fill is planned
+            self.runner.inflight.hold_until(report.ended_at)
             # The predictor learns from the step once the fill's first program is queued (or
             # after the fill): its refits and quantiles are host time that would otherwise keep
             # the device idle between the step and the fill (0.45 ms on the H200's host, with
@@ -293,8 +295,6 @@ class ColocationScheduler:
         if report is None or self.config.policy == "naive":
             self._last_fill = None
             return self._run_whole_step(job)
-        if queued is not None:  # it started as the step's last program ended
-            self.runner.inflight.hold_until(report.ended_at)
         if self.config.policy == "static":
             return static.fill(self.config, self.runner, job, queued or 0.0) or queued is not None
         if self._last_fill is not None:
