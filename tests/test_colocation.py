@@ -4,6 +4,7 @@ each fine-tunes exactly as much as its rule allows."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from harli_jax.demo_task import write_dataset
 from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.config import LoraConfig
-from harli_jax.sched import static
+from harli_jax.sched import pricing, static
 from harli_jax.sched.calibration import (
     Calibration,
     inference_features,
@@ -272,11 +273,14 @@ def test_harli_budget_is_the_slo_less_the_next_step_with_its_absolute_margin():
     margin = predictor.quantile_error_s("inference", config.error_quantile)
     assert margin == pytest.approx(np.quantile(late, 0.99), abs=2e-4)
     expected = 0.02 - (predicted * 1.05 + margin) - config.loop_overhead_s
-    assert scheduler._harli_budget(decode, will_prefill=False) == pytest.approx(expected)
+    budget = functools.partial(
+        pricing.fill_budget, config, predictor, decode, prefill_steps=scheduler._prefill_steps
+    )
+    assert budget(will_prefill=False) == pytest.approx(expected)
     # Nothing known of prefill steps yet: a step that will run one leaves no budget.
-    assert scheduler._harli_budget(decode, will_prefill=True) <= 0
+    assert budget(will_prefill=True) <= 0
     scheduler._prefill_steps.extend([0.009, 0.012, 0.010])
-    prefill_budget = scheduler._harli_budget(decode, will_prefill=True)
+    prefill_budget = budget(will_prefill=True)
     assert prefill_budget == pytest.approx(0.02 - 0.012 - config.loop_overhead_s)
 
 
@@ -306,7 +310,8 @@ def test_a_micro_step_carries_the_p90_of_its_familys_lateness_not_the_p99():
     for extra in late:
         predictor.observe(key, predictor.predict(key) + extra)
     expected = predictor.predict(key) * 1.05 + np.quantile(late, 0.9)
-    assert scheduler._estimate("train/fwd", key) == pytest.approx(expected, abs=2e-5)
+    estimate = pricing.estimate(scheduler.config, predictor, "train/fwd", key)
+    assert estimate == pytest.approx(expected, abs=2e-5)
 
 
 class Running:

@@ -6,11 +6,8 @@ TPOT sample: the inference step plus whatever fine-tune work follows it. ``harli
 the paper) predicts the next inference step with the two-stage predictor, leaves the rest of the
 TPOT SLO to fine-tuning, and fills it greedily with micro-steps whose predicted time still fits.
 
-Each prediction carries a margin: 5% plus a quantile of how many seconds its family ran late
-recently (absolute, so a slow outlier of a short program does not scale every long one; at most
-half the prediction): the 99th for the inference step, one per iteration, and the 90th for
-micro-steps, several per iteration, whose margins add up (at the 99th, 0.3-1 ms each on the H100
-at heavy load). :class:`~harli_jax.sched.backoff.SloBackoff` then takes off what keeps 99.5% of
+Each prediction carries a margin (:mod:`harli_jax.sched.pricing`).
+:class:`~harli_jax.sched.backoff.SloBackoff` then takes off what keeps 99.5% of
 iterations within the SLO, counting only the overruns fine-tune work made; its target is above
 the SLO's 99% of tokens because the overruns it cannot count (the inference step alone outlasting
 the SLO, as right after fine-tune work it often ran slow) still cost tokens.
@@ -67,15 +64,14 @@ import numpy as np
 from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.train import MicroStep
-from harli_jax.sched import static
+from harli_jax.sched import pricing, static
 from harli_jax.sched.backoff import SloBackoff, miss_cause
 from harli_jax.sched.calibration import (
     Calibration,
     inference_features,
-    option_id,
 )
 from harli_jax.sched.costs import StepReport
-from harli_jax.sched.cut_choice import Planned, fewest_iterations
+from harli_jax.sched.cut_choice import fewest_iterations
 from harli_jax.sched.fill_gate import FillGate
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.runner import MicroStepRunner, cut_named, cuts, family, program_key
@@ -248,7 +244,7 @@ class ColocationScheduler:
         if self.config.policy == "static":
             seconds = static.fits(self.config, self.calibration, key)
         elif key in self.predictor and len(self._slack) >= 8:
-            seconds = self._estimate(family(micro.key), key)
+            seconds = pricing.estimate(self.config, self.predictor, family(micro.key), key)
             seconds = seconds if seconds <= np.quantile(self._slack, 0.1) else None
         else:
             seconds = None
@@ -304,7 +300,10 @@ class ColocationScheduler:
             return queued is not None
         # The next token is due one SLO after this step's: the host time since (the inbox,
         # learning from the step) comes out of the budget too.
-        deadline = report.ended_at + self._harli_budget(report, will_prefill)
+        budget = pricing.fill_budget(
+            self.config, self.predictor, report, will_prefill, self._prefill_steps
+        )
+        deadline = report.ended_at + budget
         deadline -= self.backoff.seconds
         # Cuts are chosen for the time fine-tuning actually gets: a cut chosen for the nominal
         # budget had micro-steps that never fitted what was left of it, and stalled its step.
@@ -328,24 +327,6 @@ class ColocationScheduler:
             self.gate.on_filled_iteration(iteration_s)
 
     # -- decisions --------------------------------------------------------------------------
-    def _harli_budget(self, report: StepReport, will_prefill: bool) -> float:
-        """The SLO minus the next inference step (with margin) and the loop overhead.
-
-        The next step is predicted as the one just run (same programs and batch) but after
-        fine-tune work, less the prefill chunk it ran if none follows (its decode program alone).
-        One that will add a prefill chunk the last did not run is priced as the slowest recent
-        such step: requests admitted next are known now, so its program is, but not its batch's
-        mix.
-        """
-        key, features = report.key, inference_features(report, after_train=True)
-        decode_key = key.rsplit("+", 1)[-1]
-        if "+" in key and not will_prefill and decode_key in self.predictor:
-            key, features = decode_key, {**features, "prefill_tokens": 0.0, "calls": 1.0}
-        next_step = self._estimate("inference", key, **features)
-        if will_prefill and not report.features.get("prefill_tokens"):
-            next_step = max(next_step, max(self._prefill_steps, default=self.config.tpot_slo_s))
-        return self.config.tpot_slo_s - next_step - self.config.loop_overhead_s
-
     def _harli_granularity(self, job: FineTuneJob) -> Granularity:
         """The cut that completes a step in the fewest recent budgets (ties: the coarser)."""
         if self.config.fixed_cut is not None:
@@ -353,31 +334,10 @@ class ColocationScheduler:
         options = cuts(job)
         if not self._slack:
             return options[-1]
-        planned = functools.partial(self._planned, job)
+        planned = functools.partial(
+            pricing.planned, self.config, self.predictor, self.calibration, job
+        )
         return fewest_iterations(options, planned, list(self._slack))
-
-    def _planned(self, job: FineTuneJob, option: Granularity) -> Planned | None:
-        """The expected seconds and margins of each micro-step of a step cut as ``option``, in
-        run order; None for a cut not yet calibrated."""
-        keys = self.calibration.cuts.get(option_id(job, option))
-        if not keys or any(key not in self.predictor for key in keys):
-            return None
-        # train/<shape>/<kind>/...: a cut repeats a few programs many times; price each once.
-        priced = {k: self._priced("train/" + k.split("/")[2], k) for k in set(keys)}
-        return [priced[k][0] for k in keys], [priced[k][1] for k in keys]
-
-    def _estimate(self, family: str, key: str, **features: float) -> float:
-        """Predicted seconds of program ``key`` with the family's safety margin."""
-        return sum(self._priced(family, key, **features))
-
-    def _priced(self, family: str, key: str, **features: float) -> tuple[float, float]:
-        """Program ``key``'s expected seconds (the prediction, scaled by ``min_margin``) and
-        the margin its family's recent lateness adds."""
-        predicted = self.predictor.predict(key, **features)
-        config = self.config
-        q = config.error_quantile if family == "inference" else config.micro_step_error_quantile
-        late = self.predictor.quantile_error_s(family, q)
-        return predicted * config.min_margin, min(late, predicted * config.max_late)
 
     # -- running ----------------------------------------------------------------------------
     def _fill(self, job: FineTuneJob, deadline: float, queued: bool = False) -> bool:
@@ -398,7 +358,7 @@ class ColocationScheduler:
             # Unknown programs are measured once when there is time to spare (idle loop).
             if key not in self.predictor:
                 break
-            estimate = self._estimate(family(micro.key), key)
+            estimate = pricing.estimate(self.config, self.predictor, family(micro.key), key)
             # The step it completes has the next start made alongside the next inference step.
             extra = self.starts.expected_delay() if micro.kind == "update" else 0.0
             if self.runner.inflight.busy_until() + estimate + extra > deadline:
