@@ -47,6 +47,9 @@ name (chunks x layer spans, `harli_jax.sched.runner.cut_name`) fixes the cut of 
 `serial` starts every fill once the host has seen the inference step end (no micro-step queued
 behind it). Such a run's rows are keyed by the whole name.
 
+`--bursty` replaces the Poisson arrivals of every trace by bursty ones (BurstGPT-like Gamma
+inter-arrival times, `harli_jax.sched.trace`), in a results file of its own.
+
 `--timelines` keeps each run's timelines in its `runs` entry: every output token's TPOT sample,
 the fine-tune tokens, and every program (inference step or micro-step: start, family, seconds),
 for per-iteration analysis of how a policy spent its fills.
@@ -463,6 +466,12 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--ckpt-root", type=Path, default=Path("/tmp/harli-bench-ckpt"))
     parser.add_argument("--jax-cache", type=Path, default=Path("/tmp/harli-bench-jax-cache"))
     parser.add_argument("--page-size", type=int, help="KV page size (default 64)")
+    parser.add_argument(
+        "--bursty",
+        action="store_true",
+        help="bursty arrivals (Gamma, coefficient of variation 2) for every trace, static's "
+        "tuning and harli's warm-up included; results go to colocate-<device>-bursty.json",
+    )
     args = parser.parse_args()
     args.policies = [p for p in args.policies.split(",") if p]
     for spec in args.policies:
@@ -488,7 +497,10 @@ def main() -> None:
         setup = dataclasses.replace(setup, duration_s=args.duration)
     if args.page_size is not None:
         setup = dataclasses.replace(setup, page_size=args.page_size)
-    results = Results.open(args.out / f"colocate-{common.device_name()}.json")
+    if args.bursty:
+        setup = dataclasses.replace(setup, bursty=True)
+    suffix = "-bursty" if args.bursty else ""
+    results = Results.open(args.out / f"colocate-{common.device_name()}{suffix}.json")
     for shape in [s for s in args.shapes.split(",") if s]:
         bench_shape(shape, args, setup, results)
     say(f"done in {time.perf_counter() - started:.0f} s")

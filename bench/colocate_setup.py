@@ -40,6 +40,7 @@ class Setup:
     ft_rows: int = 4
     ft_seq_len: int = 512
     decode_steps: int = 32  # timed steps per solo batch size
+    bursty: bool = False  # Gamma arrivals of coefficient of variation 2, not Poisson
     alone_steps: int = 10
 
 
@@ -146,6 +147,7 @@ def load_trace(rate: float, duration_s: float, setup: Setup, seed: int) -> list:
         duration_s,
         max_len=setup.max_model_len,
         seed=seed,
+        bursty=setup.bursty,
         mean_prompt=setup.mean_prompt,
         mean_output=setup.mean_output,
     )
