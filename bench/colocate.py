@@ -58,15 +58,11 @@ for per-iteration analysis of how a policy spent its fills.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
-import io
 import json
-import math
 import os
 import re
-import shlex
 import shutil
 import sys
 import tempfile
@@ -85,6 +81,7 @@ from bench import common  # noqa: E402  (sets the JAX allocator mode before jax 
 # isort: split
 import numpy as np  # noqa: E402
 
+from bench.colocate_results import Results, finite  # noqa: E402
 from bench.colocate_setup import (  # noqa: E402
     LOADS,
     QUICK,
@@ -187,62 +184,6 @@ def run_one(
         setup_s=ended - started - report["elapsed_s"],
         **({"timeline": report["timeline"]} if timeline else {}),
     )
-
-
-@dataclasses.dataclass
-class Results:
-    """What the JSON holds: table rows, each run's other numbers, per shape what the runs were
-    derived from, and every invocation's command. Loaded from the file if it exists (same
-    device), merged by (policy, load, model), saved after every run."""
-
-    path: Path
-    rows: list[dict] = dataclasses.field(default_factory=list)
-    runs: list[dict] = dataclasses.field(default_factory=list)
-    measured: dict[str, dict] = dataclasses.field(default_factory=dict)
-    commands: list[str] = dataclasses.field(default_factory=list)
-
-    @classmethod
-    def open(cls, path: Path) -> Results:
-        results = cls(path)
-        if path.is_file():
-            old = json.loads(path.read_text())
-            if old.get("device") == common.device_name():
-                results.rows, results.runs = old.get("rows", []), old.get("runs", [])
-                results.measured = old.get("measured", {})
-                results.commands = old.get("commands") or [old["command"]]
-            else:
-                say(f"{path} holds {old.get('device')} results: replacing them")
-        results.commands.append(shlex.join(["python3", *sys.argv]))
-        return results
-
-    def put(self, row: dict, run: dict) -> None:
-        """Adds a run's row and details, replacing any of the same (policy, load, model)."""
-        ident = (row["policy"], row["load"], row["model"])
-        same = lambda r: (r["policy"], r["load"], r["model"]) == ident  # noqa: E731
-        self.rows = [r for r in self.rows if not same(r)] + [row]
-        self.runs = [r for r in self.runs if not same(r)] + [run]
-        order = {p: i for i, p in enumerate(POLICY_ORDER)}
-        key = lambda r: (r["model"], r["load"] != "light", order.get(r["policy"], 9))  # noqa: E731
-        self.rows.sort(key=key)
-        self.runs.sort(key=key)
-
-    def busy_share(self, policy: str, load: str, model: str) -> float | None:
-        for run in self.runs:
-            if (run["policy"], run["load"], run["model"]) == (policy, load, model):
-                return run.get("busy_share")
-        return None
-
-    def save(self, final: bool = False, **top) -> None:
-        """Writes the file (``partial`` until the invocation ends), so a timeout keeps it."""
-        top = dict(runs=self.runs, measured=self.measured, commands=self.commands, **top)
-        if final:
-            common.write_result(self.path, self.rows, self.commands[-1], **top)
-            return
-        with contextlib.redirect_stdout(io.StringIO()):
-            common.write_result(self.path, self.rows, self.commands[-1], partial=True, **top)
-
-
-POLICY_ORDER = ("serve-only", "harli", "static", "naive")
 
 
 def measure_shape(llm: LLM, job: FineTuneJob, shape: str, setup: Setup, compile_s: float) -> dict:
@@ -353,10 +294,8 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
             row |= {k: result.pop(k) for k in ROW_KEYS}
             row["limit_ft_tok_s"] = limit
             row["share_of_limit"] = row["ft_tok_s"] / limit if limit else None
-            results.put(
-                _finite(row), _finite(dict(policy=policy, load=load, model=shape, **result))
-            )
-            say(json.dumps(_finite(row)))
+            results.put(finite(row), finite(dict(policy=policy, load=load, model=shape, **result)))
+            say(json.dumps(finite(row)))
             results.save()
     shutil.rmtree(work, ignore_errors=True)
 
@@ -420,11 +359,6 @@ def warm_up(
     return {
         key: result[key] for key in ("ft_tok_s", "slo_attainment", "slo_backoff_ms", "fill_share")
     }
-
-
-def _finite(row: dict) -> dict:
-    """NaN (e.g. no TPOT sample) as None, so the JSON is standard."""
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
 _STARTED = time.perf_counter()
