@@ -161,10 +161,10 @@ def test_harli_picks_the_cut_that_finishes_a_step_in_fewest_iterations():
     scheduler, options = scheduler_with_cuts(job, {0: [6.0] * 4, 1: [3.0] * 8})
     scheduler._slack.extend([0.010] * 8)
     assert scheduler._harli_granularity(job) == options[1]
-    # Equal iteration counts: the finer cut (a late micro-step of it runs over by less).
+    # Equal iteration counts: the coarser cut (fewer, larger micro-steps waste less).
     scheduler, options = scheduler_with_cuts(job, {0: [4.0] * 4, 1: [2.0] * 8})
     scheduler._slack.extend([0.010] * 8)
-    assert scheduler._harli_granularity(job) == options[1]
+    assert scheduler._harli_granularity(job) == options[0]
     # A cut with a micro-step no recent budget fits is never chosen.
     scheduler, options = scheduler_with_cuts(job, {0: [12.0, 1.0], 1: [6.0] * 4})
     scheduler._slack.extend([0.010] * 8)

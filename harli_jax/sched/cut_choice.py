@@ -1,12 +1,9 @@
 """Harli's choice of how to cut a train step into micro-steps.
 
 The cut whose micro-steps, packed in order into the fine-tune budgets recent iterations left,
-finish a step in the fewest iterations; ties go to the finer cut. A finer cut's programs cost a
-little more in all (which the packing sees), but a late one runs over by less, and the SLO
-backoff that overruns drive comes off every iteration's budget: on the H100 at heavy load,
-harli mixing 1 x 11 into its cuts backed off 1.8-2.3 ms, and with 1 x 22 alone 0.2-0.6 ms,
-training 6-11% more in the same runs (bench/NOTES.md, session 18). A coarse cut whose big
-micro-steps fit only every other budget, or leave most of each budget unused, loses anyway.
+finish a step in the fewest iterations; ties go to the coarser cut, whose larger micro-steps
+waste less. A coarse cut whose big micro-steps fit only every other budget, or leave most of
+each budget unused, loses to a finer one.
 
 The packing prices micro-steps as a fill does: a fill charges the program in flight and the next
 their margins, and the programs before them what they took, so an iteration's margins do not add
@@ -30,7 +27,7 @@ def fewest_iterations(
     planned: Callable[[Granularity], Planned | None],
     budgets: list[float],
 ) -> Granularity:
-    """The last of ``options`` (coarsest first) whose micro-steps, ``planned(option)`` (None:
+    """The first of ``options`` (coarsest first) whose micro-steps, ``planned(option)`` (None:
     not calibrated, passed over), finish a step in the fewest of ``budgets``; the last option
     where none is known."""
     best, fewest = options[-1], math.inf
@@ -39,7 +36,7 @@ def fewest_iterations(
         if plan is None:
             continue
         iterations = iterations_per_step(*plan, budgets)
-        if iterations <= fewest:
+        if iterations < fewest:
             best, fewest = option, iterations
     return best
 

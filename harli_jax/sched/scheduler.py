@@ -328,7 +328,7 @@ class ColocationScheduler:
 
     # -- decisions --------------------------------------------------------------------------
     def _harli_granularity(self, job: FineTuneJob) -> Granularity:
-        """The cut that completes a step in the fewest recent budgets (ties: the finer)."""
+        """The cut that completes a step in the fewest recent budgets (ties: the coarser)."""
         if self.config.fixed_cut is not None:
             return cut_named(job, self.config.fixed_cut)
         options = cuts(job)
