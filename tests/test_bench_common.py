@@ -219,3 +219,17 @@ def test_out_of_memory_returns_none(tiny_ckpt: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(hf_baseline, "load_model", no_memory)
     assert hf_baseline.hf_decode_step_ms(tiny_ckpt, 128, 4096, compile=False) is None
+
+
+def test_a_colocate_policy_entry_names_a_policy_and_its_variants():
+    """`--policies harli:1x22:serial` fixes the cut and starts every fill after the step; a
+    variant that is neither is refused by name, before any device work."""
+    from bench.colocate import policy_config
+
+    config = policy_config("harli:1x22:serial", 0.02, 0.005)
+    assert (config.policy, config.fixed_cut, config.queue_behind) == ("harli", "1x22", False)
+    assert policy_config("static", 0.02, 0.005).queue_behind
+    with pytest.raises(ValueError, match="'fast' is neither a cut"):
+        policy_config("harli:fast", 0.02, 0.005)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        policy_config("greedy", 0.02, 0.005)
