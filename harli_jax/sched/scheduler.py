@@ -238,9 +238,9 @@ class ColocationScheduler:
         if job.done or not job.in_step or running.is_ready():
             return None
         micro = job.next_micro_step(cuts(job)[-1])  # the open plan decides
-        key = program_key(job, micro.key)
         if micro.kind == "update":
             return None
+        key = program_key(job, micro.key)
         if self.config.policy == "static":
             seconds = static.fits(self.config, self.calibration, key)
         elif key in self.predictor and len(self._slack) >= 8:

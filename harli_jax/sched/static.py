@@ -59,8 +59,9 @@ def fill(
     (calibrated seconds already dispatched in this iteration) left of the budget; returns
     whether it dispatched any."""
     calibration = runner.calibration
-    granularity = _cut_within(config, calibration, job, budget(config, calibration))
-    seconds_left, ran = budget(config, calibration) - spent, False
+    whole = budget(config, calibration)
+    granularity = _cut_within(config, calibration, job, whole)
+    seconds_left, ran = whole - spent, False
     while not job.done:
         micro = job.next_micro_step(granularity)
         if micro is None:
