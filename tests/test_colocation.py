@@ -161,8 +161,12 @@ def test_harli_picks_the_cut_that_finishes_a_step_in_fewest_iterations():
     scheduler, options = scheduler_with_cuts(job, {0: [6.0] * 4, 1: [3.0] * 8})
     scheduler._slack.extend([0.010] * 8)
     assert scheduler._harli_granularity(job) == options[1]
-    # Equal iteration counts: the coarser cut (fewer, larger micro-steps waste less).
+    # Equal iteration counts: the finer layer span (less of each budget left unused)...
     scheduler, options = scheduler_with_cuts(job, {0: [4.0] * 4, 1: [2.0] * 8})
+    scheduler._slack.extend([0.010] * 8)
+    assert scheduler._harli_granularity(job) == options[1]
+    # ...but never a row split (options[2] runs each layer twice): it must take fewer.
+    scheduler, options = scheduler_with_cuts(job, {0: [4.0] * 4, 2: [1.0] * 16})
     scheduler._slack.extend([0.010] * 8)
     assert scheduler._harli_granularity(job) == options[0]
     # A cut with a micro-step no recent budget fits is never chosen.
