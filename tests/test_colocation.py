@@ -175,6 +175,15 @@ def test_harli_picks_the_cut_that_finishes_a_step_in_fewest_iterations():
     assert scheduler._harli_granularity(job) == options[1]
 
 
+def test_harli_starts_with_the_finest_layer_span_before_any_budget_is_seen():
+    """Before its first fill harli knows no budget: its first step is cut one layer a span
+    (options[1] here), not one row a chunk (options[-1]), whose tiny micro-steps priced filling
+    below idle-time training on the H100 and kept harli from filling for the rest of the run."""
+    job = fake_job()
+    scheduler, options = scheduler_with_cuts(job, {1: [2.0] * 8, 3: [0.5] * 32})
+    assert scheduler._harli_granularity(job) == options[1]
+
+
 def test_a_step_that_stops_fitting_is_dropped_and_cut_again():
     """An open step never changes its cut: when its next micro-step (15 ms) fits none of the
     budgets the load now leaves (10 ms), it is abandoned after `_STALL_LIMIT` iterations in a

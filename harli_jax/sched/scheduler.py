@@ -328,12 +328,11 @@ class ColocationScheduler:
 
     # -- decisions --------------------------------------------------------------------------
     def _harli_granularity(self, job: FineTuneJob) -> Granularity:
-        """The cut that completes a step in the fewest recent budgets (ties: the coarser)."""
+        """The cut that completes a step in the fewest recent budgets (see
+        :func:`~harli_jax.sched.cut_choice.fewest_iterations`)."""
         if self.config.fixed_cut is not None:
             return cut_named(job, self.config.fixed_cut)
         options = cuts(job)
-        if not self._slack:
-            return options[-1]
         planned = functools.partial(
             pricing.planned, self.config, self.predictor, self.calibration, job
         )
