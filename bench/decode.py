@@ -21,7 +21,7 @@ at position `context - 1`, so it attends to `context` keys.
     python3 bench/decode.py --part hf --out /tmp/hf.json           # HF rows alone
     python3 bench/decode.py --part ours --hf-json /tmp/hf.json     # ours, merged with those
     python3 bench/decode.py --part ours --profile --variants reference,kernel --batches 1,32
-    python3 bench/decode.py --part ours --projection reduce --batches 1   # multiply-reduce GEMVs
+    python3 bench/decode.py --part ours --projection dot --batches 1   # one-row GEMMs, the A/B base
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--variants", default="", help=f"extra step variants: {sorted(VARIANTS)}")
     parser.add_argument(
         "--projection",
-        choices=("reduce",),
-        help="trace every program of the ours part (ours_ms included) with this projection of "
-        "few rows (decode_bench.projection)",
+        choices=("dot",),
+        help="trace every program of the ours part (ours_ms included) with one-row projections "
+        "as this (decode_bench.projection)",
     )
     parser.add_argument("--deadline-s", type=float, default=1e9, help="start no row after this")
     return parser.parse_args()

@@ -26,8 +26,9 @@ from harli_jax.engine.steps import make_decode_steps, make_forward_step
 from harli_jax.kernels import paged_attention
 from harli_jax.kernels.paged_attention import Tuning
 from harli_jax.memory.kv_cache import KVCache, PagedBatch
+from harli_jax.models import llama
 from harli_jax.models.config import ModelConfig
-from harli_jax.models.llama import Linear, Llama
+from harli_jax.models.llama import Llama
 from harli_jax.models.loading import from_pretrained
 
 PAGE_SIZE = 16
@@ -73,9 +74,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "triton-all-fusions": dict(
         attention="pallas", options={"xla_gpu_experimental_all_fusions_with_triton": True}
     ),
-    # Projections of a few rows as a float32 multiply-reduce, into which XLA may fuse the
-    # RMSNorm's scale and SiLU x up (bench/projection_probe.py, bench/NOTES.md session 17).
-    "matvec-reduce": dict(attention="pallas", projection="reduce"),
+    # One-row projections through the GEMM, as before the model's multiply-reduce (bench/NOTES.md,
+    # decode sessions 17-19).
+    "dot-projections": dict(attention="pallas", projection="dot"),
     "greedy-no-sampler": dict(attention="pallas", program="greedy"),
     # The full sampler (top-k/top-p sort, random bits, top logprobs), as every step ran it before
     # the engine picked sampler variants per batch.
@@ -160,33 +161,21 @@ def _step_args(inputs: tuple) -> tuple[tuple, tuple]:
     return separate, (jnp.asarray(packed),)
 
 
-REDUCE_ROWS = 4  # the most rows a "reduce" projection takes; more go to the dot
-
-
 @contextlib.contextmanager
 def projection(kind: str | None) -> Iterator[None]:
-    """Traces the model's projections of up to ``REDUCE_ROWS`` rows as ``kind`` ("reduce": a
-    float32 multiply-reduce over the weight's input axis; None: the model's own dot)."""
+    """Traces the model's projections as ``kind``: "dot" sends one-row projections to the GEMM
+    as well (the model before :func:`harli_jax.models.llama.matvec`, the baseline of its A/B);
+    None: the model's own choice."""
     if kind is None:
         yield
         return
-    if kind != "reduce":
+    if kind != "dot":
         raise ValueError(f"unknown projection {kind!r}")
-    dot = Linear.__call__
-
-    def reduce(self: Linear, x: jax.Array) -> jax.Array:
-        if int(np.prod(x.shape[:-1])) > REDUCE_ROWS:
-            return dot(self, x)
-        weight = self.weight[...]
-        product = x.astype(jnp.float32)[..., None, :] * weight.astype(jnp.float32)
-        y = jnp.sum(product, -1).astype(weight.dtype)
-        return y if self.bias is None else y + self.bias[...]
-
-    Linear.__call__ = reduce
+    before, llama.MATVEC_BACKENDS = llama.MATVEC_BACKENDS, frozenset()
     try:
         yield
     finally:
-        Linear.__call__ = dot
+        llama.MATVEC_BACKENDS = before
 
 
 @contextlib.contextmanager

@@ -96,3 +96,23 @@ def test_missing_tensor_is_named(broken):
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"'model\.layers\.2\..*' is missing"):
         LLM(broken)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_projection_matches_a_float64_product_on_the_matvec_path(monkeypatch, rows):
+    """A one-row projection runs as a multiply-reduce where `MATVEC_BACKENDS` says (the GPU);
+    here it is let onto the CPU. Either path is the float64 product, to bf16 rounding."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from harli_jax.models import llama
+
+    monkeypatch.setattr(llama, "MATVEC_BACKENDS", frozenset({jax.default_backend()}))
+    linear = llama.Linear(96, 40, bias=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    linear.bias[...] = jnp.linspace(-1, 1, 40, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (rows, 1, 96), jnp.bfloat16)
+    expected = np.asarray(x, np.float64) @ np.asarray(linear.weight[...], np.float64).T
+    expected += np.asarray(linear.bias[...], np.float64)
+    got = np.asarray(jax.jit(linear.__call__)(x), np.float64)
+    np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-3)

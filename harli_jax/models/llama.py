@@ -21,8 +21,24 @@ from harli_jax.models.rope import apply_rope, inverse_frequencies
 _MASKED = -1e30  # finite, so a fully masked (padded) row gives a uniform softmax, not NaN
 
 
+# Backends on which a one-row projection runs as a multiply-reduce (see `Linear`).
+MATVEC_BACKENDS = frozenset({"gpu"})
+
+
+def matvec(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """``x @ weight.T`` for ``x`` of one row, as a float32 multiply-reduce over the input axis."""
+    product = x.astype(jnp.float32)[..., None, :] * weight.astype(jnp.float32)
+    return jnp.sum(product, -1).astype(weight.dtype)
+
+
 class Linear(nnx.Module):
-    """``x @ weight.T + bias`` with the weight in HF's ``[out, in]`` layout."""
+    """``x @ weight.T + bias`` with the weight in HF's ``[out, in]`` layout.
+
+    One row (a batch-1 decode step) goes through :func:`matvec` on ``MATVEC_BACKENDS``: on the
+    H100, XLA's reduce fusion reads the weight faster than its GEMM fusion does for one row, and
+    the whole batch-1 decode step ran 5% faster for the TinyLlama and the Llama-3-8B shapes. From
+    two rows the GEMM wins (batch 2: the reduce 23% slower; batch 4: 68%).
+    """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
@@ -30,7 +46,11 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        weight = self.weight[...]
+        if x.size == x.shape[-1] and jax.default_backend() in MATVEC_BACKENDS:
+            y = matvec(x, weight)
+        else:
+            y = jnp.einsum("...i,oi->...o", x, weight)
         return y if self.bias is None else y + self.bias[...]
 
 
