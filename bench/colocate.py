@@ -207,8 +207,8 @@ def measure_shape(llm: LLM, job: FineTuneJob, shape: str, setup: Setup, compile_
         ),
         static_rule=(
             "the largest of {1, 3/4, 1/2, 1/4} x (SLO - median calibrated decode step - loop "
-            "overhead), refined by two halvings of the gap to the share above it, under which "
-            "static keeps 99% of tokens within the SLO on a heavy-load trace "
+            "overhead) (0 if none), refined by two halvings of the gap to the share above it, "
+            "under which static keeps 99% of tokens within the SLO on a heavy-load trace "
             "of seed 1 (half the duration), fixed once for both loads (static_sweep); cut: the "
             "coarsest whose slowest calibrated micro-step fits; a micro-step runs only if its "
             "calibrated time fits what is left of the budget"
@@ -308,8 +308,9 @@ def tune_static(
     ``slo_target`` of its tokens within the SLO at the heavy load, on a trace of another seed
     than the runs': the largest of ``STATIC_SHARES`` that does, then ``STATIC_BISECTIONS``
     halvings of the gap to the share above it that did not (the quarter steps alone left static
-    up to a quarter of its headroom short). Chosen once, for both loads; 0 if none does. Also
-    returns the sweep's (budget, attainment, tokens/s)."""
+    up to a quarter of its headroom short). Chosen once, for both loads; where none does, the
+    halvings run from 0 (bursty traffic failed every quarter step on the H100). Also returns
+    the sweep's (budget, attainment, tokens/s)."""
     config = SchedulerConfig("static", slo_ms * 1e-3)
     decode_s = float(np.median(base.calibration.inference_s))
     headroom_ms = (config.tpot_slo_s - decode_s - config.loop_overhead_s) * 1e3
@@ -332,8 +333,8 @@ def tune_static(
         if meets(share):
             break
         failed = share
-    else:
-        return 0.0, sweep
+    else:  # none did: halve toward no fine-tuning in iterations at all
+        share = 0.0
     if failed is not None:
         for _ in range(STATIC_BISECTIONS):
             middle = (share + failed) / 2
