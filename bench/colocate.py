@@ -99,8 +99,9 @@ from harli_jax.colocate import calibrate, run_colocated  # noqa: E402
 from harli_jax.engine.finetune import FineTuneJob  # noqa: E402
 from harli_jax.engine.metrics import EngineMetrics  # noqa: E402
 from harli_jax.llm import LLM  # noqa: E402
+from harli_jax.sched.config import SchedulerConfig  # noqa: E402
 from harli_jax.sched.roofline import measure_device_rates  # noqa: E402
-from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig  # noqa: E402
+from harli_jax.sched.scheduler import ColocationScheduler  # noqa: E402
 
 SLO_FACTOR, SLO_BATCH = 5.0, 16
 STATIC_SHARES = (1.0, 0.75, 0.5, 0.25)  # of the headroom static's budget is tuned among

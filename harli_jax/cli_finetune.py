@@ -112,7 +112,7 @@ def _finetune_parser(sub) -> Callable:
 def _train_colocated(args: argparse.Namespace) -> None:
     from harli_jax.colocate import run_colocated, write_report
     from harli_jax.demo_task import accuracy
-    from harli_jax.sched.scheduler import SchedulerConfig
+    from harli_jax.sched.config import SchedulerConfig
     from harli_jax.sched.trace import load_trace, synthetic_trace
 
     try:
@@ -183,7 +183,7 @@ def _print_report(report: dict, out: Path) -> None:
 
 
 def _train_colocated_parser(sub) -> Callable:
-    from harli_jax.sched.scheduler import POLICIES
+    from harli_jax.sched.config import POLICIES
 
     p = sub.add_parser("train-colocated", help="serve a request trace while fine-tuning")
     add_model_args(p)

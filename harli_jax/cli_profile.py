@@ -134,10 +134,11 @@ def _profile(args: argparse.Namespace) -> None:
     from harli_jax.lora.config import LoraConfig
     from harli_jax.lora.data import DataError
     from harli_jax.sched.calibration import job_shape
+    from harli_jax.sched.config import SchedulerConfig
     from harli_jax.sched.predictor import Predictor
     from harli_jax.sched.roofline import measure_device_rates
     from harli_jax.sched.runner import cuts
-    from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
+    from harli_jax.sched.scheduler import ColocationScheduler
 
     if args.tpot_slo_ms <= 0:
         raise UsageError(f"--tpot-slo-ms={args.tpot_slo_ms} must be positive")

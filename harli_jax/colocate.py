@@ -26,10 +26,11 @@ from harli_jax.engine.sampling import SamplingParams
 from harli_jax.llm import LLM
 from harli_jax.sched import static
 from harli_jax.sched.calibration import Calibration
+from harli_jax.sched.config import SchedulerConfig
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.roofline import measure_device_rates
 from harli_jax.sched.runner import cut_name
-from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
+from harli_jax.sched.scheduler import ColocationScheduler
 from harli_jax.sched.trace import TracedRequest
 
 

@@ -28,12 +28,13 @@ from harli_jax.sched.calibration import (
     option_id,
     train_key,
 )
+from harli_jax.sched.config import SchedulerConfig
 from harli_jax.sched.costs import StepReport
 from harli_jax.sched.cut_choice import iterations_per_step
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.roofline import DeviceRates, measure_device_rates
 from harli_jax.sched.runner import cuts
-from harli_jax.sched.scheduler import _STALL_LIMIT, ColocationScheduler, SchedulerConfig
+from harli_jax.sched.scheduler import _STALL_LIMIT, ColocationScheduler
 from harli_jax.sched.trace import synthetic_trace
 
 

@@ -14,11 +14,12 @@ from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob, granularities
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.config import LoraConfig
 from harli_jax.sched.calibration import Calibration
+from harli_jax.sched.config import SchedulerConfig
 from harli_jax.sched.inflight import InFlight
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.roofline import DeviceRates
 from harli_jax.sched.runner import MicroStepRunner
-from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
+from harli_jax.sched.scheduler import ColocationScheduler
 
 
 class Clock:

@@ -34,9 +34,10 @@ from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.config import LoraConfig
 from harli_jax.lora.data import PackedBatches, load_jsonl
 from harli_jax.lora.peft_io import load_adapter
+from harli_jax.sched.config import SchedulerConfig
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.roofline import measure_device_rates
-from harli_jax.sched.scheduler import ColocationScheduler, SchedulerConfig
+from harli_jax.sched.scheduler import ColocationScheduler
 
 BASE_LR = 2e-4  # what learning_rate_multiplier multiplies
 DEFAULTS: dict[str, Any] = {

@@ -11,16 +11,13 @@ at heavy load).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.sched.calibration import Calibration, inference_features, option_id
+from harli_jax.sched.config import SchedulerConfig
 from harli_jax.sched.costs import StepReport
 from harli_jax.sched.cut_choice import Planned
 from harli_jax.sched.predictor import Predictor
-
-if TYPE_CHECKING:
-    from harli_jax.sched.scheduler import SchedulerConfig
 
 
 def priced(

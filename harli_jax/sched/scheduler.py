@@ -50,7 +50,6 @@ step under a scheduler may compile, so it is not a latency sample.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import math
 import time
@@ -70,6 +69,7 @@ from harli_jax.sched.calibration import (
     Calibration,
     inference_features,
 )
+from harli_jax.sched.config import SchedulerConfig
 from harli_jax.sched.costs import StepReport
 from harli_jax.sched.cut_choice import fewest_iterations
 from harli_jax.sched.fill_gate import FillGate
@@ -77,11 +77,15 @@ from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.runner import MicroStepRunner, cut_named, cuts, family, program_key
 from harli_jax.sched.step_starts import StepStarts
 
-POLICIES = ("serve-only", "naive", "static", "harli")
 _STALL_LIMIT = 8  # iterations an open step may wait for a micro-step to fit
 # Stage 2 fits one correction per family: inference steps, and each kind of train micro-step
 # (a forward span, a backward span, the loss head, the optimiser update differ in shape).
 FAMILIES = ("inference", "train/fwd", "train/bwd", "train/head", "train/update")
+
+
+def _open_micro_step(job: FineTuneJob) -> MicroStep:
+    """The open step's next micro-step (its plan fixed the cut; the one passed is not read)."""
+    return job.next_micro_step(cuts(job)[-1])
 
 
 class _Fill(NamedTuple):
@@ -94,41 +98,6 @@ class _Fill(NamedTuple):
     deadline: float
     returned: float
     dispatched: bool
-
-
-@dataclasses.dataclass
-class SchedulerConfig:
-    policy: str = "harli"
-    tpot_slo_s: float = 0.05
-    # For "static": fine-tune seconds per iteration; None: SLO - p99 calibrated decode step.
-    static_budget_s: float | None = None
-    # A cut's name (runner.cut_name, e.g. "1x22") that "static" and "harli" always use; None:
-    # each chooses its own (see the docstring).
-    fixed_cut: str | None = None
-    # Whether "static" and "harli" queue a fill's first micro-step behind the running inference
-    # step (see `_queue_behind`); off, every fill starts once the host has seen the step end.
-    queue_behind: bool = True
-    # A plan's margin: every prediction scaled by ``min_margin``, plus a quantile of how late
-    # its family's recent predictions ran (in seconds): ``error_quantile`` for the inference
-    # step, ``micro_step_error_quantile`` for each fine-tune micro-step (see the docstring).
-    min_margin: float = 1.05
-    error_quantile: float = 0.99
-    micro_step_error_quantile: float = 0.9
-    # ... capped at this share of the prediction: a rarer outlier than that (a GC pause, a
-    # family's few samples all being one) is no margin's to absorb; it falls in the SLO's 1%.
-    max_late: float = 0.5
-    loop_overhead_s: float = 0.0005  # host time between steps the predictor does not see
-    # The share of output tokens the SLO asks to be within it (what `static` is tuned for).
-    slo_target: float = 0.99
-    # The share of harli's fine-tuning iterations its backoff keeps within the SLO (see the
-    # module docstring and SloBackoff).
-    backoff_target: float = 0.995
-
-    def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if self.tpot_slo_s <= 0:
-            raise ValueError(f"the TPOT SLO must be positive, got {self.tpot_slo_s}")
 
 
 class ColocationScheduler:
@@ -146,11 +115,12 @@ class ColocationScheduler:
         self.metrics = metrics
         self.jobs: deque[FineTuneJob] = deque()
         self._slack = deque(maxlen=64)  # recent fine-tune budgets, for choosing granularity
-        # Tokens go to the metrics of the moment: a run swaps in its own.
-        on_tokens = lambda tokens: self.metrics.on_finetune_tokens(tokens)  # noqa: E731
-        on_program = lambda *program: self.metrics.on_program(*program)  # noqa: E731
+        # Tokens and programs go to the metrics of the moment: a run swaps in its own.
         self.runner = MicroStepRunner(
-            predictor, calibration or Calibration(), on_tokens, on_program
+            predictor,
+            calibration or Calibration(),
+            on_tokens=lambda tokens: self.metrics.on_finetune_tokens(tokens),
+            on_program=lambda *program: self.metrics.on_program(*program),
         )
         self._seen_inference: set[str] = set()  # a program's first step may compile
         self._after_train = False  # whether fine-tune work ran since the last inference step
@@ -237,7 +207,7 @@ class ColocationScheduler:
         budget. Returns the seconds it charged the fill (None: it dispatched nothing)."""
         if job.done or not job.in_step or running.is_ready():
             return None
-        micro = job.next_micro_step(cuts(job)[-1])  # the open plan decides
+        micro = _open_micro_step(job)
         if micro.kind == "update":
             return None
         key = program_key(job, micro.key)
@@ -386,7 +356,7 @@ class ColocationScheduler:
         """The open step's next micro-step; or, if a start fits before ``deadline``, the first
         of a new step (the inference step before did not leave one started)."""
         if job.in_step:
-            return job.next_micro_step(cuts(job)[-1])  # the open plan decides
+            return _open_micro_step(job)
         return self.starts.before(job, deadline)
 
     def _run_whole_step(self, job: FineTuneJob) -> bool:

@@ -8,16 +8,13 @@ this is the fair fixed budget.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from harli_jax.engine.finetune import FineTuneJob, Granularity
 from harli_jax.sched.calibration import Calibration, option_id
+from harli_jax.sched.config import SchedulerConfig
 from harli_jax.sched.runner import MicroStepRunner, cut_named, cuts, program_key
-
-if TYPE_CHECKING:
-    from harli_jax.sched.scheduler import SchedulerConfig
 
 
 def budget(config: SchedulerConfig, calibration: Calibration) -> float:

@@ -1,0 +1,47 @@
+"""What a :class:`~harli_jax.sched.scheduler.ColocationScheduler` is told: the policy, the TPOT
+SLO, and the knobs of its margins and baselines. The policies are described in
+:mod:`harli_jax.sched.scheduler`; the margins in :mod:`harli_jax.sched.pricing`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+POLICIES = ("serve-only", "naive", "static", "harli")
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    """One scheduler's policy (one of ``POLICIES``), TPOT SLO and knobs."""
+
+    policy: str = "harli"
+    tpot_slo_s: float = 0.05
+    # For "static": fine-tune seconds per iteration; None: SLO - p99 calibrated decode step.
+    static_budget_s: float | None = None
+    # A cut's name (runner.cut_name, e.g. "1x22") that "static" and "harli" always use; None:
+    # each chooses its own (harli_jax.sched.cut_choice; static's in harli_jax.sched.static).
+    fixed_cut: str | None = None
+    # Whether "static" and "harli" queue a fill's first micro-step behind the running inference
+    # step (ColocationScheduler._queue_behind); off, every fill starts once the host has seen
+    # the step end.
+    queue_behind: bool = True
+    # A plan's margin: every prediction scaled by ``min_margin``, plus a quantile of how late
+    # its family's recent predictions ran (in seconds): ``error_quantile`` for the inference
+    # step, ``micro_step_error_quantile`` for each fine-tune micro-step (harli_jax.sched.pricing).
+    min_margin: float = 1.05
+    error_quantile: float = 0.99
+    micro_step_error_quantile: float = 0.9
+    # ... capped at this share of the prediction: a rarer outlier than that (a GC pause, a
+    # family's few samples all being one) is no margin's to absorb; it falls in the SLO's 1%.
+    max_late: float = 0.5
+    loop_overhead_s: float = 0.0005  # host time between steps the predictor does not see
+    # The share of output tokens the SLO asks to be within it (what `static` is tuned for).
+    slo_target: float = 0.99
+    # The share of harli's fine-tuning iterations its backoff keeps within the SLO (see
+    # harli_jax.sched.scheduler's docstring and SloBackoff).
+    backoff_target: float = 0.995
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.tpot_slo_s <= 0:
+            raise ValueError(f"the TPOT SLO must be positive, got {self.tpot_slo_s}")
