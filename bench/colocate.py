@@ -263,7 +263,7 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
         key.split("/", 2)[2]: 1e3 * s for key, s in sorted(base.calibration.seconds.items())
     }
     static_ms = 0.0
-    policies = {name.split(":")[0] for name in args.policies}
+    policies = {policy_config(name, slo_ms * 1e-3, 0.0).policy for name in args.policies}
     if "static" in policies:
         static_ms, measured["static_sweep"] = tune_static(llm, job, base, setup, slo_ms)
         say(f"static budget {static_ms:.2f} ms")
