@@ -12,6 +12,8 @@ kernel through Pallas' interpreter, this covers the compiled Triton kernel).
    and chosen log-probabilities within 0.05 (greedy tokens agree but for bf16 near-ties), on a
    random 4-layer model.
 3. Several decode steps in one program (`make_decode_steps`) against as many single steps.
+4. The batch-1 step with one-row projections as a multiply-reduce (`llama.matvec`, the GPU path)
+   against the same step with them through the GEMM, as in (2).
 
     python3 bench/check_gpu.py [--out results.json]      # exit status 1 if any check fails
 """
@@ -40,6 +42,7 @@ from harli_jax.kernels.paged_attention import (  # noqa: E402
     paged_decode_attention_reference,
 )
 from harli_jax.memory.kv_cache import KVCache, PagedBatch  # noqa: E402
+from harli_jax.models import llama  # noqa: E402
 from harli_jax.models.config import ModelConfig  # noqa: E402
 from harli_jax.models.llama import Llama  # noqa: E402
 
@@ -134,6 +137,25 @@ def _engine_step_case(model: Llama, batch: int) -> dict:
     pages = batch * width + 1
     _, fast = _step_with("pallas", model, _fresh_cache(model, pages, batch), args)
     _, slow = _step_with("reference", model, _fresh_cache(model, pages, batch), args)
+    return _same_draws(fast, slow)
+
+
+def _matvec_case(model: Llama) -> dict:
+    """The batch-1 step with its one-row projections as multiply-reduce (the model's GPU path)
+    against the same step with them through the GEMM."""
+    width, position = 32, 500
+    args = _decode_args(1, width, position, model.config.vocab_size, np.random.default_rng(11))
+    _, fast = _step_with("pallas", model, _fresh_cache(model, width + 1, 1), args)
+    before, llama.MATVEC_BACKENDS = llama.MATVEC_BACKENDS, frozenset()
+    try:
+        _, slow = _step_with("pallas", model, _fresh_cache(model, width + 1, 1), args)
+    finally:
+        llama.MATVEC_BACKENDS = before
+    return _same_draws(fast, slow)
+
+
+def _same_draws(fast, slow) -> dict:
+    """Two steps' outputs agree: chosen and top log-probs within 0.05."""
     # bf16 near-ties may flip a greedy choice; then the two choices' log-probs are close too.
     gap = float(jnp.abs(fast.logprobs - slow.logprobs).max())
     top_gap = float(jnp.abs(fast.top_logprobs - slow.top_logprobs).max())
@@ -184,6 +206,7 @@ def main() -> None:
         for batch in (1, 8):
             results.append(dict(check=f"engine step b{batch}") | _engine_step_case(model, batch))
         results.append(dict(check="6 steps in one program") | _multi_step_case(model))
+        results.append(dict(check="one-row projections: reduce vs GEMM") | _matvec_case(model))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(format_table(results))
