@@ -67,6 +67,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
@@ -329,6 +330,12 @@ def tune_static(
         say(f"static tuning: {budget_ms:.2f} ms -> {result['slo_attainment']:.4f} of tokens")
         return result["slo_attainment"] >= config.slo_target
 
+    return largest_share(meets) * headroom_ms, sweep
+
+
+def largest_share(meets: Callable[[float], bool]) -> float:
+    """The largest of ``STATIC_SHARES`` that ``meets``, then ``STATIC_BISECTIONS`` halvings of
+    the gap to the share above it that did not; where none does, the halvings run from 0."""
     failed = None  # the smallest share that did not meet the SLO
     for share in STATIC_SHARES:
         if meets(share):
@@ -343,7 +350,7 @@ def tune_static(
                 share = middle
             else:
                 failed = middle
-    return share * headroom_ms, sweep
+    return share
 
 
 def warm_up(

@@ -233,3 +233,21 @@ def test_a_colocate_policy_entry_names_a_policy_and_its_variants():
         policy_config("harli:fast", 0.02, 0.005)
     with pytest.raises(ValueError, match="policy must be one of"):
         policy_config("greedy", 0.02, 0.005)
+
+
+@pytest.mark.parametrize(
+    "meets_below, share",
+    [
+        (0.6, 0.5625),  # 1 and 3/4 fail, 1/2 meets; 5/8 fails, 9/16 meets
+        (1.0, 1.0),  # the whole headroom meets: nothing above it to halve toward
+        (0.1, 0.0625),  # every quarter step fails: 1/8 fails, 1/16 meets (halved from 0)
+        (0.0, 0.0),  # nothing meets: no budget at all
+    ],
+)
+def test_static_tuning_takes_the_largest_share_that_meets_the_slo(meets_below, share):
+    """Static's budget is the largest share of the headroom that keeps the SLO, to two halvings
+    past the quarter steps; bursty traffic, which failed every quarter step on the H100, gets
+    the halvings below a quarter too."""
+    from bench.colocate import largest_share
+
+    assert largest_share(lambda s: s <= meets_below) == share
