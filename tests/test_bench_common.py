@@ -248,6 +248,6 @@ def test_static_tuning_takes_the_largest_share_that_meets_the_slo(meets_below, s
     """Static's budget is the largest share of the headroom that keeps the SLO, to two halvings
     past the quarter steps; bursty traffic, which failed every quarter step on the H100, gets
     the halvings below a quarter too."""
-    from bench.colocate import largest_share
+    from bench.colocate_runs import largest_share
 
     assert largest_share(lambda s: s <= meets_below) == share
