@@ -45,7 +45,9 @@ Everything is derived from measurements taken first, and recorded in the JSON:
 A policy may take variants after colons (`--policies harli,harli:1x22,static:serial`): a cut's
 name (chunks x layer spans, `harli_jax.sched.runner.cut_name`) fixes the cut of every step, and
 `serial` starts every fill once the host has seen the inference step end (no micro-step queued
-behind it). Such a run's rows are keyed by the whole name.
+behind it), and `unfilled` has harli queue a micro-step behind each inference step even where its
+fill gate leaves the iteration unfilled (`SchedulerConfig.queue_unfilled`). Such a run's rows are
+keyed by the whole name.
 
 `--bursty` replaces the Poisson arrivals of every trace by bursty ones (BurstGPT-like Gamma
 inter-arrival times, `harli_jax.sched.trace`), in a results file of its own.
@@ -223,16 +225,18 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
 
 def policy_config(spec: str, slo_s: float, static_budget_s: float) -> SchedulerConfig:
     """The scheduler configuration of a ``--policies`` entry: a policy, then variants after
-    colons (a cut's name, or ``serial``; see the module docstring)."""
+    colons (a cut's name, ``serial`` or ``unfilled``; see the module docstring)."""
     name, *variants = spec.split(":")
     config = SchedulerConfig(name, slo_s, static_budget_s=static_budget_s)
     for variant in variants:
         if variant == "serial":
             config.queue_behind = False
+        elif variant == "unfilled":
+            config.queue_unfilled = True
         elif re.fullmatch(r"\d+x\d+", variant):
             config.fixed_cut = variant
         else:
-            raise ValueError(f"{spec!r}: {variant!r} is neither a cut (e.g. 1x22) nor 'serial'")
+            raise ValueError(f"{spec!r}: {variant!r} is not a cut (e.g. 1x22), serial or unfilled")
     return config
 
 

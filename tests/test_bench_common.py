@@ -229,7 +229,8 @@ def test_a_colocate_policy_entry_names_a_policy_and_its_variants():
     config = policy_config("harli:1x22:serial", 0.02, 0.005)
     assert (config.policy, config.fixed_cut, config.queue_behind) == ("harli", "1x22", False)
     assert policy_config("static", 0.02, 0.005).queue_behind
-    with pytest.raises(ValueError, match="'fast' is neither a cut"):
+    assert policy_config("harli:unfilled", 0.02, 0.005).queue_unfilled
+    with pytest.raises(ValueError, match="'fast' is not a cut"):
         policy_config("harli:fast", 0.02, 0.005)
     with pytest.raises(ValueError, match="policy must be one of"):
         policy_config("greedy", 0.02, 0.005)

@@ -382,6 +382,31 @@ def test_the_open_steps_next_micro_step_is_queued_behind_the_running_inference_s
     assert len(dispatched) == 1
 
 
+def test_harli_queues_behind_the_step_where_its_gate_leaves_the_iteration_unfilled_if_told():
+    """Where the fill gate prefers idle-time training, the iteration gets no fill; with
+    ``queue_unfilled`` the open step's next micro-step still runs behind the inference step, in
+    time no whole step uses, and without it nothing does."""
+    job, _ = open_step(["fwd"])
+    scheduler, _ = scheduler_with_cuts(job, {0: [1.0]})
+    scheduler.gate.filling = False
+    scheduler.jobs.append(job)
+    scheduler.runner.dispatch = lambda *args: pytest.fail("queued while the gate is not filling")
+    scheduler._slack.extend([0.010] * 8)
+    scheduler.during_step(Running())
+    scheduler, _ = scheduler_with_cuts(job, {0: [1.0]}, queue_unfilled=True)
+    scheduler.jobs.append(job)
+    dispatched = []
+    scheduler.runner.dispatch = lambda job, micro, estimate: dispatched.append(estimate)
+    scheduler._slack.extend([0.010] * 8)
+    scheduler.gate.filling = False
+    scheduler.gate.should_fill = lambda: False
+    scheduler.during_step(Running())
+    assert len(dispatched) == 1
+    report = StepReport("forward/r4/t1/p2", {}, {"rows": 4.0}, 0.002, ended_at=time.perf_counter())
+    assert scheduler._advance(job, report, will_prefill=False)  # it ran: the queued one
+    assert len(dispatched) == 1  # and no fill after it
+
+
 def test_static_charges_a_queued_micro_step_to_its_budget():
     """Static's first micro-step of an iteration may be queued behind the inference step; its
     calibrated time still comes out of that iteration's fixed budget."""

@@ -24,6 +24,12 @@ class SchedulerConfig:
     # step (ColocationScheduler._queue_behind); off, every fill starts once the host has seen
     # the step end.
     queue_behind: bool = True
+    # Whether harli queues behind the step (and starts steps to do so) while its fill gate
+    # leaves iterations unfilled: the queued micro-step runs while the host ends the step and
+    # readies the next, device time no whole step can use (static, which queues one an
+    # iteration, beat harli 1.15x at light load on the H100, where harli's gate left half the
+    # iterations unfilled), but an idle loop then finishes the open step at micro-step speed.
+    queue_unfilled: bool = False
     # A plan's margin: every prediction scaled by ``min_margin``, plus a quantile of how late
     # its family's recent predictions ran (in seconds): ``error_quantile`` for the inference
     # step, ``micro_step_error_quantile`` for each fine-tune micro-step (harli_jax.sched.pricing).

@@ -183,8 +183,10 @@ class ColocationScheduler:
         device runs the inference step (:class:`~harli_jax.sched.step_starts.StepStarts`). A
         step whose host time carried a start is not an inference latency sample."""
         ended = self.drain()
-        # Not while the gate trains whole steps in idle time: a step started now is micro-stepped.
-        if self.config.policy in ("harli", "static") and self.jobs and self.gate.filling:
+        # Not while the gate trains whole steps in idle time (a step started now is micro-stepped
+        # and an idle loop would finish it at micro-step speed), unless configured to.
+        unfilled = self.config.queue_unfilled or self.gate.filling
+        if self.config.policy in ("harli", "static") and self.jobs and unfilled:
             job = self.jobs[0]
             try:
                 free_since = time.perf_counter()
