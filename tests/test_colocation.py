@@ -273,7 +273,8 @@ def test_inference_features_count_programs_and_decode_pages():
 
 def test_harli_budget_is_the_slo_less_the_next_step_with_its_absolute_margin():
     """Budget = SLO - (predicted x 1.05 + the p99 of seconds late) - loop overhead; a next step
-    that adds a prefill chunk is priced as the slowest recent step that ran one."""
+    that adds a prefill chunk is priced as the slowest recent step that ran one, scaled up to
+    its prompt tokens where it runs more."""
     job = fake_job()
     scheduler, _ = scheduler_with_cuts(job, {0: [1.0]})
     predictor, config = scheduler.predictor, scheduler.config
@@ -290,12 +291,14 @@ def test_harli_budget_is_the_slo_less_the_next_step_with_its_absolute_margin():
     budget = functools.partial(
         pricing.fill_budget, config, predictor, decode, prefill_steps=scheduler._prefill_steps
     )
-    assert budget(will_prefill=False) == pytest.approx(expected)
+    assert budget(prefill_tokens=0) == pytest.approx(expected)
     # Nothing known of prefill steps yet: a step that will run one leaves no budget.
-    assert budget(will_prefill=True) <= 0
-    scheduler._prefill_steps.extend([0.009, 0.012, 0.010])
-    prefill_budget = budget(will_prefill=True)
+    assert budget(prefill_tokens=128) <= 0
+    scheduler._prefill_steps.extend([(0.009, 256), (0.012, 256), (0.010, 128)])
+    prefill_budget = budget(prefill_tokens=128)
     assert prefill_budget == pytest.approx(0.02 - 0.012 - config.loop_overhead_s)
+    # A chunk of more prompt tokens than those steps ran: the slowest, scaled to its tokens.
+    assert budget(prefill_tokens=512) == pytest.approx(0.02 - 0.040 - config.loop_overhead_s)
 
 
 def test_the_predictor_learns_from_an_inference_step_after_the_fill_is_planned():
@@ -307,7 +310,7 @@ def test_the_predictor_learns_from_an_inference_step_after_the_fill_is_planned()
     events = []
     observe = scheduler.predictor.observe
     scheduler.predictor.observe = lambda *a, **k: events.append("learn") or observe(*a, **k)
-    scheduler._work = lambda report, will_prefill: events.append("fill") or False
+    scheduler._work = lambda report, prefill_tokens: events.append("fill") or False
     scheduler.after_step(dataclasses.replace(decode, seconds=0.004, ended_at=time.perf_counter()))
     assert events == ["fill", "learn"]
 
@@ -403,7 +406,7 @@ def test_harli_queues_behind_the_step_where_its_gate_leaves_the_iteration_unfill
     scheduler.during_step(Running())
     assert len(dispatched) == 1
     report = StepReport("forward/r4/t1/p2", {}, {"rows": 4.0}, 0.002, ended_at=time.perf_counter())
-    assert scheduler._advance(job, report, will_prefill=False)  # it ran: the queued one
+    assert scheduler._advance(job, report, prefill_tokens=0)  # it ran: the queued one
     assert len(dispatched) == 1  # and no fill after it
 
 
@@ -417,7 +420,7 @@ def test_static_charges_a_queued_micro_step_to_its_budget():
     scheduler.runner.dispatch = lambda job, micro, seconds: dispatched.append(seconds)
     scheduler.during_step(Running())
     report = StepReport("forward/r4/t1/p2", {}, {"rows": 4.0}, 0.002, ended_at=time.perf_counter())
-    scheduler._advance(job, report, will_prefill=False)
+    scheduler._advance(job, report, prefill_tokens=0)
     assert dispatched == [0.003, 0.003]  # 7 ms: the queued one and one more, not a third
 
 
@@ -425,7 +428,7 @@ def test_a_micro_step_queued_behind_the_step_runs_on_while_the_fill_is_planned()
     """After a step, the scheduler plans the fill while the micro-step queued behind that step
     runs; only an idle loop (no step waited for the programs in flight) waits for them first."""
     scheduler, _ = scheduler_with_cuts(fake_job(), {0: [1.0]})
-    scheduler._work = lambda report, will_prefill: False
+    scheduler._work = lambda report, prefill_tokens: False
     inflight = scheduler.runner.inflight
     inflight.add(jnp.zeros(()), time.perf_counter(), 0.001, lambda *record: None)
     cost, ended = {"flops": 0.0, "bytes accessed": 4e9}, time.perf_counter()

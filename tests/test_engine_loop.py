@@ -79,7 +79,7 @@ class RecordingColocator:
 
     def __init__(self):
         self.engine = None
-        self.calls: list[tuple[int, bool]] = []  # (running requests, will_prefill) per call
+        self.calls: list[tuple[int, int]] = []  # (running requests, prefill_tokens) per call
         self.during_steps = self.drains = 0
 
     def predictor_errors(self):
@@ -93,9 +93,9 @@ class RecordingColocator:
         self.drains += 1
         return None
 
-    def after_step(self, report, will_prefill=False):
+    def after_step(self, report, prefill_tokens=0):
         if report is not None:
-            self.calls.append((self.engine.core.num_running, will_prefill))
+            self.calls.append((self.engine.core.num_running, prefill_tokens))
             if len(self.calls) == 1:
                 self.late = self.engine.submit([40, 41, 42], GREEDY)
         return False
@@ -115,10 +115,10 @@ def test_an_arrival_during_fine_tune_work_joins_after_the_next_step(llm):
     finally:
         engine.stop()
     (running_1, prefill_1), (running_2, prefill_2) = colocator.calls[:2]
-    assert (running_1, prefill_1) == (1, False)
+    assert (running_1, prefill_1) == (1, 0)
     # The late request arrived during the first turn: the second step did not run it, and the
-    # loop says the next step will prefill it.
-    assert (running_2, prefill_2) == (1, True)
+    # loop says the next step will prefill its three prompt tokens.
+    assert (running_2, prefill_2) == (1, 3)
 
 
 def test_a_step_queues_its_first_program_before_waiting_for_earlier_work(llm):
@@ -174,3 +174,23 @@ def test_the_loop_hands_each_step_the_colocators_hook(llm):
     # One call per step that dispatched a program, and one drain as the loop stops.
     assert colocator.during_steps >= len(colocator.calls)
     assert colocator.drains == 1
+
+
+def test_the_core_tells_the_prompt_tokens_its_next_prefill_chunk_runs(checkpoint):
+    """What the scheduler prices the next step by: the prompt tokens of the first
+    `prefill_rows` sequences mid-prompt or waiting, each up to a chunk, as the step then runs
+    them (its report's count)."""
+    core = LLM(checkpoint("llama"), dtype="float32", prefill_chunk=64).engine
+    prompts = [list(range(5, 5 + n)) for n in (3, 2, 70, 4)]
+    for prompt in prompts:
+        core.add_request(prompt, GREEDY)
+    told = core.next_prefill_tokens()
+    assert told == 3 + 2 + 64 + 4
+    core.step()
+    assert core.last_report.features["prefill_tokens"] == told
+    assert core.next_prefill_tokens() == 70 - 64  # the long prompt's rest
+    core.step()
+    assert core.last_report.features["prefill_tokens"] == 70 - 64
+    while core.has_unfinished():
+        core.step()
+    assert core.next_prefill_tokens() == 0

@@ -233,9 +233,13 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
 
-    def will_prefill(self) -> bool:
-        """Whether the next `step` runs a prefill chunk (a request waits or is mid-prompt)."""
-        return bool(self._waiting) or any(seq.pending > 1 for seq in self._running)
+    def next_prefill_tokens(self) -> int:
+        """The prompt tokens the next `step`'s prefill chunk runs, pages permitting (0: it runs
+        none): those of the first ``prefill_rows`` sequences mid-prompt, then waiting."""
+        room = max(0, self.config.max_num_seqs - len(self._running))
+        admitted = list(self._running) + list(self._waiting)[:room]
+        rows = [seq for seq in admitted if seq.pending > 1][: self.config.prefill_rows]
+        return sum(min(seq.pending, self.config.prefill_chunk) for seq in rows)
 
     @property
     def num_running(self) -> int:

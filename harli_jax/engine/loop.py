@@ -36,10 +36,11 @@ class Colocator(Protocol):
     def predictor_errors(self) -> dict[str, dict[str, float]]:
         """Latency-predictor error statistics by program family, for metrics."""
 
-    def after_step(self, report: StepReport | None, will_prefill: bool = False) -> bool:
+    def after_step(self, report: StepReport | None, prefill_tokens: int = 0) -> bool:
         """Runs fine-tune work after the inference step ``report`` describes (None: the loop
-        has no inference work); ``will_prefill``: the next step runs a prefill chunk. True if
-        it ran any. It may leave its last programs queued on the device."""
+        has no inference work); ``prefill_tokens``: the prompt tokens the next step's prefill
+        chunk runs (0: none). True if it ran any. It may leave its last programs queued on the
+        device."""
 
     def during_step(self, running: jax.Array, last: bool) -> float | None:
         """Called once an inference step's first program is queued behind the fine-tune programs
@@ -228,7 +229,7 @@ class Engine:
             report = self.core.last_report if stepped and not idle else None
             trained = False
             if self.colocator is not None and (idle or report is not None):
-                trained = self.colocator.after_step(report, self.core.will_prefill())
+                trained = self.colocator.after_step(report, self.core.next_prefill_tokens())
             if idle and not trained:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()

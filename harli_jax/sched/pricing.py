@@ -59,22 +59,25 @@ def fill_budget(
     config: SchedulerConfig,
     predictor: Predictor,
     report: StepReport,
-    will_prefill: bool,
-    prefill_steps: Iterable[float],
+    prefill_tokens: int,
+    prefill_steps: Iterable[tuple[float, float]],
 ) -> float:
     """The SLO minus the next inference step (with margin) and the loop overhead.
 
     The next step is predicted as the one just run (``report``: same programs and batch) but
     after fine-tune work, less the prefill chunk it ran if none follows (its decode program
-    alone). One that will add a prefill chunk the last did not run is priced as the slowest of
-    the recent steps that ran one (``prefill_steps``, seconds): requests admitted next are known
-    now, so its program is, but not its batch's mix.
+    alone). One whose prefill chunk runs more prompt tokens (``prefill_tokens``: the requests
+    it admits are known now) than the last step's is priced no lower than the slowest of the
+    recent steps that ran one (``prefill_steps``: seconds and prompt tokens), scaled up to its
+    tokens: a burst of arrivals fills a chunk with four prompts, and on the H100 such a step
+    alone outlasted the SLO, after a fill priced for the last step's one.
     """
     key, features = report.key, inference_features(report, after_train=True)
     decode_key = key.rsplit("+", 1)[-1]
-    if "+" in key and not will_prefill and decode_key in predictor:
+    if "+" in key and not prefill_tokens and decode_key in predictor:
         key, features = decode_key, {**features, "prefill_tokens": 0.0, "calls": 1.0}
     next_step = estimate(config, predictor, "inference", key, **features)
-    if will_prefill and not report.features.get("prefill_tokens"):
-        next_step = max(next_step, max(prefill_steps, default=config.tpot_slo_s))
+    if prefill_tokens > report.features.get("prefill_tokens", 0.0):
+        scaled = (s * max(1.0, prefill_tokens / tokens) for s, tokens in prefill_steps)
+        next_step = max(next_step, max(scaled, default=config.tpot_slo_s))
     return config.tpot_slo_s - next_step - config.loop_overhead_s

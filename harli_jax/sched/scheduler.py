@@ -125,7 +125,8 @@ class ColocationScheduler:
         self._seen_inference: set[str] = set()  # a program's first step may compile
         self._after_train = False  # whether fine-tune work ran since the last inference step
         self._learn: Callable[[], None] | None = None  # learning from it, until the fill starts
-        self._prefill_steps = deque(maxlen=64)  # seconds of recent steps that ran a prefill chunk
+        # Recent steps that ran a prefill chunk: (seconds, prompt tokens).
+        self._prefill_steps: deque[tuple[float, float]] = deque(maxlen=64)
         self.starts = StepStarts(self._harli_granularity)
         self._step_carried_start = False  # the running inference step's host time did a start
         # The seconds charged to the next fill by a micro-step queued behind the running
@@ -158,10 +159,10 @@ class ColocationScheduler:
         self.jobs.append(job)
 
     # -- the loop's hook ------------------------------------------------------------------------
-    def after_step(self, report: StepReport | None, will_prefill: bool = False) -> bool:
+    def after_step(self, report: StepReport | None, prefill_tokens: int = 0) -> bool:
         """Runs fine-tune work after an inference step (``report``; None if the loop is idle)
-        before the next (which runs a prefill chunk if ``will_prefill``). Returns whether it ran
-        any."""
+        before the next (whose prefill chunk runs ``prefill_tokens`` prompt tokens). Returns
+        whether it ran any."""
         if report is None:  # no step waited for the programs in flight (it ran none)
             self.drain()
         else:  # one queued behind the step runs on while the fill is planned
@@ -171,7 +172,7 @@ class ColocationScheduler:
             # the device idle between the step and the fill (0.45 ms on the H200's host, with
             # the planning). Until then it predicts from the steps before this one.
             self._learn = self._note_inference(report)
-        self._after_train = self._work(report, will_prefill)
+        self._after_train = self._work(report, prefill_tokens)
         self._learn_pending()
         return self._after_train
 
@@ -237,14 +238,14 @@ class ColocationScheduler:
             self._fail(self.jobs[0], error)
             return None
 
-    def _work(self, report: StepReport | None, will_prefill: bool) -> bool:
+    def _work(self, report: StepReport | None, prefill_tokens: int) -> bool:
         """Advances the first job as the policy says; a job that raises is failed and dropped,
         one that finishes is handed on. Returns whether fine-tune work ran."""
         if self.config.policy == "serve-only" or not self.jobs:
             return False
         job = self.jobs[0]
         try:
-            ran = self._advance(job, report, will_prefill)
+            ran = self._advance(job, report, prefill_tokens)
         except Exception as error:  # a broken job must not take serving down with it
             self._fail(job, error)
             return True
@@ -258,7 +259,7 @@ class ColocationScheduler:
         self.jobs.remove(job)
         self.on_job_failed(job, error)
 
-    def _advance(self, job: FineTuneJob, report: StepReport | None, will_prefill: bool) -> bool:
+    def _advance(self, job: FineTuneJob, report: StepReport | None, prefill_tokens: int) -> bool:
         queued, self._queued_behind = self._queued_behind, None
         if report is None or self.config.policy == "naive":
             self._last_fill = None
@@ -273,7 +274,7 @@ class ColocationScheduler:
         # The next token is due one SLO after this step's: the host time since (the inbox,
         # learning from the step) comes out of the budget too.
         budget = pricing.fill_budget(
-            self.config, self.predictor, report, will_prefill, self._prefill_steps
+            self.config, self.predictor, report, prefill_tokens, self._prefill_steps
         )
         deadline = report.ended_at + budget
         deadline -= self.backoff.seconds
@@ -403,7 +404,7 @@ class ColocationScheduler:
         def learn() -> None:
             self.predictor.observe(report.key, report.seconds, **features)
             if report.features.get("prefill_tokens"):
-                self._prefill_steps.append(report.seconds)
+                self._prefill_steps.append((report.seconds, report.features["prefill_tokens"]))
             elif calibrating:  # static's budget is tuned on decode iterations
                 self.calibration.inference_s.append(report.seconds)
 
