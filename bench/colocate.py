@@ -30,11 +30,11 @@ Everything is derived from measurements taken first, and recorded in the JSON:
 - static budget: tuned offline, as FlexLLM's token budget is, on a heavy-load trace of another
   seed: the largest of 1, 3/4, 1/2, 1/4 of the headroom (SLO - median calibrated decode step -
   loop overhead) under which static keeps 99% of its tokens within the SLO, refined by two
-  halvings of the gap to the share above it that did not, then fixed for both loads and never
-  adapted (the SLO - p99 calibrated step rule it replaced gave 0.89 ms on a host whose p99
-  step was host noise: a straw man); its cut is the coarsest whose slowest calibrated
-  micro-step fits, and it starts a micro-step only if its calibrated time fits what is left (no
-  overrun) (see `harli_jax.sched.scheduler`);
+  halvings of the gap to the share above it that did not (from 0 where none does), then fixed
+  for both loads and never adapted (the SLO - p99 calibrated step rule it replaced gave 0.89 ms
+  on a host whose p99 step was host noise: a straw man); its cut is the coarsest whose slowest
+  calibrated micro-step fits, and it starts a micro-step only if its calibrated time fits what
+  is left (no overrun) (see `harli_jax.sched.scheduler`);
 - limit = fine-tune alone (whole steps, no serving) tokens/s x (1 - the share of wall time that
   inference steps took under serve-only at that load).
 

@@ -237,8 +237,9 @@ class EngineCore:
         """The prompt tokens the next `step`'s prefill chunk runs, pages permitting (0: it runs
         none): those of the first ``prefill_rows`` sequences mid-prompt, then waiting."""
         room = max(0, self.config.max_num_seqs - len(self._running))
-        admitted = list(self._running) + list(self._waiting)[:room]
-        rows = [seq for seq in admitted if seq.pending > 1][: self.config.prefill_rows]
+        admitted = itertools.chain(self._running, itertools.islice(self._waiting, room))
+        prompts = (seq for seq in admitted if seq.pending > 1)
+        rows = itertools.islice(prompts, self.config.prefill_rows)
         return sum(min(seq.pending, self.config.prefill_chunk) for seq in rows)
 
     @property

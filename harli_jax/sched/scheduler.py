@@ -186,8 +186,8 @@ class ColocationScheduler:
         ended = self.drain()
         # Not while the gate trains whole steps in idle time (a step started now is micro-stepped
         # and an idle loop would finish it at micro-step speed), unless configured to.
-        unfilled = self.config.queue_unfilled or self.gate.filling
-        if self.config.policy in ("harli", "static") and self.jobs and unfilled:
+        may_queue = self.config.queue_unfilled or self.gate.filling
+        if self.config.policy in ("harli", "static") and self.jobs and may_queue:
             job = self.jobs[0]
             try:
                 free_since = time.perf_counter()
