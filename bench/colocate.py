@@ -153,6 +153,7 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
         max_num_seqs=setup.max_num_seqs,
         max_model_len=setup.max_model_len,
         page_size=setup.page_size,
+        max_prefill_tokens=setup.max_prefill_tokens,
         memory_fraction=setup.memory_fraction,
         max_loras=0,
     )

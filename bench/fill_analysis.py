@@ -6,13 +6,19 @@ run this prints, over the iterations that ran fine-tune work: their median lengt
 SLO, the inference program's, the fill's programs' (the seconds each was measured at, so a
 program the host saw late adds nothing), the rest (host time and device idle), micro-steps per
 fill, and fine-tune tokens per millisecond of train programs and per millisecond of iteration.
+It also counts each run's late tokens (TPOT over the SLO) by cause (`late_tokens`).
 
-    python3 bench/fill_analysis.py bench/results/colocate-h100-timelines.json [--json OUT]
+    python3 bench/fill_analysis.py RESULT.json [--json OUT] [--strip OUT]
+
+``--strip OUT`` writes the result without its timelines, with these summaries in their place
+(timelines of a whole run are too large to commit).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
 import json
 from pathlib import Path
 
@@ -68,15 +74,55 @@ def summarise(run: dict, slo_ms: float) -> dict:
     )
 
 
+LATE_RULE = (
+    "A late token (TPOT over the SLO) is put on the inference program that emitted it (the "
+    "last to start before the token): 'step alone over the SLO' if that program's seconds "
+    "exceed the SLO, else 'fill before the step' if a fine-tune program started between the "
+    "previous inference program's end and its start, else 'no fill before the step'."
+)
+
+
+def late_tokens(run: dict, slo_ms: float) -> dict:
+    """A run's late tokens by cause (`LATE_RULE`), and its inference steps over the SLO."""
+    slo_s = slo_ms / 1e3
+    timed = sorted((p for p in run["timeline"]["programs"] if p[0] >= 0), key=lambda p: p[0])
+    steps = [(start, s or 0.0) for start, name, s in timed if name == "inference"]
+    fills = [start for start, name, _ in timed if name != "inference"]
+    step_starts = [start for start, _ in steps]
+    causes: collections.Counter[str] = collections.Counter()
+    for t, gap in run["timeline"]["tpot"]:
+        here = bisect.bisect_right(step_starts, t) - 1
+        if gap <= slo_s or here < 0:
+            continue
+        start, seconds = steps[here]
+        previous_end = sum(steps[here - 1]) if here else -1.0
+        filled = bisect.bisect_right(fills, start) > bisect.bisect_right(fills, previous_end)
+        if seconds > slo_s:
+            causes["step alone over the SLO"] += 1
+        else:
+            causes["fill before the step" if filled else "no fill before the step"] += 1
+    return dict(
+        policy=run["policy"],
+        load=run["load"],
+        late_tokens=sum(causes.values()),
+        late_tokens_by_cause=dict(causes),
+        inference_steps=len(steps),
+        steps_over_slo=sum(s > slo_s for _, s in steps),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("result", type=Path, help="a bench/colocate.py --timelines JSON")
     parser.add_argument("--json", type=Path, help="also write the summaries here")
+    parser.add_argument("--strip", type=Path, help="write the result here, timelines summarised")
     args = parser.parse_args()
     result = json.loads(args.result.read_text())
     slo = {shape: m["tpot_slo_ms"] for shape, m in result["measured"].items()}
-    rows = [summarise(run, slo[run["model"]]) for run in result["runs"] if "timeline" in run]
-    for row in rows:
+    timed = [run for run in result["runs"] if "timeline" in run]
+    rows = [summarise(run, slo[run["model"]]) for run in timed]
+    late = [late_tokens(run, slo[run["model"]]) for run in timed]
+    for row in rows + late:
         print(
             ", ".join(
                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
@@ -84,6 +130,20 @@ def main() -> None:
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.strip:
+        for run in result["runs"]:
+            run.pop("timeline", None)
+        # Runs stripped by an earlier invocation keep their summaries.
+        result["fill_analysis"] = _merged(result.get("fill_analysis", []), rows)
+        earlier = result.get("late_tokens", {}).get("runs", [])
+        result["late_tokens"] = dict(rule=LATE_RULE, runs=_merged(earlier, late))
+        args.strip.write_text(json.dumps(result, indent=1))
+
+
+def _merged(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """``new``'s summaries, and those of ``earlier``'s runs (policy, load) it has none for."""
+    fresh = {(row["policy"], row["load"]) for row in new}
+    return [row for row in earlier if (row["policy"], row["load"]) not in fresh] + new
 
 
 if __name__ == "__main__":

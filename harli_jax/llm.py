@@ -41,6 +41,7 @@ class LLM:
         page_size: int = 16,
         num_pages: int | None = None,
         prefill_chunk: int = 256,
+        max_prefill_tokens: int = 1024,
         max_loras: int = 4,
         max_lora_rank: int = 16,
         tensor_parallel: int = 1,
@@ -48,7 +49,8 @@ class LLM:
         reserve_bytes: int = 0,
     ):
         """``max_loras`` adapters of rank <= ``max_lora_rank`` can be served at once (0 serves
-        the base model alone, a little faster); ``tensor_parallel=N`` shards the model and the
+        the base model alone, a little faster); a step prefills at most ``max_prefill_tokens``
+        prompt tokens, ``prefill_chunk`` at most of each sequence; ``tensor_parallel=N`` shards the model and the
         KV cache over the first N devices. ``memory_fraction`` (of the device's memory, for weights,
         programs and the arena together) sizes the arena when ``num_pages`` is not given,
         leaving ``reserve_bytes`` for other programs (a fine-tune job's micro-steps)."""
@@ -71,6 +73,7 @@ class LLM:
                 num_pages=num_pages,
                 max_model_len=max_model_len,
                 prefill_chunk=prefill_chunk,
+                max_prefill_tokens=max_prefill_tokens,
                 max_loras=max_loras,
                 max_lora_rank=max_lora_rank,
                 memory_fraction=memory_fraction,
