@@ -50,10 +50,11 @@ class LLM:
     ):
         """``max_loras`` adapters of rank <= ``max_lora_rank`` can be served at once (0 serves
         the base model alone, a little faster); a step prefills at most ``max_prefill_tokens``
-        prompt tokens, ``prefill_chunk`` at most of each sequence; ``tensor_parallel=N`` shards the model and the
-        KV cache over the first N devices. ``memory_fraction`` (of the device's memory, for weights,
-        programs and the arena together) sizes the arena when ``num_pages`` is not given,
-        leaving ``reserve_bytes`` for other programs (a fine-tune job's micro-steps)."""
+        prompt tokens, at most ``prefill_chunk`` of each sequence; ``tensor_parallel=N`` shards
+        the model and the KV cache over the first N devices. ``memory_fraction`` (of the
+        device's memory, for weights, programs and the arena together) sizes the arena when
+        ``num_pages`` is not given, leaving ``reserve_bytes`` for other programs (a fine-tune
+        job's micro-steps)."""
         self.model_dir = Path(model)
         self.dtype = jnp.dtype(dtype)
         shard_param = shard_cache = None
