@@ -1,9 +1,10 @@
 """bench/fill_analysis.py splits a co-located run's program timeline into iterations: one
-inference program, the fine-tune programs dispatched before the next, and the host time left."""
+inference program, the fine-tune programs dispatched before the next, and the host time left;
+and it puts each late token on a cause."""
 
 import pytest
 
-from bench.fill_analysis import iterations, summarise
+from bench.fill_analysis import iterations, late_tokens, summarise
 
 # (start, family, seconds): two filled iterations and one unfilled, then the last step; the
 # fill's last program was seen late (no time); calibration entries come before the trace (t < 0).
@@ -41,3 +42,23 @@ def test_a_run_is_summarised_over_its_filled_iterations():
     assert row["micro_steps"] == 1.5
     assert row["tokens_per_train_ms"] == pytest.approx(300 / 3.0)  # the trace's tokens only
     assert row["tokens_per_filled_iteration_ms"] == pytest.approx(300 / 10.0)
+
+
+def test_a_late_token_is_put_on_the_step_that_emitted_it():
+    programs = [
+        (0.000, "inference", 0.002),
+        (0.003, "train/fwd", 0.006),  # a fill before the next step
+        (0.010, "inference", 0.002),
+        (0.013, "inference", 0.012),  # alone over a 10 ms SLO
+        (0.026, "inference", 0.002),  # no fill before it
+    ]
+    tpot = [(0.0125, 0.0105), (0.0255, 0.013), (0.0255, 0.011), (0.0285, 0.0105), (0.0285, 0.003)]
+    run = dict(policy="harli", load="heavy", timeline=dict(programs=programs, tpot=tpot))
+    found = late_tokens(run, slo_ms=10.0)
+    assert found["late_tokens"] == 4
+    assert found["late_tokens_by_cause"] == {
+        "fill before the step": 1,
+        "step alone over the SLO": 2,
+        "no fill before the step": 1,
+    }
+    assert found["steps_over_slo"] == 1

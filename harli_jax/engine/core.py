@@ -7,10 +7,10 @@ the first ``num_cached`` are in the cache; every step processes uncached tokens 
 sequence is fully cached, samples its next token. Recompute-preemption (vLLM's) falls out of the
 same rule: a preempted sequence simply has ``num_cached = 0``.
 
-This module decides what a step runs: which sequences and how many tokens of each, the pages they
-need (preempting the youngest under pressure), and what their samples add to each request. A
-step's device inputs and its compiled programs are :mod:`harli_jax.engine.programs`'; a request's
-own state is :mod:`harli_jax.engine.sequence`'s.
+This module runs a step on the device and turns its samples into what each request gained.
+Which sequences a step runs, and the pages they hold, are :mod:`harli_jax.engine.batcher`'s; a
+step's device inputs and its compiled programs are :mod:`harli_jax.engine.programs`'; a
+request's own state is :mod:`harli_jax.engine.sequence`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import dataclasses
 import itertools
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from harli_jax.engine.adapters import AdapterBank
+from harli_jax.engine.batcher import Batcher
 from harli_jax.engine.device_wait import wait_until_ready
 from harli_jax.engine.output import OutputBuilder, RequestOutput
 from harli_jax.engine.programs import PRECOMPILED_VARIANTS as PRECOMPILED_VARIANTS
@@ -121,10 +121,8 @@ class EngineCore:
                 f"lower --memory-fraction, or num_pages ({error})"
             ) from error
         self.last_report: StepReport | None = None
-        self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []
+        self.batcher = Batcher(config, self.arena)
         self._ids = itertools.count()
-        self._queue_waits: list[float] = []
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
 
     @property
@@ -213,42 +211,31 @@ class EngineCore:
         seed = params.seed if params.seed is not None else np.random.randint(0, 2**31)
         output = OutputBuilder(self.tokenizer, params, self.eos_token_ids)
         slot = self.adapter_slot(params.adapter)
-        self._waiting.append(
-            Sequence(request_id, list(prompt_token_ids), params, output, seed, slot)
-        )
+        self.batcher.add(Sequence(request_id, list(prompt_token_ids), params, output, seed, slot))
         return request_id
 
     def abort(self, request_id: str) -> None:
         """Drops a request and frees its pages at once (a client went away)."""
-        self._waiting = deque(s for s in self._waiting if s.request_id != request_id)
-        for seq in [s for s in self._running if s.request_id == request_id]:
-            self._running.remove(seq)
-            self._release(seq)
+        self.batcher.abort(request_id)
 
     def drain_queue_waits(self) -> list[float]:
         """Arrival-to-admission seconds of the requests admitted since the last call."""
-        waits, self._queue_waits = self._queue_waits, []
-        return waits
+        return self.batcher.drain_queue_waits()
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running)
+        return self.batcher.has_unfinished()
 
     def next_prefill_tokens(self) -> int:
-        """The prompt tokens the next `step`'s prefill chunk runs, pages permitting (0: it runs
-        none): those of the first ``prefill_rows`` sequences mid-prompt, then waiting."""
-        room = max(0, self.config.max_num_seqs - len(self._running))
-        admitted = itertools.chain(self._running, itertools.islice(self._waiting, room))
-        prompts = (seq for seq in admitted if seq.pending > 1)
-        rows = itertools.islice(prompts, self.config.prefill_rows)
-        return sum(min(seq.pending, self.config.prefill_chunk) for seq in rows)
+        """The prompt tokens the next `step`'s prefill batch runs (0: none)."""
+        return self.batcher.next_prefill_tokens()
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self.batcher.running)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.batcher.waiting)
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, during: DuringStep | None = None) -> list[RequestOutput]:
@@ -267,17 +254,14 @@ class EngineCore:
         counted from when the device was free for it (the queued work's end, if later).
         """
         start = time.perf_counter()
-        self._admit()
+        self.batcher.admit()
         runs, keys = [], []  # (outputs, when the work queued before it ended) of each program
-        prefill = [s for s in self._running if s.pending > 1]
-        prefill_tokens = 0
+        prefill = self.batcher.prefill_batch()
+        prefill_tokens = sum(min(s.pending, self.config.prefill_chunk) for s in prefill)
         if prefill:
-            batch = self._prefill_batch(prefill)
-            prefill_tokens = sum(min(s.pending, self.config.prefill_chunk) for s in batch)
-            runs.append(self._run(batch, self.config.prefill_chunk, keys, during))
+            runs.append(self._run(prefill, self.config.prefill_chunk, keys, during))
             during = None  # called once, on the first program
-        decode = [s for s in self._running if s.pending == 1]
-        decode = self._reserve_decode_pages(decode)
+        decode = self.batcher.decode_batch()
         if decode:
             runs.append(self._run(decode, 1, keys, during))
         self.last_report = None
@@ -293,61 +277,6 @@ class EngineCore:
                 ended_at=end,
             )
         return [output for outputs, _ in runs for output in outputs]
-
-    def _admit(self) -> None:
-        while self._waiting and len(self._running) < self.config.max_num_seqs:
-            seq = self._waiting[0]
-            first_chunk = min(seq.pending, self.config.prefill_chunk)
-            if not self._ensure_pages(seq, first_chunk):
-                break
-            self._running.append(self._waiting.popleft())
-            if not seq.admitted:  # re-admission after preemption is not queueing
-                seq.admitted = True
-                self._queue_waits.append(time.perf_counter() - seq.arrival)
-
-    def _prefill_batch(self, candidates: list[Sequence]) -> list[Sequence]:
-        chosen = []
-        for seq in candidates[: self.config.prefill_rows]:
-            if self._ensure_pages(seq, min(seq.pending, self.config.prefill_chunk)):
-                chosen.append(seq)
-        return chosen
-
-    def _reserve_decode_pages(self, decode: list[Sequence]) -> list[Sequence]:
-        """Gives each decoding sequence room for one token, preempting the youngest if needed."""
-        ready = []
-        for seq in decode:
-            if seq not in self._running:  # preempted for an earlier sequence of this batch
-                continue
-            while not self._ensure_pages(seq, 1):
-                victim = self._running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-                if victim in ready:
-                    ready.remove(victim)
-            else:
-                ready.append(seq)
-        return ready
-
-    def _ensure_pages(self, seq: Sequence, new_tokens: int) -> bool:
-        owner = seq.owner
-        have = len(self.pages.pages(owner)) if owner in self.pages else 0
-        need = math.ceil((seq.num_cached + new_tokens) / self.config.page_size) - have
-        if need <= 0:
-            return True
-        # Fine-tune leases in the way yield first (arena.on_pressure): never refuse for them.
-        return self.arena.lease(owner, need)
-
-    def _preempt(self, seq: Sequence) -> None:
-        self._running.remove(seq)
-        self._release(seq)
-        seq.num_cached = 0
-        self._waiting.appendleft(seq)
-
-    def _release(self, seq: Sequence) -> None:
-        owner = seq.owner
-        if owner in self.pages:
-            self.pages.free(owner)
 
     def _run(
         self,
@@ -412,8 +341,7 @@ class EngineCore:
         at_limit = len(seq.prompt_token_ids) + len(seq.output.token_ids) + 1 >= self.max_model_len
         delta, finish = seq.output.append(token, logprob, top, at_limit)
         if finish is not None:
-            self._running.remove(seq)
-            self._release(seq)
+            self.batcher.finish(seq)
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
