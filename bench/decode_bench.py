@@ -330,10 +330,11 @@ def _time_engine(engine: EngineCore, batch: int, context: int, rng, steps: int =
     vocab = engine.model_config.vocab_size
     for _ in range(batch):
         engine.add_request(rng.integers(0, vocab, prompt_len).tolist(), params)
-    while engine._waiting:
-        seq = engine._waiting.popleft()
+    batcher = engine.batcher
+    while batcher.waiting:
+        seq = batcher.waiting.popleft()
         seq.num_cached = prompt_len - 1
-        engine._running.append(seq)
+        batcher.running.append(seq)
     times = []
     for _ in range(warmup + steps):
         start = time.perf_counter()
