@@ -191,7 +191,8 @@ def test_a_step_that_stops_fitting_is_dropped_and_cut_again():
     row, not left to stall the job for good."""
     job = fake_job()
     job.done, job.in_step = False, True
-    job.next_micro_step = lambda cut: SimpleNamespace(key=("fwd", "cut", 0, 0), kind="fwd")
+    micro = SimpleNamespace(key=("fwd", "cut", 0, 0), kind="fwd")
+    job.next_micro_step, job.open_micro_step = lambda cut: micro, lambda: micro
     job.abandon = lambda: setattr(job, "in_step", False)
     scheduler, _ = scheduler_with_cuts(job, {0: [15.0]})
     for _ in range(_STALL_LIMIT - 1):
@@ -208,7 +209,7 @@ def test_a_fill_leaves_room_for_the_next_start_before_the_update_that_completes_
     job = fake_job()
     job.done, job.in_step, job.tokens_trained = False, True, 0
     update = SimpleNamespace(key=("fwd", "cut", 0, 0), kind="update")
-    job.next_micro_step = lambda cut: update
+    job.next_micro_step, job.open_micro_step = lambda cut: update, lambda: update
     scheduler, _ = scheduler_with_cuts(job, {0: [1.0]})
     dispatched = []
 
@@ -349,7 +350,7 @@ def open_step(kinds: list[str]):
     job = fake_job()
     job.done, job.in_step, job.tokens_trained = False, True, 0
     micros = [SimpleNamespace(key=("fwd", "cut", 0, 0), kind=kind) for kind in kinds]
-    job.next_micro_step = lambda cut: micros[0]
+    job.next_micro_step, job.open_micro_step = lambda cut: micros[0], lambda: micros[0]
     return job, micros
 
 

@@ -237,7 +237,7 @@ class FineTuneJob:
             if not self.trainer.reserve(rows, seq_len, *granularity):
                 return None
             self._plan = self.trainer.plan(self._next_batch(), *granularity)
-        return self._plan.steps[self._plan._next]
+        return self.open_micro_step()
 
     def _next_batch(self) -> dict:
         """The next step's batch: an abandoned step's again, else the data's next."""
@@ -250,6 +250,12 @@ class FineTuneJob:
     @property
     def in_step(self) -> bool:
         return self._plan is not None
+
+    def open_micro_step(self) -> MicroStep:
+        """The open step's next micro-step (its plan fixed the cut); only while ``in_step``."""
+        if self._plan is None:
+            raise RuntimeError(f"job {self.name!r} has no open step")
+        return self._plan.steps[self._plan._next]
 
     def run(self, micro: MicroStep) -> tuple[float, dict | None]:
         """Runs ``micro`` to completion. Returns the seconds its program took (the step's

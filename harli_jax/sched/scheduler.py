@@ -83,11 +83,6 @@ _STALL_LIMIT = 8  # iterations an open step may wait for a micro-step to fit
 FAMILIES = ("inference", "train/fwd", "train/bwd", "train/head", "train/update")
 
 
-def _open_micro_step(job: FineTuneJob) -> MicroStep:
-    """The open step's next micro-step (its plan fixed the cut; the one passed is not read)."""
-    return job.next_micro_step(cuts(job)[-1])
-
-
 class _Fill(NamedTuple):
     """One of harli's fills, as the next step's end judges its iteration: when the step before
     it ended, when it began, the deadline it aimed its programs at, when its host loop returned,
@@ -210,7 +205,7 @@ class ColocationScheduler:
         budget. Returns the seconds it charged the fill (None: it dispatched nothing)."""
         if job.done or not job.in_step or running.is_ready():
             return None
-        micro = _open_micro_step(job)
+        micro = job.open_micro_step()
         if micro.kind == "update":
             return None
         key = program_key(job, micro.key)
@@ -359,7 +354,7 @@ class ColocationScheduler:
         """The open step's next micro-step; or, if a start fits before ``deadline``, the first
         of a new step (the inference step before did not leave one started)."""
         if job.in_step:
-            return _open_micro_step(job)
+            return job.open_micro_step()
         return self.starts.before(job, deadline)
 
     def _run_whole_step(self, job: FineTuneJob) -> bool:
