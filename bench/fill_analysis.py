@@ -25,10 +25,16 @@ from pathlib import Path
 import numpy as np
 
 
+def _in_trace(programs: list) -> list:
+    """A program timeline's entries from the trace's start on (calibration's come before it),
+    in start order."""
+    return sorted((p for p in programs if p[0] >= 0), key=lambda p: p[0])
+
+
 def iterations(programs: list) -> list[dict]:
     """The run's iterations from its program timeline (start, family, seconds), in order; the
     last inference program, with no next to end it, opens none."""
-    timed = sorted((p for p in programs if p[0] >= 0), key=lambda p: p[0])
+    timed = _in_trace(programs)
     starts = [i for i, (_, name, _) in enumerate(timed) if name == "inference"]
     found = []
     for here, after in zip(starts, starts[1:]):
@@ -85,7 +91,7 @@ LATE_RULE = (
 def late_tokens(run: dict, slo_ms: float) -> dict:
     """A run's late tokens by cause (`LATE_RULE`), and its inference steps over the SLO."""
     slo_s = slo_ms / 1e3
-    timed = sorted((p for p in run["timeline"]["programs"] if p[0] >= 0), key=lambda p: p[0])
+    timed = _in_trace(run["timeline"]["programs"])
     steps = [(start, s or 0.0) for start, name, s in timed if name == "inference"]
     fills = [start for start, name, _ in timed if name != "inference"]
     step_starts = [start for start, _ in steps]

@@ -34,6 +34,10 @@ class Batcher:
         self.running: list[Sequence] = []
         self._queue_waits: list[float] = []
 
+    def chunk(self, seq: Sequence) -> int:
+        """The prompt tokens ``seq`` prefills in its next step (up to ``prefill_chunk``)."""
+        return min(seq.pending, self.config.prefill_chunk)
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -63,13 +67,13 @@ class Batcher:
         admitted = itertools.chain(self.running, itertools.islice(self.waiting, room))
         prompts = (seq for seq in admitted if seq.pending > 1)
         rows = itertools.islice(prompts, self.config.prefill_rows)
-        return sum(min(seq.pending, self.config.prefill_chunk) for seq in rows)
+        return sum(self.chunk(seq) for seq in rows)
 
     def admit(self) -> None:
         """Moves waiting requests to the running set while there is room and pages."""
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self._ensure_pages(seq, min(seq.pending, self.config.prefill_chunk)):
+            if not self._ensure_pages(seq, self.chunk(seq)):
                 break
             self.running.append(self.waiting.popleft())
             if not seq.admitted:  # re-admission after preemption is not queueing
@@ -82,7 +86,7 @@ class Batcher:
         return [
             seq
             for seq in prompts[: self.config.prefill_rows]
-            if self._ensure_pages(seq, min(seq.pending, self.config.prefill_chunk))
+            if self._ensure_pages(seq, self.chunk(seq))
         ]
 
     def decode_batch(self) -> list[Sequence]:

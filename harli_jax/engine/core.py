@@ -257,7 +257,7 @@ class EngineCore:
         self.batcher.admit()
         runs, keys = [], []  # (outputs, when the work queued before it ended) of each program
         prefill = self.batcher.prefill_batch()
-        prefill_tokens = sum(min(s.pending, self.config.prefill_chunk) for s in prefill)
+        prefill_tokens = sum(self.batcher.chunk(s) for s in prefill)
         if prefill:
             runs.append(self._run(prefill, self.config.prefill_chunk, keys, during))
             during = None  # called once, on the first program
