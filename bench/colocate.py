@@ -36,7 +36,12 @@ Everything is derived from measurements taken first, and recorded in the JSON:
   calibrated micro-step fits, and it starts a micro-step only if its calibrated time fits what
   is left (no overrun) (see `harli_jax.sched.scheduler`);
 - limit = fine-tune alone (whole steps, no serving) tokens/s x (1 - the share of wall time that
-  inference steps took under serve-only at that load).
+  inference steps took under serve-only at that load);
+- ceiling = fine-tune alone x (1 - the solo decode step at the load's batch / the SLO): what any
+  policy could train if every iteration lasted one SLO, decoded the load's batch as fast as it
+  does alone and trained at whole-step speed the rest of the time (prefill left out). Serve-only
+  runs small batches back to back, so the limit is far below what co-location reaches; the
+  ceiling bounds every policy from above.
 
     python3 bench/colocate.py --loads light          # TinyLlama-1.1B shape, one load per call
     python3 bench/colocate.py --loads heavy          # ... merged into the same results file
@@ -76,6 +81,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 # No torch in this process: JAX takes its one preallocated pool, as a server does (a pool that
 # grows on demand fragments, and a large arena then fails to allocate).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+
+import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402  (sets the JAX allocator mode before jax loads)
 
@@ -138,8 +145,20 @@ def measure_shape(llm: LLM, job: FineTuneJob, shape: str, setup: Setup, compile_
         ),
         finetune_alone_tok_s=alone_tok_s,
         limit_rule="finetune_alone_tok_s x (1 - serve-only inference busy share)",
+        ceiling_rule=(
+            "finetune_alone_tok_s x (1 - solo decode step at the load's batch_at_slo / SLO), "
+            "the solo step interpolated between the measured batches"
+        ),
         setup=dataclasses.asdict(setup),
     )
+
+
+def ceiling(measured: dict, batch: int) -> float:
+    """Fine-tune tokens/s if every iteration lasted one SLO and decoded ``batch`` rows as fast as
+    the solo step does, the rest of it trained at whole-step speed (see the module docstring)."""
+    solo = sorted((int(b), ms) for b, ms in measured["solo_decode_ms"].items())
+    step_ms = float(np.interp(batch, *zip(*solo)))
+    return measured["finetune_alone_tok_s"] * (1 - step_ms / measured["tpot_slo_ms"])
 
 
 def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Results) -> None:
@@ -205,6 +224,7 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
             requests=len(trace),
             static_budget_ms=static_ms,
             calibrate_s=calibrate_s,
+            ceiling_ft_tok_s=ceiling(measured, LOADS[load]),
         )
         for policy in args.policies:
             say(f"{load} load, {policy}: {len(trace)} requests over {setup.duration_s:g} s ...")
@@ -218,6 +238,7 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
             row |= {k: result.pop(k) for k in ROW_KEYS}
             row["limit_ft_tok_s"] = limit
             row["share_of_limit"] = row["ft_tok_s"] / limit if limit else None
+            row["share_of_ceiling"] = row["ft_tok_s"] / measured["loads"][load]["ceiling_ft_tok_s"]
             results.put(finite(row), finite(dict(policy=policy, load=load, model=shape, **result)))
             say(json.dumps(finite(row)))
             results.save()
