@@ -50,9 +50,10 @@ Everything is derived from measurements taken first, and recorded in the JSON:
 A policy may take variants after colons (`--policies harli,harli:1x22,static:serial`): a cut's
 name (chunks x layer spans, `harli_jax.sched.runner.cut_name`) fixes the cut of every step, and
 `serial` starts every fill once the host has seen the inference step end (no micro-step queued
-behind it), and `unfilled` has harli queue a micro-step behind each inference step even where its
-fill gate leaves the iteration unfilled (`SchedulerConfig.queue_unfilled`). Such a run's rows are
-keyed by the whole name.
+behind it), `unfilled` has harli queue a micro-step behind each inference step even where its
+fill gate leaves the iteration unfilled (`SchedulerConfig.queue_unfilled`), and `depthN` keeps
+N fine-tune programs in flight instead of 2 (`SchedulerConfig.inflight_depth`). Such a run's
+rows are keyed by the whole name.
 
 `--bursty` replaces the Poisson arrivals of every trace by bursty ones (BurstGPT-like Gamma
 inter-arrival times, `harli_jax.sched.trace`), in a results file of its own.
@@ -255,10 +256,14 @@ def policy_config(spec: str, slo_s: float, static_budget_s: float) -> SchedulerC
             config.queue_behind = False
         elif variant == "unfilled":
             config.queue_unfilled = True
+        elif re.fullmatch(r"depth\d+", variant):
+            config.inflight_depth = int(variant[5:])
         elif re.fullmatch(r"\d+x\d+", variant):
             config.fixed_cut = variant
         else:
-            raise ValueError(f"{spec!r}: {variant!r} is not a cut (e.g. 1x22), serial or unfilled")
+            raise ValueError(
+                f"{spec!r}: {variant!r} is not a cut (e.g. 1x22), serial, unfilled or depthN"
+            )
     return config
 
 

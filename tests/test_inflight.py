@@ -121,6 +121,16 @@ def test_depth_one_waits_for_every_program():
         InFlight(depth=0)
 
 
+def test_a_scheduler_keeps_as_many_programs_in_flight_as_configured():
+    """``inflight_depth`` 3: after a third dispatch two programs are still queued."""
+    config = SchedulerConfig("harli", 0.05, inflight_depth=3)
+    rates = DeviceRates(peak_flops=1e12, hbm_bytes_per_s=1e11)
+    queue = ColocationScheduler(config, Predictor(rates), EngineMetrics()).runner.inflight
+    for _ in range(3):
+        queue.add(jnp.zeros(()), 0.0, 1.0, lambda *args: None)
+    assert len(queue) == 2
+
+
 def _job(tmp_path, name: str) -> tuple[LLM, FineTuneJob]:
     llm = LLM.demo(max_num_seqs=2, max_model_len=128, page_size=32, prefill_chunk=64)
     config = FineTuneConfig(

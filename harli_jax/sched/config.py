@@ -30,6 +30,10 @@ class SchedulerConfig:
     # iteration, beat harli 1.15x at light load on the H100, where harli's gate left half the
     # iterations unfilled), but an idle loop then finishes the open step at micro-step speed.
     queue_unfilled: bool = False
+    # Fine-tune programs kept queued on the device (`InFlight`'s depth): at 2 the host waits for
+    # one program while the next runs, so a host step slower than that program idles the device
+    # (a one-layer forward runs ~0.8 ms on the H100, its dispatch alone takes ~0.6 ms there).
+    inflight_depth: int = 2
     # A plan's margin: every prediction scaled by ``min_margin``, plus a quantile of how late
     # its family's recent predictions ran (in seconds): ``error_quantile`` for the inference
     # step, ``micro_step_error_quantile`` for each fine-tune micro-step (harli_jax.sched.pricing).

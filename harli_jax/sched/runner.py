@@ -61,7 +61,8 @@ def family(micro_key: tuple) -> str:
 class MicroStepRunner:
     """Dispatches micro-steps and learns their times (``calibration``: what `calibrate` found);
     ``on_tokens`` receives the tokens of every step a micro-step completes, ``on_program`` each
-    program's dispatch time, family and seconds (None: not known) once it has run."""
+    program's dispatch time, family and seconds (None: not known) once it has run; ``depth``
+    programs at most are in flight (`InFlight`)."""
 
     def __init__(
         self,
@@ -69,10 +70,11 @@ class MicroStepRunner:
         calibration: Calibration,
         on_tokens: Callable[[int], None] = lambda tokens: None,
         on_program: Callable[[float, str, float | None], None] = lambda *program: None,
+        depth: int = 2,
     ):
         self.predictor, self.calibration, self.on_tokens = predictor, calibration, on_tokens
         self.on_program = on_program
-        self.inflight = InFlight()  # micro-steps dispatched and not yet seen to end
+        self.inflight = InFlight(depth)  # micro-steps dispatched and not yet seen to end
 
     def dispatch(self, job: FineTuneJob, micro: MicroStep, estimate: float = 0.0) -> None:
         """Dispatches ``micro`` behind the programs in flight (``estimate``: its predicted

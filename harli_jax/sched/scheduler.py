@@ -116,6 +116,7 @@ class ColocationScheduler:
             calibration or Calibration(),
             on_tokens=lambda tokens: self.metrics.on_finetune_tokens(tokens),
             on_program=lambda *program: self.metrics.on_program(*program),
+            depth=config.inflight_depth,
         )
         self._seen_inference: set[str] = set()  # a program's first step may compile
         self._after_train = False  # whether fine-tune work ran since the last inference step
