@@ -52,7 +52,7 @@ name (chunks x layer spans, `harli_jax.sched.runner.cut_name`) fixes the cut of 
 `serial` starts every fill once the host has seen the inference step end (no micro-step queued
 behind it), `unfilled` has harli queue a micro-step behind each inference step even where its
 fill gate leaves the iteration unfilled (`SchedulerConfig.queue_unfilled`), and `depthN` keeps
-N fine-tune programs in flight instead of 2 (`SchedulerConfig.inflight_depth`). Such a run's
+N fine-tune programs in flight instead of 3 (`SchedulerConfig.inflight_depth`). Such a run's
 rows are keyed by the whole name.
 
 `--bursty` replaces the Poisson arrivals of every trace by bursty ones (BurstGPT-like Gamma

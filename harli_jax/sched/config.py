@@ -32,8 +32,10 @@ class SchedulerConfig:
     queue_unfilled: bool = False
     # Fine-tune programs kept queued on the device (`InFlight`'s depth): at 2 the host waits for
     # one program while the next runs, so a host step slower than that program idles the device
-    # (a one-layer forward runs ~0.8 ms on the H100, its dispatch alone takes ~0.6 ms there).
-    inflight_depth: int = 2
+    # (a one-layer forward runs ~0.8 ms on the H100, its dispatch alone takes ~0.5 ms there).
+    # On the H100, 3 trained 1-2% more than 2 at heavy load, harli and static alike, within the
+    # SLO; 4 trained 6% less than 3 (bench/results/colocate-h100*-6cc6dcf.json, NOTES session 21).
+    inflight_depth: int = 3
     # A plan's margin: every prediction scaled by ``min_margin``, plus a quantile of how late
     # its family's recent predictions ran (in seconds): ``error_quantile`` for the inference
     # step, ``micro_step_error_quantile`` for each fine-tune micro-step (harli_jax.sched.pricing).

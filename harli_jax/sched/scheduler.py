@@ -41,10 +41,10 @@ The baselines share all the machinery and differ only in that decision:
 - ``harli``: as above.
 
 With no inference work at all, every policy but ``serve-only`` trains in whole steps. Micro-steps
-run through a :class:`~harli_jax.sched.runner.MicroStepRunner`, which keeps the next one queued on
-the device while the host prepares the one after; ``static`` and ``harli`` queue a fill's first
-micro-step behind the inference step while it runs, where it fits. An inference program's first
-step under a scheduler may compile, so it is not a latency sample.
+run through a :class:`~harli_jax.sched.runner.MicroStepRunner`, which keeps the next ones queued on
+the device (``inflight_depth - 1`` of them) while the host prepares the one after; ``static`` and
+``harli`` queue a fill's first micro-step behind the inference step while it runs, where it fits.
+An inference program's first step under a scheduler may compile, so it is not a latency sample.
 """
 
 from __future__ import annotations
