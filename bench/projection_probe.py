@@ -13,7 +13,11 @@ measured in the same run:
 - ``dot``: the model's code (`einsum`, RMSNorm as in `harli_jax.models.llama`);
 - ``reduce``: every projection as a float32 multiply-reduce over the bf16 weight;
 - ``reduce-fused-qkv`` and ``dot-fused-qkv``: each with q, k and v in one weight (one
-  projection reads all three).
+  projection reads all three);
+- ``reduce-folded`` and ``reduce-folded-qkv``: each RMSNorm's gain folded into the weights it
+  feeds (W' = W diag(g), made once at load), so a projection reads the residual stream as it
+  is and its output rows are scaled by 1/rms after: a per-row scalar commutes with the product,
+  and it can fuse into what consumes the output, leaving no kernel for the norm's multiply.
 
     python3 bench/projection_probe.py --out bench/results   # GPU; prints a table, writes JSON
 """
@@ -30,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 EPS = 1e-5
+FOLDED = dict(q="norm1", k="norm1", v="norm1", qkv="norm1", gate="norm2", up="norm2")
 
 
 def rms_scale(h: jax.Array, gain: jax.Array) -> jax.Array:
@@ -46,24 +51,33 @@ def reduce(x: jax.Array, weight: jax.Array) -> jax.Array:
     return jnp.sum(product, -1).astype(weight.dtype)
 
 
-def layers_program(project, fused_qkv: bool, repeats: int):
+def inv_rms(h: jax.Array) -> jax.Array:
+    h32 = h.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(h32 * h32, -1, keepdims=True) + EPS)
+
+
+def layers_program(project, fused_qkv: bool, repeats: int, folded: bool = False):
     """All layers' projections at batch 1: ``h`` [1, hidden] through every layer's weights,
     ``repeats`` times in one program (each pass reads every weight again: they are far past the
     L2), so that one call's time is device time, not the dispatch of its ~200 arguments."""
 
+    def normed(h, w, norm, name):
+        """``name``'s projection of ``h`` after the RMSNorm ``norm``, folded or not."""
+        if folded:
+            return (project(h, w[name + "_folded"]) * inv_rms(h)).astype(h.dtype)
+        return project(rms_scale(h, w[norm]), w[name])
+
     def run(h, layers):
         for w in layers:
-            x = rms_scale(h, w["norm1"])
             if fused_qkv:
-                qkv = project(x, w["qkv"])
+                qkv = normed(h, w, "norm1", "qkv")
                 q, kv = qkv[..., : w["o"].shape[1]], qkv[..., w["o"].shape[1] :]
             else:
-                q = project(x, w["q"])
-                kv = jnp.concatenate([project(x, w["k"]), project(x, w["v"])], -1)
+                q = normed(h, w, "norm1", "q")
+                kv = jnp.concatenate([normed(h, w, "norm1", n) for n in ("k", "v")], -1)
             q = q + kv.sum().astype(q.dtype) * 0  # so k and v are computed, not dropped
             h = h + project(q, w["o"])
-            x = rms_scale(h, w["norm2"])
-            gate, up = project(x, w["gate"]), project(x, w["up"])
+            gate, up = normed(h, w, "norm2", "gate"), normed(h, w, "norm2", "up")
             h = h + project(jax.nn.silu(gate) * up, w["down"])
         return h
 
@@ -84,7 +98,11 @@ def make_layers(shape: dict, key: jax.Array, num_layers: int) -> tuple[list[dict
             for k, (name, dim) in zip(keys, dims.items())
         }
         layer["qkv"] = jnp.concatenate([layer["q"], layer["k"], layer["v"]])
-        layer["norm1"] = layer["norm2"] = jnp.ones((hidden,), jnp.float32)
+        gains = jax.random.split(jax.random.fold_in(key, num_layers + index))
+        for norm, gain_key in zip(("norm1", "norm2"), gains):
+            layer[norm] = 1 + 0.1 * jax.random.normal(gain_key, (hidden,), jnp.float32)
+        for name, norm in FOLDED.items():
+            layer[name + "_folded"] = (layer[name] * layer[norm]).astype(jnp.bfloat16)
         nbytes += sum(layer[name].nbytes for name in dims)
         layers.append(layer)
     return layers, nbytes
@@ -109,6 +127,8 @@ def main() -> None:
         "reduce": layers_program(reduce, False, args.repeats),
         "reduce-fused-qkv": layers_program(reduce, True, args.repeats),
         "dot-fused-qkv": layers_program(dot, True, args.repeats),
+        "reduce-folded": layers_program(reduce, False, args.repeats, folded=True),
+        "reduce-folded-qkv": layers_program(reduce, True, args.repeats, folded=True),
     }
     rows, reference = [], variants["dot"](h, layers).astype(jnp.float32)
     for name, program in variants.items():
