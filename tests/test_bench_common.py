@@ -221,6 +221,21 @@ def test_out_of_memory_returns_none(tiny_ckpt: Path, monkeypatch: pytest.MonkeyP
     assert hf_baseline.hf_decode_step_ms(tiny_ckpt, 128, 4096, compile=False) is None
 
 
+def test_the_colocation_ceiling_trains_whole_steps_in_what_slo_long_iterations_leave():
+    """A load's ceiling: fine-tune alone x (1 - the solo decode step at its batch / the SLO),
+    the step interpolated linearly between the measured batches."""
+    from bench.colocate import ceiling
+
+    measured = dict(
+        solo_decode_ms={"1": 2.0, "16": 3.5, "32": 4.0},
+        tpot_slo_ms=10.0,
+        finetune_alone_tok_s=1000.0,
+    )
+    step_ms = 2.0 + (4 - 1) * (3.5 - 2.0) / (16 - 1)  # batch 4: between 1 and 16
+    assert ceiling(measured, 4) == pytest.approx(1000.0 * (1 - step_ms / 10.0))
+    assert ceiling(measured, 24) == pytest.approx(1000.0 * (1 - 3.75 / 10.0))
+
+
 def test_a_colocate_policy_entry_names_a_policy_and_its_variants():
     """`--policies harli:1x22:serial` fixes the cut and starts every fill after the step; a
     variant that is neither is refused by name, before any device work."""
