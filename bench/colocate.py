@@ -52,8 +52,9 @@ name (chunks x layer spans, `harli_jax.sched.runner.cut_name`) fixes the cut of 
 `serial` starts every fill once the host has seen the inference step end (no micro-step queued
 behind it), `unfilled` has harli queue a micro-step behind each inference step even where its
 fill gate leaves the iteration unfilled (`SchedulerConfig.queue_unfilled`), and `depthN` keeps
-N fine-tune programs in flight instead of 3 (`SchedulerConfig.inflight_depth`). Such a run's
-rows are keyed by the whole name.
+N fine-tune programs in flight instead of 3 (`SchedulerConfig.inflight_depth`), and `fuseN` has
+harli dispatch up to N adjacent middle spans' forwards (or backwards) as one program
+(`SchedulerConfig.fuse_spans`). Such a run's rows are keyed by the whole name.
 
 `--bursty` replaces the Poisson arrivals of every trace by bursty ones (BurstGPT-like Gamma
 inter-arrival times, `harli_jax.sched.trace`), in a results file of its own.
@@ -195,8 +196,12 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
     slo_ms = measured["tpot_slo_ms"]
 
     # Calibrate once; every run starts from copies of this predictor state and calibration.
+    # Calibration compiles and measures the fused programs the most fusing policy may run.
+    fuse = max(policy_config(name, slo_ms * 1e-3, 0.0).fuse_spans for name in args.policies)
     base = ColocationScheduler(
-        SchedulerConfig("harli", slo_ms * 1e-3), LoggingPredictor(rates), EngineMetrics()
+        SchedulerConfig("harli", slo_ms * 1e-3, fuse_spans=fuse),
+        LoggingPredictor(rates),
+        EngineMetrics(),
     )
     job.use_arena(llm.engine.arena)  # calibrate the programs the runs use: the arena ones
     calibrate_s = calibrate(llm, base, job, progress=say)
@@ -258,11 +263,13 @@ def policy_config(spec: str, slo_s: float, static_budget_s: float) -> SchedulerC
             config.queue_unfilled = True
         elif re.fullmatch(r"depth\d+", variant):
             config.inflight_depth = int(variant[5:])
+        elif re.fullmatch(r"fuse\d+", variant):
+            config.fuse_spans = int(variant[4:])
         elif re.fullmatch(r"\d+x\d+", variant):
             config.fixed_cut = variant
         else:
             raise ValueError(
-                f"{spec!r}: {variant!r} is not a cut (e.g. 1x22), serial, unfilled or depthN"
+                f"{spec!r}: {variant!r} is not a cut (e.g. 1x22), serial, unfilled, depthN or fuseN"
             )
     return config
 

@@ -81,7 +81,7 @@ def calibrate(
         core.compile_all(lambda done, total: bar.update(1))
     verb = "compiling and calibrating" if measure else "compiling"
     progress(f"{verb} the train step's micro-steps ...")
-    scheduler.runner.calibrate(job, measure=measure)
+    scheduler.runner.calibrate(job, measure=measure, fuse_spans=scheduler.config.fuse_spans)
     if measure:
         calibrate_inference(llm, scheduler)
     return time.perf_counter() - start

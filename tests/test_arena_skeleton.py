@@ -94,3 +94,29 @@ def test_a_change_of_cut_or_of_lease_builds_the_skeleton_again(
     assert len({id(skeleton) for skeleton in built}) == STEPS
     assert arena_steps.lease_size and len(leases[0]) != len(leases[1])
     assert_trains_the_whole_steps(trainer, losses, whole_steps)
+
+
+def test_adjacent_middle_spans_run_as_one_program_train_the_whole_steps(
+    base,  # noqa: F811
+    whole_steps,
+):
+    """`Trainer.fused`: the two middle spans' forwards (and backwards) of each row chunk run as
+    one program where asked, and the steps still train what one-program steps train; a count
+    that reaches past the middle spans, or an abandoned plan, fuses nothing."""
+    trainer, _ = arena_trainer(lora_model(base), num_pages=256)
+    losses = []
+    for seed in range(STEPS):
+        plan, fused = trainer.plan(packed_batch(seed), *CUTS[0]), []
+        assert trainer.fused(plan, 2) is None  # the first span is not a middle one
+        while plan._next < len(plan):
+            micro = trainer.fused(plan, 2)
+            if micro is not None:
+                assert trainer.fused(plan, 3) is None  # the last span is not a middle one
+                fused.append((micro.kind, micro.key[-1]))
+            (micro or plan.steps[plan._next]).run()
+        losses.append(float(plan.metrics["loss"]))
+        assert fused == [("fwd", "x2"), ("bwd", "x2")] * 2  # two row chunks
+    assert_trains_the_whole_steps(trainer, losses, whole_steps)
+    dropped = trainer.plan(packed_batch(0), *CUTS[0])
+    trainer.release()
+    assert trainer.fused(dropped, 2) is None

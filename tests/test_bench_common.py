@@ -246,6 +246,7 @@ def test_a_colocate_policy_entry_names_a_policy_and_its_variants():
     assert policy_config("static", 0.02, 0.005).queue_behind
     assert policy_config("harli:unfilled", 0.02, 0.005).queue_unfilled
     assert policy_config("harli:depth3", 0.02, 0.005).inflight_depth == 3
+    assert policy_config("harli:fuse4", 0.02, 0.005).fuse_spans == 4
     with pytest.raises(ValueError, match="'fast' is not a cut"):
         policy_config("harli:fast", 0.02, 0.005)
     with pytest.raises(ValueError, match="policy must be one of"):

@@ -227,6 +227,34 @@ def test_a_fill_leaves_room_for_the_next_start_before_the_update_that_completes_
     assert scheduler._fill(job, time.perf_counter() + 0.010) and dispatched == [update]
 
 
+@pytest.mark.parametrize(
+    "fuse_spans, deadline_ms, expected",
+    [(4, 10.0, ("x4",)), (4, 3.0, ("x2",)), (4, 1.5, ()), (1, 10.0, ())],
+)
+def test_harli_runs_the_most_adjacent_spans_as_one_program_that_fits(
+    fuse_spans, deadline_ms, expected
+):
+    """With ``fuse_spans``, a fill dispatches the largest fused program (4, then 2 micro-steps:
+    here 4 and 2 ms) whose estimate fits before the deadline, else the micro-step itself."""
+    job, (micro,) = open_step(["fwd"])
+    scheduler, _ = scheduler_with_cuts(job, {0: [1.0]}, fuse_spans=fuse_spans)
+    fused = {}
+    for count, ms in ((2, 2.0), (4, 4.0)):
+        fused[count] = SimpleNamespace(key=(*micro.key, f"x{count}"), kind="fwd")
+        key = train_key(job_shape(job), fused[count].key)
+        scheduler.predictor.register(key, "train/fwd", {"flops": 0.0, "bytes accessed": ms * 1e9})
+    job.fused_micro_step = fused.get
+    dispatched = []
+
+    def dispatch(job, micro, estimate):
+        dispatched.append(micro.key)
+        job.done = True
+
+    scheduler.runner.dispatch = dispatch
+    assert scheduler._fill(job, time.perf_counter() + deadline_ms * 1e-3)
+    assert dispatched == [(*micro.key, *expected)]
+
+
 def test_static_budget_is_the_slo_less_the_p99_calibrated_step_and_never_adapts():
     job = fake_job()
     scheduler, options = scheduler_with_cuts(job, {0: [9.0, 9.0], 1: [5.0] * 4}, policy="static")

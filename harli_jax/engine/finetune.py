@@ -257,6 +257,13 @@ class FineTuneJob:
             raise RuntimeError(f"job {self.name!r} has no open step")
         return self._plan.steps[self._plan._next]
 
+    def fused_micro_step(self, count: int) -> MicroStep | None:
+        """The open step's next ``count`` micro-steps as one program, where they can be
+        (adjacent middle spans' forwards or backwards in arena pages); else None."""
+        if self._plan is None:
+            raise RuntimeError(f"job {self.name!r} has no open step")
+        return self.trainer.fused(self._plan, count)
+
     def run(self, micro: MicroStep) -> tuple[float, dict | None]:
         """Runs ``micro`` to completion. Returns the seconds its program took (the step's
         bookkeeping and checkpoint writes are not in it) and the step's metrics if it completed

@@ -22,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from harli_jax.lora.layout import HEAD, Leaves, Span
-from harli_jax.lora.plan import ProgramKey, TrainPlan, Unbound, row_chunks
+from harli_jax.lora.plan import MicroStep, ProgramKey, TrainPlan, Unbound, row_chunks
 from harli_jax.lora.programs import FIELDS, ArenaSlots, Batch
 from harli_jax.memory import arena as pages_io
 from harli_jax.memory.arena import Arena
@@ -62,6 +62,24 @@ def _start(
     return pages_io.zero(arena, acc_pages), row_chunks(batch, token_chunks, jnp.split)
 
 
+class _SpanCall(NamedTuple):
+    """A span's forward or backward in a skeleton: its program and what it is called with
+    beside the arena and the step's own arguments."""
+
+    program: Callable
+    span: Span
+    fixed: tuple
+    chunk: int
+
+
+def _in_turn(program: Callable, arena: KVCache, *calls: tuple) -> KVCache:
+    """``program`` on ``arena`` once per argument tuple of ``calls``, each on the last's arena:
+    adjacent middle spans' forwards (or backwards) as one program."""
+    for args in calls:
+        arena = program(arena, *args)
+    return arena
+
+
 def _cut(rows: int, seq_len: int, token_chunks: int, spans: Sequence[Span]) -> tuple:
     """A step's shape and cut, as a key."""
     return rows, seq_len, token_chunks, tuple((s.place, *s.view_key) for s in spans)
@@ -86,6 +104,7 @@ class ArenaSteps:
         self._trainer = trainer
         self._arena, self._owner = arena, owner
         self._open: TrainPlan | None = None  # the plan whose pages are leased
+        self._open_skeleton: tuple[Unbound, ...] = ()  # its micro-steps, unbound
         # (mode, residual pages of each span, pages per slot, pages per layer's gradient sums)
         self._lease_shape: tuple[str, tuple[int, ...], int, int] | None = None
         self._shapes: dict[tuple, tuple[tuple[str, tuple[int, ...], int, int], int]] = {}
@@ -185,7 +204,29 @@ class ArenaSteps:
         denominator = np.float32(max(count, 1))
         args = StepArgs(t._chunks(chunks, t.step), denominator, count, self._zero_loss)
         self._open = TrainPlan.bind(t.step, skeleton, args)
+        self._open_skeleton = skeleton
         return self._open
+
+    def fused(self, plan: TrainPlan, count: int) -> MicroStep | None:
+        """The next ``count`` micro-steps of ``plan`` as one, if they are all forwards or all
+        backwards of middle spans: one program that runs them in turn, so one dispatch (~0.5 ms
+        of host time on the H100's host, against ~0.8 ms of device time for a one-layer
+        forward) where there were ``count``. None where they are not."""
+        if plan is not self._open:
+            return None
+        index = plan._next
+        parts = self._open_skeleton[index : index + count]
+        kinds = {(unbound.kind, unbound.key) for unbound in parts}
+        if len(parts) < count or len(kinds) != 1 or any(u.span is None for u in parts):
+            return None
+        kind, key = parts[0].kind, (*parts[0].key, f"x{count}")
+        program = functools.partial(_in_turn, parts[0].span.program)
+
+        def run() -> KVCache:
+            args = tuple(self._span_args(call, plan) for call in (u.span for u in parts))
+            return self._run(plan, key, program, (), args)
+
+        return MicroStep(kind, key, functools.partial(plan._run, index, run, count=count))
 
     def _skeleton(
         self, rows: int, seq_len: int, token_chunks: int, spans: Sequence[Span]
@@ -228,7 +269,8 @@ class ArenaSteps:
             for kind, key, span, program, fixed in (*forward, head, *reversed(backward)):
                 step = self._head if kind == "head" else self._span_step
                 run = functools.partial(step, key, span, program, fixed, chunk)
-                skeleton.append(Unbound(kind, key, run))
+                call = _SpanCall(program, span, fixed, chunk) if span.place == "middle" else None
+                skeleton.append(Unbound(kind, key, run, call))
         program = functools.partial(t._p.arena_update, slots)
         update = functools.partial(self._update, program, self._acc)
         skeleton.append(Unbound("update", ("update",), update))
@@ -240,9 +282,13 @@ class ArenaSteps:
         plan: TrainPlan,
     ) -> KVCache:  # fmt: skip
         """A span's forward or backward on row chunk ``chunk`` of ``plan``'s step."""
-        t = self._trainer
-        lora = t._p.lora.take(t._lora, span)
-        return self._run(plan, key, program, (), (lora, *fixed, *plan.args.chunks[chunk]))
+        args = self._span_args(_SpanCall(program, span, fixed, chunk), plan)
+        return self._run(plan, key, program, (), args)
+
+    def _span_args(self, call: _SpanCall, plan: TrainPlan) -> tuple:
+        """What ``call``'s program takes beside the arena, for ``plan``'s step."""
+        lora = self._trainer._p.lora.take(self._trainer._lora, call.span)
+        return (lora, *call.fixed, *plan.args.chunks[call.chunk])
 
     def _head(
         self, key: ProgramKey, span: Span, program: Callable, fixed: tuple, chunk: int,

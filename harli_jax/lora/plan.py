@@ -40,11 +40,14 @@ class MicroStep(NamedTuple):
 
 class Unbound(NamedTuple):
     """A micro-step before it belongs to a plan: ``run(plan)`` dispatches it with the plan's
-    per-step arguments (`TrainPlan.args`)."""
+    per-step arguments (`TrainPlan.args`). ``span`` is set for a middle span's forward or
+    backward: what a dispatch that runs several adjacent ones as one program needs of it
+    (`harli_jax.lora.arena_steps.ArenaSteps.fused`)."""
 
     kind: str
     key: ProgramKey
     run: Callable[[TrainPlan], Any]
+    span: Any = None
 
 
 class TrainPlan:
@@ -66,7 +69,7 @@ class TrainPlan:
         run = plan._run
         plan.steps = [
             MicroStep(kind, key, functools.partial(run, index, unbound, plan))
-            for index, (kind, key, unbound) in enumerate(skeleton)
+            for index, (kind, key, unbound, _) in enumerate(skeleton)
         ]
         return plan
 
@@ -79,12 +82,13 @@ class TrainPlan:
     def _add(self, kind: str, key: ProgramKey, run: Callable[[], Any]) -> None:
         self.steps.append(MicroStep(kind, key, functools.partial(self._run, len(self.steps), run)))
 
-    def _run(self, index: int, run: Callable[..., Any], *args: Any) -> Any:
-        """Runs micro-step ``index`` (``run(*args)``), which must be the next."""
+    def _run(self, index: int, run: Callable[..., Any], *args: Any, count: int = 1) -> Any:
+        """Runs micro-step ``index`` (``run(*args)``), which must be the next; ``count``: it
+        runs that many of the plan's micro-steps in one program."""
         if self._next != index:
             raise RuntimeError(f"micro-step {index} run out of order (next is {self._next})")
         outputs = run(*args)
-        self._next += 1
+        self._next += count
         return outputs
 
 

@@ -212,6 +212,11 @@ class Trainer:
         plan._add("update", ("update",), functools.partial(self._run_update, plan, count))
         return plan
 
+    def fused(self, plan: TrainPlan, count: int) -> MicroStep | None:
+        """``plan``'s next ``count`` micro-steps as one program, where they are adjacent middle
+        spans' forwards or backwards of a co-located step (`ArenaSteps.fused`); else None."""
+        return None if self._arena_steps is None else self._arena_steps.fused(plan, count)
+
     def run_plan(self, plan: TrainPlan) -> dict[str, Any]:
         """Runs every remaining micro-step of ``plan``; returns its metrics."""
         for step in plan.steps[plan._next :]:

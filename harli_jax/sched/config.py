@@ -36,6 +36,10 @@ class SchedulerConfig:
     # On the H100, 3 trained 1-2% more than 2 at heavy load, harli and static alike, within the
     # SLO; 4 trained 6% less than 3 (bench/results/colocate-h100*-6cc6dcf.json, NOTES session 21).
     inflight_depth: int = 3
+    # The most adjacent middle spans' forwards (or backwards) harli dispatches as one program
+    # (powers of two up to it; 1: one micro-step a program). Fused programs are compiled and
+    # measured at calibration, so a run needs a calibration made with at least its value.
+    fuse_spans: int = 1
     # A plan's margin: every prediction scaled by ``min_margin``, plus a quantile of how late
     # its family's recent predictions ran (in seconds): ``error_quantile`` for the inference
     # step, ``micro_step_error_quantile`` for each fine-tune micro-step (harli_jax.sched.pricing).
@@ -55,5 +59,7 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.fuse_spans < 1:
+            raise ValueError(f"fuse_spans must be at least 1, got {self.fuse_spans}")
         if self.tpot_slo_s <= 0:
             raise ValueError(f"the TPOT SLO must be positive, got {self.tpot_slo_s}")

@@ -67,16 +67,18 @@ def forward_cost(
 
 def train_cost(config: ModelConfig, key: tuple, dtype_bytes: int) -> Cost:
     """Analytic cost of a LoRA train program named by its ``Trainer`` key: ``("fwd" | "bwd",
-    place, layers, rows, seq_len, mode)``, ``("head" | "step", rows, seq_len)``, or an optimiser
-    program (``("update",)``: a LoRA-sized pass, priced as one layer's bytes)."""
+    place, layers, rows, seq_len, mode)`` (with ``"x<n>"`` after it: n such spans in one
+    program), ``("head" | "step", rows, seq_len)``, or an optimiser program (``("update",)``:
+    a LoRA-sized pass, priced as one layer's bytes)."""
     kind = key[0]
     per_layer = dataclasses.replace(config, num_layers=1, vocab_size=0)
     if kind in ("fwd", "bwd"):
-        _, _, layers, rows, seq_len, mode = key
+        _, _, layers, rows, seq_len, mode, *fused = key
+        spans = int(fused[0][1:]) if fused else 1
         one = forward_cost(per_layer, rows, seq_len, seq_len, dtype_bytes)
         # A backward is two matmuls per forward one, after the forward again where recomputed.
         factor = 1 if kind == "fwd" else 2 + (mode == "recomputed")
-        return {name: value * layers * factor for name, value in one.items()}
+        return {name: value * layers * spans * factor for name, value in one.items()}
     if kind in ("head", "step"):
         rows, seq_len = key[1], key[2]
         if kind == "step":

@@ -53,6 +53,16 @@ def program_key(job: FineTuneJob, micro_key: tuple) -> str:
     return train_key(job_shape(job), micro_key)
 
 
+def fuse_counts(fuse_spans: int) -> list[int]:
+    """How many micro-steps a fused dispatch may run, largest first: the powers of two from 2
+    up to ``fuse_spans``."""
+    counts, count = [], 2
+    while count <= fuse_spans:
+        counts.append(count)
+        count *= 2
+    return counts[::-1]
+
+
 def family(micro_key: tuple) -> str:
     """The predictor family of a micro-step's program: ``train/<kind>``."""
     return f"train/{micro_key[0]}"
@@ -131,10 +141,12 @@ class MicroStepRunner:
         if metrics is not None:
             self.on_tokens(metrics["tokens"])
 
-    def calibrate(self, job: FineTuneJob, measure: bool = True) -> None:
+    def calibrate(self, job: FineTuneJob, measure: bool = True, fuse_spans: int = 1) -> None:
         """Compiles every cut of ``job``'s train step (one real step at each) and, with
         ``measure``, runs each once more, so that each program has a measured, compile-free run
-        for the predictor and a calibrated time for ``static``. Records each cut's micro-steps."""
+        for the predictor and a calibrated time for ``static``. Records each cut's micro-steps.
+        With ``fuse_spans``, also runs a step of every one-chunk cut for each fused count
+        (`fuse_counts`), fusing wherever it can, so that fused programs are known too."""
         job.abandon()  # a step left open by an earlier run would hide the cuts' own programs
         job.whole_step_fits()  # compiles the idle loop's one-program step
         for measuring in (False, True) if measure else (False,):
@@ -144,6 +156,19 @@ class MicroStepRunner:
                 for key, seconds in ran if measuring else ():
                     known = self.calibration.seconds.get(key, 0.0)
                     self.calibration.seconds[key] = max(known, seconds)
+            for option in (o for o in cuts(job) if o[0] == 1):
+                for count in fuse_counts(fuse_spans):
+                    self._run_fused_step(job, option, count)
+
+    def _run_fused_step(self, job: FineTuneJob, option: Granularity, count: int) -> None:
+        """Runs a new step cut as ``option``, each to its end, ``count`` micro-steps a program
+        wherever they fuse."""
+        micro = job.next_micro_step(option)
+        while micro is not None:
+            if micro.kind in ("fwd", "bwd"):
+                micro = job.fused_micro_step(count) or micro
+            self.run(job, micro)
+            micro = job.open_micro_step() if job.in_step else None
 
     def is_warm(self, job: FineTuneJob) -> bool:
         """Whether every program of every calibrated cut of ``job`` has run in it already."""

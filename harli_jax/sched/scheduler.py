@@ -74,7 +74,14 @@ from harli_jax.sched.costs import StepReport
 from harli_jax.sched.cut_choice import fewest_iterations
 from harli_jax.sched.fill_gate import FillGate
 from harli_jax.sched.predictor import Predictor
-from harli_jax.sched.runner import MicroStepRunner, cut_named, cuts, family, program_key
+from harli_jax.sched.runner import (
+    MicroStepRunner,
+    cut_named,
+    cuts,
+    family,
+    fuse_counts,
+    program_key,
+)
 from harli_jax.sched.step_starts import StepStarts
 
 _STALL_LIMIT = 8  # iterations an open step may wait for a micro-step to fit
@@ -327,6 +334,7 @@ class ColocationScheduler:
             if key not in self.predictor:
                 break
             estimate = pricing.estimate(self.config, self.predictor, family(micro.key), key)
+            micro, estimate = self._fused(job, micro, estimate, deadline)
             # The step it completes has the next start made alongside the next inference step.
             extra = self.starts.expected_delay() if micro.kind == "update" else 0.0
             if self.runner.inflight.busy_until() + estimate + extra > deadline:
@@ -340,6 +348,24 @@ class ColocationScheduler:
             if job.tokens_trained > tokens:  # its update ran: the step is done
                 self.gate.on_fill_trained(job.tokens_trained - tokens)
         return ran
+
+    def _fused(
+        self, job: FineTuneJob, micro: MicroStep, estimate: float, deadline: float
+    ) -> tuple[MicroStep, float]:
+        """The most micro-steps from ``micro`` on (``fuse_spans`` at most) that run as one
+        known program and fit before ``deadline``, with its estimate; else ``micro`` itself."""
+        if self.config.fuse_spans < 2 or micro.kind not in ("fwd", "bwd"):
+            return micro, estimate
+        start = self.runner.inflight.busy_until()
+        for count in fuse_counts(self.config.fuse_spans):
+            fused = job.fused_micro_step(count)
+            key = None if fused is None else program_key(job, fused.key)
+            if key is None or key not in self.predictor:
+                continue
+            fused_estimate = pricing.estimate(self.config, self.predictor, family(micro.key), key)
+            if start + fused_estimate <= deadline:
+                return fused, fused_estimate
+        return micro, estimate
 
     def _stalled(self, job: FineTuneJob) -> None:
         """Counts an iteration in which the open step's next micro-step did not fit; after
