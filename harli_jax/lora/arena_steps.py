@@ -217,13 +217,13 @@ class ArenaSteps:
         index = plan._next
         parts = self._open_skeleton[index : index + count]
         kinds = {(unbound.kind, unbound.key) for unbound in parts}
-        if len(parts) < count or len(kinds) != 1 or any(u.span is None for u in parts):
+        if len(parts) < count or len(kinds) != 1 or any(u.call is None for u in parts):
             return None
         kind, key = parts[0].kind, (*parts[0].key, f"x{count}")
-        program = functools.partial(_in_turn, parts[0].span.program)
+        program = functools.partial(_in_turn, parts[0].call.program)
 
         def run() -> KVCache:
-            args = tuple(self._span_args(call, plan) for call in (u.span for u in parts))
+            args = tuple(self._span_args(u.call, plan) for u in parts)
             return self._run(plan, key, program, (), args)
 
         return MicroStep(kind, key, functools.partial(plan._run, index, run, count=count))

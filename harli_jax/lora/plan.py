@@ -40,14 +40,14 @@ class MicroStep(NamedTuple):
 
 class Unbound(NamedTuple):
     """A micro-step before it belongs to a plan: ``run(plan)`` dispatches it with the plan's
-    per-step arguments (`TrainPlan.args`). ``span`` is set for a middle span's forward or
-    backward: what a dispatch that runs several adjacent ones as one program needs of it
-    (`harli_jax.lora.arena_steps.ArenaSteps.fused`)."""
+    per-step arguments (`TrainPlan.args`). ``call`` is set for a middle span's forward or
+    backward: its program and fixed arguments, which a dispatch that runs several adjacent ones
+    as one program needs (`harli_jax.lora.arena_steps.ArenaSteps.fused`)."""
 
     kind: str
     key: ProgramKey
     run: Callable[[TrainPlan], Any]
-    span: Any = None
+    call: Any = None
 
 
 class TrainPlan:
