@@ -102,14 +102,19 @@ class MicroStepRunner:
         self.inflight.drain()
         return time.perf_counter() - start
 
-    def run_step(self, job: FineTuneJob, option: Granularity) -> list[tuple[str, float]]:
+    def run_step(
+        self, job: FineTuneJob, option: Granularity, fuse: int = 1
+    ) -> list[tuple[str, float]]:
         """Runs micro-steps, each to its end, until the open step (or a new one cut as
-        ``option``) completes; returns (program key, seconds) of each, in order."""
+        ``option``) completes, ``fuse`` forwards or backwards a program wherever they fuse
+        (`FineTuneJob.fused_micro_step`); returns (program key, seconds) of each, in order."""
         ran = []
         while True:
             micro = job.next_micro_step(option)
             if micro is None:
                 return ran
+            if fuse > 1 and micro.kind in ("fwd", "bwd"):
+                micro = job.fused_micro_step(fuse) or micro
             ran.append((program_key(job, micro.key), self.run(job, micro)))
             if not job.in_step:
                 return ran
@@ -158,17 +163,7 @@ class MicroStepRunner:
                     self.calibration.seconds[key] = max(known, seconds)
             for option in (o for o in cuts(job) if o[0] == 1):
                 for count in fuse_counts(fuse_spans):
-                    self._run_fused_step(job, option, count)
-
-    def _run_fused_step(self, job: FineTuneJob, option: Granularity, count: int) -> None:
-        """Runs a new step cut as ``option``, each to its end, ``count`` micro-steps a program
-        wherever they fuse."""
-        micro = job.next_micro_step(option)
-        while micro is not None:
-            if micro.kind in ("fwd", "bwd"):
-                micro = job.fused_micro_step(count) or micro
-            self.run(job, micro)
-            micro = job.open_micro_step() if job.in_step else None
+                    self.run_step(job, option, fuse=count)
 
     def is_warm(self, job: FineTuneJob) -> bool:
         """Whether every program of every calibrated cut of ``job`` has run in it already."""
