@@ -267,23 +267,23 @@ class ArenaSteps:
         skeleton = []
         for chunk in range(token_chunks):
             for kind, key, span, program, fixed in (*forward, head, *reversed(backward)):
-                step = self._head if kind == "head" else self._span_step
-                run = functools.partial(step, key, span, program, fixed, chunk)
-                call = _SpanCall(program, span, fixed, chunk) if span.place == "middle" else None
-                skeleton.append(Unbound(kind, key, run, call))
+                if kind == "head":
+                    run = functools.partial(self._head, key, span, program, fixed, chunk)
+                    skeleton.append(Unbound(kind, key, run))
+                    continue
+                call = _SpanCall(program, span, fixed, chunk)
+                run = functools.partial(self._span_step, key, call)
+                fusable = call if span.place == "middle" else None
+                skeleton.append(Unbound(kind, key, run, fusable))
         program = functools.partial(t._p.arena_update, slots)
         update = functools.partial(self._update, program, self._acc)
         skeleton.append(Unbound("update", ("update",), update))
         self._skeletons[cut] = tuple(skeleton)
         return self._skeletons[cut]
 
-    def _span_step(
-        self, key: ProgramKey, span: Span, program: Callable, fixed: tuple, chunk: int,
-        plan: TrainPlan,
-    ) -> KVCache:  # fmt: skip
-        """A span's forward or backward on row chunk ``chunk`` of ``plan``'s step."""
-        args = self._span_args(_SpanCall(program, span, fixed, chunk), plan)
-        return self._run(plan, key, program, (), args)
+    def _span_step(self, key: ProgramKey, call: _SpanCall, plan: TrainPlan) -> KVCache:
+        """A span's forward or backward (``call``) on its row chunk of ``plan``'s step."""
+        return self._run(plan, key, call.program, (), self._span_args(call, plan))
 
     def _span_args(self, call: _SpanCall, plan: TrainPlan) -> tuple:
         """What ``call``'s program takes beside the arena, for ``plan``'s step."""
