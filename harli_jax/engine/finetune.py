@@ -253,16 +253,18 @@ class FineTuneJob:
 
     def open_micro_step(self) -> MicroStep:
         """The open step's next micro-step (its plan fixed the cut); only while ``in_step``."""
-        if self._plan is None:
-            raise RuntimeError(f"job {self.name!r} has no open step")
-        return self._plan.steps[self._plan._next]
+        plan = self._open_plan()
+        return plan.steps[plan._next]
 
     def fused_micro_step(self, count: int) -> MicroStep | None:
         """The open step's next ``count`` micro-steps as one program, where they can be
         (adjacent middle spans' forwards or backwards in arena pages); else None."""
+        return self.trainer.fused(self._open_plan(), count)
+
+    def _open_plan(self) -> TrainPlan:
         if self._plan is None:
             raise RuntimeError(f"job {self.name!r} has no open step")
-        return self.trainer.fused(self._plan, count)
+        return self._plan
 
     def run(self, micro: MicroStep) -> tuple[float, dict | None]:
         """Runs ``micro`` to completion. Returns the seconds its program took (the step's
