@@ -168,6 +168,25 @@ def test_a_job_run_one_program_ahead_trains_the_same_adapter(tmp_path):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
 
 
+def test_a_step_completed_with_programs_queued_ahead_trains_the_same_adapter(tmp_path):
+    """The idle loop's `complete_step` keeps ``depth`` programs queued; the step it completes,
+    opened by one micro-step as a fill would, matches the same step run program by program."""
+    _, alone = _job(tmp_path, "one-by-one")
+    _, ahead = _job(tmp_path, "ahead")
+    cut = granularities(alone.trainer.num_layers, 2)[-1]
+    while not alone.done:
+        alone.run(alone.next_micro_step(cut))
+    rates = DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)
+    runner = MicroStepRunner(Predictor(rates), Calibration(), depth=3)
+    while not ahead.done:
+        runner.dispatch(ahead, ahead.next_micro_step(cut))  # a fill opens the step
+        assert runner.complete_step(ahead, cut)
+        assert not ahead.in_step and len(runner.inflight) == 0
+    assert ahead.losses == pytest.approx(alone.losses, rel=1e-6)
+    for got, want in zip(jax.tree.leaves(ahead.trainer.lora), jax.tree.leaves(alone.trainer.lora)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+
+
 def test_a_scheduler_counts_micro_stepped_tokens_in_the_metrics_a_run_swaps_in(tmp_path):
     _, job = _job(tmp_path, "job")
     rates = DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from harli_jax.engine.finetune import FineTuneJob, Granularity, granularities
 from harli_jax.lora.train import MicroStep
@@ -68,6 +68,21 @@ def family(micro_key: tuple) -> str:
     return f"train/{micro_key[0]}"
 
 
+def _steps(job: FineTuneJob, option: Granularity, fuse: int) -> Iterator[MicroStep]:
+    """The micro-steps that complete ``job``'s open step (or a new one cut as ``option``), each
+    yielded once the one before has been dispatched; ``fuse`` forwards or backwards a program
+    wherever they fuse (`FineTuneJob.fused_micro_step`)."""
+    while True:
+        micro = job.next_micro_step(option)
+        if micro is None:
+            return
+        if fuse > 1 and micro.kind in ("fwd", "bwd"):
+            micro = job.fused_micro_step(fuse) or micro
+        yield micro
+        if not job.in_step:
+            return
+
+
 class MicroStepRunner:
     """Dispatches micro-steps and learns their times (``calibration``: what `calibrate` found);
     ``on_tokens`` receives the tokens of every step a micro-step completes, ``on_program`` each
@@ -106,18 +121,21 @@ class MicroStepRunner:
         self, job: FineTuneJob, option: Granularity, fuse: int = 1
     ) -> list[tuple[str, float]]:
         """Runs micro-steps, each to its end, until the open step (or a new one cut as
-        ``option``) completes, ``fuse`` forwards or backwards a program wherever they fuse
-        (`FineTuneJob.fused_micro_step`); returns (program key, seconds) of each, in order."""
-        ran = []
-        while True:
-            micro = job.next_micro_step(option)
-            if micro is None:
-                return ran
-            if fuse > 1 and micro.kind in ("fwd", "bwd"):
-                micro = job.fused_micro_step(fuse) or micro
-            ran.append((program_key(job, micro.key), self.run(job, micro)))
-            if not job.in_step:
-                return ran
+        ``option``) completes, ``fuse`` forwards or backwards a program wherever they fuse;
+        returns (program key, seconds) of each, in order."""
+        return [(program_key(job, m.key), self.run(job, m)) for m in _steps(job, option, fuse)]
+
+    def complete_step(self, job: FineTuneJob, option: Granularity) -> bool:
+        """Completes the open step (or a new one cut as ``option``) as `run_step` does, but
+        with ``depth`` programs queued on the device instead of one, then waits for them: no
+        program's time is its own wall time, and the device does not wait for the host between
+        programs. Returns whether any ran (a new step may find no arena pages)."""
+        ran = False
+        for micro in _steps(job, option, fuse=1):
+            self.dispatch(job, micro)
+            ran = True
+        self.inflight.drain()
+        return ran
 
     def _record(
         self,

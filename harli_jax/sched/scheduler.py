@@ -389,7 +389,7 @@ class ColocationScheduler:
         whole cut in arena pages where that does not fit); False if nothing ran (no arena pages
         for a new step), so an idle loop waits rather than spins."""
         if job.in_step or not job.whole_step_fits():
-            return bool(self.runner.run_step(job, cuts(job)[0]))
+            return self.runner.complete_step(job, cuts(job)[0])
         start = time.perf_counter()
         tokens = job.train_step()["tokens"]
         self.metrics.on_finetune_tokens(tokens)
