@@ -168,7 +168,7 @@ def main() -> None:
     data = write_data(work / "data.jsonl", core.model_config.vocab_size, setup.ft_seq_len)
     job = make_job(llm, data, work / "job", setup)
     job.use_arena(core.arena)
-    runner = MicroStepRunner(Predictor(DeviceRates(1e15, 3e12)), Calibration())
+    runner = MicroStepRunner(Predictor(DeviceRates(1e15, 3e12)), Calibration(), depth=1)
     one_layer = [c for c in cuts(job) if c[0] == 1][-1]  # one-layer spans, rows uncut
 
     def train_micro_step() -> None:

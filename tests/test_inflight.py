@@ -156,7 +156,10 @@ def test_a_job_run_one_program_ahead_trains_the_same_adapter(tmp_path):
         alone.run(alone.next_micro_step(cut))
     counted = []
     runner = MicroStepRunner(
-        Predictor(DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)), Calibration(), counted.append
+        Predictor(DeviceRates(peak_flops=1e14, hbm_bytes_per_s=1e12)),
+        Calibration(),
+        counted.append,
+        depth=2,
     )
     while not ahead.done:
         runner.dispatch(ahead, ahead.next_micro_step(cut))

@@ -42,7 +42,7 @@ class _Program:
 class InFlight:
     """The programs dispatched and not yet seen to end, oldest first."""
 
-    def __init__(self, depth: int = 2, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, depth: int, clock: Callable[[], float] = time.perf_counter) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.depth, self._clock = depth, clock

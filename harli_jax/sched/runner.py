@@ -95,7 +95,8 @@ class MicroStepRunner:
         calibration: Calibration,
         on_tokens: Callable[[int], None] = lambda tokens: None,
         on_program: Callable[[float, str, float | None], None] = lambda *program: None,
-        depth: int = 2,
+        *,
+        depth: int,
     ):
         self.predictor, self.calibration, self.on_tokens = predictor, calibration, on_tokens
         self.on_program = on_program
