@@ -320,13 +320,14 @@ def test_harli_budget_is_the_slo_less_the_next_step_with_its_absolute_margin():
     margin = predictor.quantile_error_s("inference", config.error_quantile)
     assert margin == pytest.approx(np.quantile(late, 0.99), abs=2e-4)
     expected = 0.02 - (predicted * 1.05 + margin) - config.loop_overhead_s
+    prefill_steps = scheduler.inference.prefill_steps
     budget = functools.partial(
-        pricing.fill_budget, config, predictor, decode, prefill_steps=scheduler._prefill_steps
+        pricing.fill_budget, config, predictor, decode, prefill_steps=prefill_steps
     )
     assert budget(prefill_tokens=0) == pytest.approx(expected)
     # Nothing known of prefill steps yet: a step that will run one leaves no budget.
     assert budget(prefill_tokens=128) <= 0
-    scheduler._prefill_steps.extend([(0.009, 256), (0.012, 256), (0.010, 128)])
+    prefill_steps.extend([(0.009, 256), (0.012, 256), (0.010, 128)])
     prefill_budget = budget(prefill_tokens=128)
     assert prefill_budget == pytest.approx(0.02 - 0.012 - config.loop_overhead_s)
     # A chunk of more prompt tokens than those steps ran: the slowest, scaled to its tokens.

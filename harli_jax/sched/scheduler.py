@@ -54,7 +54,6 @@ import functools
 import math
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -65,14 +64,12 @@ from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.train import MicroStep
 from harli_jax.sched import pricing, static
 from harli_jax.sched.backoff import SloBackoff, miss_cause
-from harli_jax.sched.calibration import (
-    Calibration,
-    inference_features,
-)
+from harli_jax.sched.calibration import Calibration
 from harli_jax.sched.config import SchedulerConfig
 from harli_jax.sched.costs import StepReport
 from harli_jax.sched.cut_choice import fewest_iterations
 from harli_jax.sched.fill_gate import FillGate
+from harli_jax.sched.inference_steps import InferenceSteps
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.runner import (
     MicroStepRunner,
@@ -125,13 +122,8 @@ class ColocationScheduler:
             on_program=lambda *program: self.metrics.on_program(*program),
             depth=config.inflight_depth,
         )
-        self._seen_inference: set[str] = set()  # a program's first step may compile
-        self._after_train = False  # whether fine-tune work ran since the last inference step
-        self._learn: Callable[[], None] | None = None  # learning from it, until the fill starts
-        # Recent steps that ran a prefill chunk: (seconds, prompt tokens).
-        self._prefill_steps: deque[tuple[float, float]] = deque(maxlen=64)
+        self.inference = InferenceSteps(predictor)
         self.starts = StepStarts(self._harli_granularity)
-        self._step_carried_start = False  # the running inference step's host time did a start
         # The seconds charged to the next fill by a micro-step queued behind the running
         # inference step (None: none was).
         self._queued_behind: float | None = None
@@ -174,10 +166,11 @@ class ColocationScheduler:
             # after the fill): its refits and quantiles are host time that would otherwise keep
             # the device idle between the step and the fill (0.45 ms on the H200's host, with
             # the planning). Until then it predicts from the steps before this one.
-            self._learn = self._note_inference(report)
-        self._after_train = self._work(report, prefill_tokens)
-        self._learn_pending()
-        return self._after_train
+            self._count_inference(report)
+            self.inference.defer(report)
+        self.inference.after_train = self._work(report, prefill_tokens)
+        self.inference.learn_pending()
+        return self.inference.after_train
 
     def during_step(self, running: jax.Array, last: bool = True) -> float | None:
         """The loop's hook once an inference step's first program is queued (``running`` is
@@ -198,7 +191,7 @@ class ColocationScheduler:
                     self._queued_behind = self._queue_behind(job, running)
                 if self.config.policy == "harli":
                     carried = self.starts.while_running(job, running, free_since)
-                    self._step_carried_start = self._step_carried_start or carried
+                    self.inference.carried_start = self.inference.carried_start or carried
             except Exception as error:  # a broken job must not take serving down with it
                 self._fail(job, error)
         return ended
@@ -228,7 +221,7 @@ class ColocationScheduler:
             self.runner.dispatch(job, micro, seconds)
             self._stalls = 0
             # Its dispatch outlasted the program: the host saw the step end late.
-            self._step_carried_start = running.is_ready()
+            self.inference.carried_start = running.is_ready()
         return seconds
 
     def drain(self) -> float | None:
@@ -277,7 +270,7 @@ class ColocationScheduler:
         # The next token is due one SLO after this step's: the host time since (the inbox,
         # learning from the step) comes out of the budget too.
         budget = pricing.fill_budget(
-            self.config, self.predictor, report, prefill_tokens, self._prefill_steps
+            self.config, self.predictor, report, prefill_tokens, self.inference.prefill_steps
         )
         deadline = report.ended_at + budget
         deadline -= self.backoff.seconds
@@ -343,7 +336,7 @@ class ColocationScheduler:
                 break
             tokens = job.tokens_trained
             self.runner.dispatch(job, micro, estimate)
-            self._learn_pending()  # while the device runs the first program
+            self.inference.learn_pending()  # while the device runs the first program
             ran, self._stalls = True, 0
             if job.tokens_trained > tokens:  # its update ran: the step is done
                 self.gate.on_fill_trained(job.tokens_trained - tokens)
@@ -401,39 +394,13 @@ class ColocationScheduler:
     # -- predictor plumbing -----------------------------------------------------------------
     def observe_inference(self, report: StepReport, calibrating: bool = False) -> None:
         """Learns from an inference step (``calibrating``: also keeps it for ``static``)."""
-        learn = self._note_inference(report, calibrating)
-        if learn is not None:
-            learn()
-
-    def _note_inference(
-        self, report: StepReport, calibrating: bool = False
-    ) -> Callable[[], None] | None:
-        """Counts an inference step and registers its program; returns what learning from its
-        time takes (None: nothing, e.g. its first run, which may have compiled)."""
         if not calibrating:
-            self.gate.on_inference(report.features["rows"], report.seconds)
-            self.metrics.on_program(report.ended_at - report.seconds, "inference", report.seconds)
-        carried_start, self._step_carried_start = self._step_carried_start, False
-        seen = report.key in self._seen_inference
-        self._seen_inference.add(report.key)
-        if report.key not in self.predictor:
-            self.predictor.register(report.key, "inference", report.cost)
-            return None
-        if not seen or carried_start:
-            return None
-        features = inference_features(report, self._after_train)
-
-        def learn() -> None:
-            self.predictor.observe(report.key, report.seconds, **features)
-            if report.features.get("prefill_tokens"):
-                self._prefill_steps.append((report.seconds, report.features["prefill_tokens"]))
-            elif calibrating:  # static's budget is tuned on decode iterations
-                self.calibration.inference_s.append(report.seconds)
-
-        return learn
-
-    def _learn_pending(self) -> None:
-        """Learns from the last inference step, if that is still to do."""
-        learn, self._learn = self._learn, None
+            self._count_inference(report)
+        learn = self.inference.note(report, self.calibration if calibrating else None)
         if learn is not None:
             learn()
+
+    def _count_inference(self, report: StepReport) -> None:
+        """Counts a served inference step in the fill gate's demand and the metrics."""
+        self.gate.on_inference(report.features["rows"], report.seconds)
+        self.metrics.on_program(report.ended_at - report.seconds, "inference", report.seconds)
