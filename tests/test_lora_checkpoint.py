@@ -1,4 +1,5 @@
-"""Specification of JobCheckpointer: exact round trips, retention, and surviving a torn save."""
+"""Specification of JobCheckpointer: exact round trips, retention, asynchronous saves, and
+surviving a torn save."""
 
 from __future__ import annotations
 
@@ -96,6 +97,18 @@ def test_latest_step_is_the_newest_and_only_max_to_keep_remain(tmp_path):
         assert checkpointer.latest_step() == 15
         assert checkpointer.all_steps() == [10, 15]
         assert_states_equal(checkpointer.restore(10, like=job_state(0)), job_state(seed=10))
+
+
+def test_a_save_keeps_the_state_it_was_given_when_its_buffers_are_donated_right_after(tmp_path):
+    """Saves are asynchronous; the next train step donates the saved buffers as soon as `save`
+    returns, and the checkpoint must still hold the values they had."""
+    state = job_state(seed=1)
+    overwrite = jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree), donate_argnums=0)
+    with JobCheckpointer(tmp_path) as checkpointer:
+        checkpointer.save(1, state)
+        overwrite((state["params"], state["opt_state"]))
+    with JobCheckpointer(tmp_path) as checkpointer:
+        assert_states_equal(checkpointer.restore(like=job_state(0)), job_state(seed=1))
 
 
 def test_saving_a_step_again_keeps_the_first_save(tmp_path):

@@ -189,6 +189,7 @@ class FineTuneJob:
         if self.done:
             self.trainer.release()
             self.save_adapter()
+            self.checkpointer.wait()  # a finished job's record implies its final checkpoint
             (Path(self.config.out_dir) / "job.json").write_text(
                 json.dumps(
                     {

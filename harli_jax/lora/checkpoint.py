@@ -10,9 +10,13 @@ a small metadata dict. A state is a flat dict; each entry is stored by its shape
   back with the structure, dtypes and shardings of the template passed to `restore`.
 
 Orbax writes each step into a temporary directory and renames it into place when complete, so a
-kill during `save` leaves the previous checkpoints loadable; leftover temporaries are deleted when
-the next `JobCheckpointer` opens the directory. Saves are synchronous: when `save` returns, the
-step is on disk, and the caller may donate or overwrite the saved buffers.
+kill during a save leaves the previous checkpoints loadable; leftover temporaries are deleted when
+the next `JobCheckpointer` opens the directory. Saves are asynchronous: `save` returns once Orbax
+has copied the state off its buffers (the caller may donate or overwrite them), and the write
+goes on in Orbax's background thread, so a co-located job's checkpoint does not stall serving
+(a synchronous save held the engine loop 140-220 ms on a 2-core CPU, against ~30 ms for the
+copy). `wait` returns once the last save is on disk; every read of the directory and `close`
+wait first.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class JobCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
-            enable_async_checkpointing=False,
+            enable_async_checkpointing=True,
             cleanup_tmp_directories=True,
         )
         # Orbax requires an absolute path.
@@ -50,7 +54,7 @@ class JobCheckpointer:
         A job's state is a function of its step, so a second save of the same step (e.g. a job
         preempted again before it made progress) has nothing new to record.
         """
-        if step in self._manager.all_steps():
+        if step in self.all_steps():
             return False
         arrays, json_items = _split(state)
         items: dict[str, Any] = {_JSON: ocp.args.JsonSave(json_items)}
@@ -58,12 +62,18 @@ class JobCheckpointer:
             items[_ARRAYS] = ocp.args.StandardSave(arrays)
         return bool(self._manager.save(step, args=ocp.args.Composite(**items)))
 
+    def wait(self) -> None:
+        """Returns once the last save is on disk."""
+        self._manager.wait_until_finished()
+
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None if there is none."""
+        self.wait()
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
         """Steps of all complete checkpoints, oldest first."""
+        self.wait()
         return sorted(self._manager.all_steps())
 
     def restore(self, step: int | None = None, *, like: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,7 +87,7 @@ class JobCheckpointer:
             step = self.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        elif step not in self._manager.all_steps():
+        elif step not in self.all_steps():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
             )
