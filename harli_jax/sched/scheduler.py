@@ -54,6 +54,7 @@ import functools
 import math
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -213,7 +214,7 @@ class ColocationScheduler:
         if self.config.policy == "static":
             seconds = static.fits(self.config, self.calibration, key)
         elif key in self.predictor and len(self._slack) >= 8:
-            seconds = pricing.estimate(self.config, self.predictor, family(micro.key), key)
+            seconds = self._estimate(micro, key)
             seconds = seconds if seconds <= np.quantile(self._slack, 0.1) else None
         else:
             seconds = None
@@ -326,14 +327,16 @@ class ColocationScheduler:
             # Unknown programs are measured once when there is time to spare (idle loop).
             if key not in self.predictor:
                 break
-            estimate = pricing.estimate(self.config, self.predictor, family(micro.key), key)
-            micro, estimate = self._fused(job, micro, estimate, deadline)
             # The step it completes has the next start made alongside the next inference step.
             extra = self.starts.expected_delay() if micro.kind == "update" else 0.0
-            if self.runner.inflight.busy_until() + estimate + extra > deadline:
+            start = self.runner.inflight.busy_until() + extra
+            fits = (c for c in self._choices(job, micro, key) if start + c[1] <= deadline)
+            choice = next(fits, None)
+            if choice is None:
                 if not ran:
                     self._stalled(job)
                 break
+            micro, estimate = choice
             tokens = job.tokens_trained
             self.runner.dispatch(job, micro, estimate)
             self.inference.learn_pending()  # while the device runs the first program
@@ -342,23 +345,23 @@ class ColocationScheduler:
                 self.gate.on_fill_trained(job.tokens_trained - tokens)
         return ran
 
-    def _fused(
-        self, job: FineTuneJob, micro: MicroStep, estimate: float, deadline: float
-    ) -> tuple[MicroStep, float]:
-        """The most micro-steps from ``micro`` on (``fuse_spans`` at most) that run as one
-        known program and fit before ``deadline``, with its estimate; else ``micro`` itself."""
-        if self.config.fuse_spans < 2 or micro.kind not in ("fwd", "bwd"):
-            return micro, estimate
-        start = self.runner.inflight.busy_until()
-        for count in fuse_counts(self.config.fuse_spans):
-            fused = job.fused_micro_step(count)
-            key = None if fused is None else program_key(job, fused.key)
-            if key is None or key not in self.predictor:
-                continue
-            fused_estimate = pricing.estimate(self.config, self.predictor, family(micro.key), key)
-            if start + fused_estimate <= deadline:
-                return fused, fused_estimate
-        return micro, estimate
+    def _choices(
+        self, job: FineTuneJob, micro: MicroStep, key: str
+    ) -> Iterator[tuple[MicroStep, float]]:
+        """What may run next, largest first, each with its estimate: the programs that run
+        ``micro`` and the micro-steps after it as one (``fuse_spans`` at most) that the
+        predictor knows, then ``micro`` itself (whose program ``key`` it knows)."""
+        if self.config.fuse_spans > 1 and micro.kind in ("fwd", "bwd"):
+            for count in fuse_counts(self.config.fuse_spans):
+                fused = job.fused_micro_step(count)
+                fused_key = None if fused is None else program_key(job, fused.key)
+                if fused_key is not None and fused_key in self.predictor:
+                    yield fused, self._estimate(fused, fused_key)
+        yield micro, self._estimate(micro, key)
+
+    def _estimate(self, micro: MicroStep, key: str) -> float:
+        """``micro``'s predicted seconds with its margin; ``key`` is its program's."""
+        return pricing.estimate(self.config, self.predictor, family(micro.key), key)
 
     def _stalled(self, job: FineTuneJob) -> None:
         """Counts an iteration in which the open step's next micro-step did not fit; after
