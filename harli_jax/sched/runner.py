@@ -76,7 +76,7 @@ def _steps(job: FineTuneJob, option: Granularity, fuse: int) -> Iterator[MicroSt
         micro = job.next_micro_step(option)
         if micro is None:
             return
-        if fuse > 1 and micro.kind in ("fwd", "bwd"):
+        if fuse > 1:
             micro = job.fused_micro_step(fuse) or micro
         yield micro
         if not job.in_step:

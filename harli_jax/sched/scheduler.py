@@ -351,12 +351,11 @@ class ColocationScheduler:
         """What may run next, largest first, each with its estimate: the programs that run
         ``micro`` and the micro-steps after it as one (``fuse_spans`` at most) that the
         predictor knows, then ``micro`` itself (whose program ``key`` it knows)."""
-        if self.config.fuse_spans > 1 and micro.kind in ("fwd", "bwd"):
-            for count in fuse_counts(self.config.fuse_spans):
-                fused = job.fused_micro_step(count)
-                fused_key = None if fused is None else program_key(job, fused.key)
-                if fused_key is not None and fused_key in self.predictor:
-                    yield fused, self._estimate(fused, fused_key)
+        for count in fuse_counts(self.config.fuse_spans):  # none below 2
+            fused = job.fused_micro_step(count)
+            fused_key = None if fused is None else program_key(job, fused.key)
+            if fused_key is not None and fused_key in self.predictor:
+                yield fused, self._estimate(fused, fused_key)
         yield micro, self._estimate(micro, key)
 
     def _estimate(self, micro: MicroStep, key: str) -> float:
