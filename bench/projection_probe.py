@@ -37,9 +37,13 @@ EPS = 1e-5
 FOLDED = dict(q="norm1", k="norm1", v="norm1", qkv="norm1", gate="norm2", up="norm2")
 
 
-def rms_scale(h: jax.Array, gain: jax.Array) -> jax.Array:
+def inv_rms(h: jax.Array) -> jax.Array:
     h32 = h.astype(jnp.float32)
-    return (h32 * jax.lax.rsqrt(jnp.mean(h32 * h32, -1, keepdims=True) + EPS)) * gain
+    return jax.lax.rsqrt(jnp.mean(h32 * h32, -1, keepdims=True) + EPS)
+
+
+def rms_scale(h: jax.Array, gain: jax.Array) -> jax.Array:
+    return (h.astype(jnp.float32) * inv_rms(h)) * gain
 
 
 def dot(x: jax.Array, weight: jax.Array) -> jax.Array:
@@ -49,11 +53,6 @@ def dot(x: jax.Array, weight: jax.Array) -> jax.Array:
 def reduce(x: jax.Array, weight: jax.Array) -> jax.Array:
     product = x.astype(jnp.float32)[..., None, :] * weight.astype(jnp.float32)
     return jnp.sum(product, -1).astype(weight.dtype)
-
-
-def inv_rms(h: jax.Array) -> jax.Array:
-    h32 = h.astype(jnp.float32)
-    return jax.lax.rsqrt(jnp.mean(h32 * h32, -1, keepdims=True) + EPS)
 
 
 def layers_program(project, fused_qkv: bool, repeats: int, folded: bool = False):
