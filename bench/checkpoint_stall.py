@@ -1,11 +1,12 @@
 """How long a fine-tune job's checkpoint holds the thread that saves it (the engine loop's,
-co-located), with Orbax's synchronous save against its asynchronous one (`JobCheckpointer`).
+co-located): Orbax's synchronous save, Orbax's asynchronous one, and `JobCheckpointer`'s (a copy
+of the arrays on their device, written by its own thread with Orbax's synchronous save).
 
 The demo job's state (adapter on every linear module, optimiser state, data position) is saved
-``--saves`` times each way. Each save is timed until it returns (what the loop waits); after an
-asynchronous one, the thread then spins on a small jitted program for 0.4 s while the write goes
-on in Orbax's background thread, and the longest gap between two of its iterations is how much
-that write delays a busy loop. The baseline runs in the same process.
+``--saves`` times each way. Each save is timed until it returns (what the loop waits); after it,
+the thread spins on a small jitted program for 0.4 s while any background write goes on, and the
+longest gap between two of its iterations is how much that write delays a busy loop. The
+baselines run in the same process, first: the first save of a process sets Orbax up.
 
     python3 bench/checkpoint_stall.py --out bench/results
 """
@@ -13,6 +14,7 @@ that write delays a busy loop. The baseline runs in the same process.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import sys
@@ -28,7 +30,7 @@ import orbax.checkpoint as ocp
 from harli_jax import LLM
 from harli_jax.demo_task import write_dataset
 from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob
-from harli_jax.lora.checkpoint import _split
+from harli_jax.lora.checkpoint import JobCheckpointer, _split
 from harli_jax.lora.config import LoraConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -44,6 +46,13 @@ def worst_gap_ms(seconds: float) -> float:
         now = time.perf_counter()
         worst, last = max(worst, now - last), now
     return worst * 1e3
+
+
+def orbax_save(manager: ocp.CheckpointManager, step: int, state: dict) -> None:
+    """Orbax's own save of ``state``, split as `JobCheckpointer` splits it."""
+    arrays, json_items = _split(state)
+    items = dict(json=ocp.args.JsonSave(json_items), arrays=ocp.args.StandardSave(arrays))
+    manager.save(step, args=ocp.args.Composite(**items))
 
 
 def main() -> None:
@@ -65,28 +74,23 @@ def main() -> None:
     job = FineTuneJob("job", config, llm.model, llm.tokenizer)
     job.train_step()
     rows = []
-    for asynchronous in (False, True):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=True, enable_async_checkpointing=asynchronous
-        )
-        manager = ocp.CheckpointManager(work / f"async-{asynchronous}", options=options)
+    for way in ("synchronous", "asynchronous", "JobCheckpointer"):
+        if way == "JobCheckpointer":
+            checkpointer = JobCheckpointer(work / way)
+            save_state, wait = checkpointer.save, checkpointer.wait
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=2, create=True, enable_async_checkpointing=way == "asynchronous"
+            )
+            manager = ocp.CheckpointManager(work / way, options=options)
+            save_state, wait = functools.partial(orbax_save, manager), manager.wait_until_finished
         for save in range(args.saves):
-            arrays, json_items = _split(job._state())
-            items = dict(json=ocp.args.JsonSave(json_items), arrays=ocp.args.StandardSave(arrays))
             start = time.perf_counter()
-            manager.save(save, args=ocp.args.Composite(**items))
+            save_state(save, job._state())
             held_ms = (time.perf_counter() - start) * 1e3
             gap_ms = worst_gap_ms(0.4)
-            manager.wait_until_finished()
-            rows.append(
-                dict(
-                    save="asynchronous" if asynchronous else "synchronous",
-                    index=save,
-                    held_ms=held_ms,
-                    worst_loop_gap_after_ms=gap_ms,
-                )
-            )
-        manager.close()
+            wait()
+            rows.append(dict(save=way, index=save, held_ms=held_ms, worst_loop_gap_after_ms=gap_ms))
     command = shlex.join(["python3", *sys.argv])
     path = args.out / f"checkpoint-stall-{common.device_name()}.json"
     device = f"{common.device_name()} ({os.cpu_count()} host cores)"

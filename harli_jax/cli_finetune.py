@@ -98,7 +98,7 @@ def _finetune(args: argparse.Namespace) -> None:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rate:.0f}")
         bar.update(1)
     bar.close()
-    print(f"adapter (HF PEFT format): {job.adapter_dir}")
+    print(f"adapter (HF PEFT format): {job.wait_saved()}")
 
 
 def _finetune_parser(sub) -> Callable:
@@ -148,7 +148,7 @@ def _train_colocated(args: argparse.Namespace) -> None:
     before = accuracy(llm) if demo else None
     report = run_colocated(llm, job, trace, config)
     if job.done:
-        llm.load_adapter("job", job.adapter_dir)
+        llm.load_adapter("job", job.wait_saved())
     if demo:
         report["task_accuracy"] = {
             "before": before,
@@ -159,11 +159,14 @@ def _train_colocated(args: argparse.Namespace) -> None:
 
 
 def _print_report(report: dict, out: Path) -> None:
+    training = report["while_training"]
     lines = [
         f"policy {report['policy']}, TPOT SLO {report['tpot_slo_ms']:.1f} ms",
         f"requests: {report['requests']}",
         f"TPOT p50 {report['tpot_p50_ms']:.2f} ms, p99 {report['tpot_p99_ms']:.2f} ms; "
         f"SLO attainment {100 * report['slo_attainment']:.2f}%",
+        f"while fine-tuning ({training['tokens']} tokens): TPOT p99 "
+        f"{training['tpot_p99_ms']:.2f} ms; SLO attainment {100 * training['slo_attainment']:.2f}%",
         f"fine-tune: {report['finetune_steps']} steps, {report['finetune_tokens']} tokens, "
         f"{report['finetune_tok_s']:.0f} tok/s",
         "predictor error (MAPE): "

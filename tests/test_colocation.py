@@ -114,7 +114,8 @@ def fake_job(r=16, targets=("q_proj", "v_proj"), rows=4, seq_len=512, layers=2):
     config = SimpleNamespace(
         lora=LoraConfig(r=r, target_modules=targets), batch_size=rows, seq_len=seq_len
     )
-    return SimpleNamespace(config=config, trainer=SimpleNamespace(num_layers=layers))
+    trainer = SimpleNamespace(num_layers=layers)
+    return SimpleNamespace(config=config, trainer=trainer, checkpoint_writing=False)
 
 
 def scheduler_with_cuts(job, cut_ms: dict[int, list[float]], policy="harli", **config):
@@ -441,6 +442,36 @@ def test_harli_queues_behind_the_step_where_its_gate_leaves_the_iteration_unfill
     report = StepReport("forward/r4/t1/p2", {}, {"rows": 4.0}, 0.002, ended_at=time.perf_counter())
     assert scheduler._advance(job, report, prefill_tokens=0)  # it ran: the queued one
     assert len(dispatched) == 1  # and no fill after it
+
+
+def test_harli_fills_nothing_while_the_jobs_checkpoint_is_written():
+    """A checkpoint's background write slowed every program ~2.5x on a 2-core CPU: until it
+    ends, harli neither queues a micro-step behind the inference step nor fills the iteration,
+    and once it has ended it does both again."""
+    job, _ = open_step(["fwd"])
+    scheduler, _ = scheduler_with_cuts(job, {0: [1.0]})
+    scheduler.jobs.append(job)
+    inference = {"flops": 0.0, "bytes accessed": 2e9}  # 2 ms of the 20 ms SLO
+    scheduler.predictor.register("forward/r4/t1/p2", "inference", inference)
+    dispatched = []
+
+    def dispatch(job, micro, estimate):  # it completes the job: one dispatch is the last
+        dispatched.append(micro)
+        job.done = True
+
+    scheduler.runner.dispatch = dispatch
+    scheduler._slack.extend([0.010] * 8)
+
+    def iteration() -> bool:
+        scheduler.during_step(Running())
+        ended = time.perf_counter()
+        report = StepReport("forward/r4/t1/p2", {}, {"rows": 4.0}, 0.002, ended_at=ended)
+        return scheduler._advance(job, report, prefill_tokens=0)
+
+    job.checkpoint_writing = True
+    assert not iteration() and dispatched == []
+    job.checkpoint_writing = False
+    assert iteration() and len(dispatched) == 1
 
 
 def test_static_charges_a_queued_micro_step_to_its_budget():

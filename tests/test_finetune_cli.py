@@ -3,7 +3,9 @@ uninterrupted run makes (no lost or repeated step), and bad input is named."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +56,22 @@ def test_killed_and_resumed_job_equals_an_uninterrupted_one(tmp_path):
     assert resumed.keys() == reference.keys()
     for name in reference:
         np.testing.assert_allclose(resumed[name], reference[name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_job_that_died_before_writing_its_adapter_writes_it_when_resumed(tmp_path):
+    """The adapter and ``job.json`` are written after the final checkpoint, off the training
+    thread: a job killed between the two writes them on ``--resume``, with no step trained."""
+    out = tmp_path / "job"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    reference = adapter(out)
+    shutil.rmtree(out / "adapter")
+    (out / "job.json").unlink()
+    assert main([*ARGS, "--out", str(out), "--resume"]) == 0
+    resumed = adapter(out)
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_array_equal(resumed[name], reference[name])
+    assert json.loads((out / "job.json").read_text())["steps"] == 24
 
 
 def test_malformed_data_line_is_named(tmp_path, capsys):

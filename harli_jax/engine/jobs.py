@@ -17,6 +17,7 @@ requests already decoding with it. A job that breaks fails alone; serving goes o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from harli_jax.engine.loop import Engine
 from harli_jax.engine.metrics import EngineMetrics
 from harli_jax.lora.config import LoraConfig
 from harli_jax.lora.data import PackedBatches, load_jsonl
-from harli_jax.lora.peft_io import load_adapter
+from harli_jax.lora.peft_io import AdapterWeights, load_adapter
 from harli_jax.sched.config import SchedulerConfig
 from harli_jax.sched.predictor import Predictor
 from harli_jax.sched.roofline import measure_device_rates
@@ -196,7 +198,7 @@ class JobManager:
             self._event(info, "info", f"Resumed from the checkpoint of step {job.step}")
         self._running[info.id] = job
         if job.done:  # the last step was saved, but the job had not been marked done
-            job.save_adapter()
+            job.finalize()
             self._on_done(job)
         elif self._transition(info, status="queued" if self.scheduler.jobs else "running"):
             self._event(info, "info", f"Validated training file; {job.config.steps} steps")
@@ -229,20 +231,28 @@ class JobManager:
                 return
             self._set(info, trained_tokens=job.tokens_trained)
             self._event(info, "info", f"Trained {job.step} steps; final loss {job.losses[-1]:.4f}")
-            self._serve(info)
-            if self._transition(info, status="succeeded", finished_at=int(time.time())):
-                served = info.fine_tuned_model or "not served"
-                self._event(info, "info", f"Job succeeded: {served}")
+            self._serve(info, (job.final_adapter, job.config.lora))
+            # Succeeded once its files are on disk (written off this thread).
+            job.saved.add_done_callback(
+                lambda saved: self._on_loop(info, functools.partial(self._succeed, saved=saved))
+            )
         except Exception as err:  # raised inside the scheduler's step, it would stop the loop
             self._fail(info, err)
         finally:
             self._promote()
 
-    def _serve(self, info: JobInfo) -> None:
-        """Serves the job's adapter, or says in a warning event why it cannot."""
+    def _succeed(self, info: JobInfo, saved: Future[Path]) -> None:
+        saved.result()  # a failed write fails the job
+        if self._transition(info, status="succeeded", finished_at=int(time.time())):
+            served = info.fine_tuned_model or "not served"
+            self._event(info, "info", f"Job succeeded: {served}")
+
+    def _serve(self, info: JobInfo, adapter: tuple[AdapterWeights, LoraConfig] | None = None) -> None:
+        """Serves the job's adapter (``adapter``, else the one saved in its directory), or says
+        in a warning event why it cannot."""
         name = f"ft:{self.base_name}:{info.id}"
         try:
-            weights, config = load_adapter(self.state_dir / info.id / "adapter")
+            weights, config = adapter or load_adapter(self.state_dir / info.id / "adapter")
             self.engine.core.load_adapter(name, weights, config)
         except (OSError, ValueError) as err:  # e.g. a full adapter bank, or no bank at all
             self._set(info, fine_tuned_model=None)

@@ -24,7 +24,9 @@ fill that completes a step leaves room for that start's overrun of the inference
 iterations in a row (the load rose after it was cut) is dropped and its batch cut again.
 Where decode leaves enough idle time, training whole steps only there trains more than filling
 iterations, which stretches requests over that idle time:
-:class:`~harli_jax.sched.fill_gate.FillGate` decides which.
+:class:`~harli_jax.sched.fill_gate.FillGate` decides which. While the job's checkpoint is written
+in the background, harli fills nothing: on a 2-core CPU the write slowed every program ~2.5x for
+~80 ms, past any margin the predictor keeps (on a GPU's host it contends for the GIL instead).
 The baselines share all the machinery and differ only in that decision:
 
 - ``serve-only``: no fine-tuning at all;
@@ -186,6 +188,8 @@ class ColocationScheduler:
         may_queue = self.config.queue_unfilled or self.gate.filling
         if self.config.policy in ("harli", "static") and self.jobs and may_queue:
             job = self.jobs[0]
+            if self.config.policy == "harli" and job.checkpoint_writing:
+                return ended
             try:
                 free_since = time.perf_counter()
                 if last and self.config.queue_behind:
@@ -266,7 +270,7 @@ class ColocationScheduler:
         if self._last_fill is not None:
             self._learn_from(self._last_fill, report)
             self._last_fill = None
-        if not self.gate.should_fill():  # training in idle time would train more
+        if not self.gate.should_fill() or job.checkpoint_writing:
             return queued is not None
         # The next token is due one SLO after this step's: the host time since (the inbox,
         # learning from the step) comes out of the budget too.
