@@ -216,7 +216,8 @@ class FineTuneJob:
             rows, seq_len = self.config.batch_size, self.config.seq_len
             executable = self.trainer.step_executable(rows, seq_len)
             memory = device_memory()
-            self._whole_step_fits = memory is None or temp_bytes(executable) <= memory[0] - memory[1]
+            free = None if memory is None else memory[0] - memory[1]
+            self._whole_step_fits = free is None or temp_bytes(executable) <= free
         return self._whole_step_fits
 
     def _finish_step(self, metrics: dict) -> dict:

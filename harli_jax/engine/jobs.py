@@ -247,7 +247,9 @@ class JobManager:
             served = info.fine_tuned_model or "not served"
             self._event(info, "info", f"Job succeeded: {served}")
 
-    def _serve(self, info: JobInfo, adapter: tuple[AdapterWeights, LoraConfig] | None = None) -> None:
+    def _serve(
+        self, info: JobInfo, adapter: tuple[AdapterWeights, LoraConfig] | None = None
+    ) -> None:
         """Serves the job's adapter (``adapter``, else the one saved in its directory), or says
         in a warning event why it cannot."""
         name = f"ft:{self.base_name}:{info.id}"
