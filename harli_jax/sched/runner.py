@@ -150,7 +150,7 @@ class MicroStepRunner:
         """Learns from a micro-step dispatched at ``dispatched`` that has run: ``seconds`` of its
         program (None: not known), then ``finish_s`` of its step's bookkeeping (an update's:
         0.5 ms on the H100's host, which delays decode as much as a program does). A step that
-        wrote a checkpoint feeds its program's seconds alone: the write (0.1 s on a CPU) comes
+        wrote a checkpoint feeds its program's seconds alone: its save (2-4 ms on a CPU) comes
         every ``checkpoint_every`` steps, not with the program."""
         key = program_key(job, micro_key)
         warm = _WARM.setdefault(job, set())
@@ -172,7 +172,10 @@ class MicroStepRunner:
         With ``fuse_spans``, also runs a step of every one-chunk cut for each fused count
         (`fuse_counts`), fusing wherever it can, so that fused programs are known too."""
         job.abandon()  # a step left open by an earlier run would hide the cuts' own programs
-        job.whole_step_fits()  # compiles the idle loop's one-program step
+        if job.whole_step_fits():  # compiles the idle loop's one-program step
+            # and runs it: a first run is slow after compiling too (170 against 30 ms on a
+            # 2-core CPU), which would hold the first requests and mislead the fill gate.
+            job.train_step()
         for measuring in (False, True) if measure else (False,):
             for option in cuts(job):
                 ran = self.run_step(job, option)
