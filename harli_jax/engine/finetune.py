@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from harli_jax.lora.checkpoint import JobCheckpointer
+from harli_jax.lora.checkpoint import JobCheckpointer, in_thread
 from harli_jax.lora.config import LoraConfig
 from harli_jax.lora.data import PackedBatches, load_jsonl
 from harli_jax.lora.inject import adapter_weights, inject_lora
@@ -178,7 +177,7 @@ class FineTuneJob:
             "tokens_trained": self.tokens_trained,
             "final_loss": self.losses[-1] if self.losses else None,
         }
-        threading.Thread(target=self._write_final, args=(record,)).start()
+        self.saved = in_thread(self._write_final, record)
 
     def wait_saved(self) -> Path:
         """The adapter's directory once a finished job's files are on disk (written now where
@@ -187,16 +186,12 @@ class FineTuneJob:
             self.finalize()
         return self.saved.result()
 
-    def _write_final(self, record: dict) -> None:
-        try:
-            save_adapter(self.adapter_dir, self.final_adapter, self.config.lora)
-            self.checkpointer.wait()  # a finished job's record implies its final checkpoint
-            record["finished_at"] = time.time()
-            (Path(self.config.out_dir) / "job.json").write_text(json.dumps(record, indent=2))
-        except BaseException as error:
-            self.saved.set_exception(error)
-        else:
-            self.saved.set_result(self.adapter_dir)
+    def _write_final(self, record: dict) -> Path:
+        save_adapter(self.adapter_dir, self.final_adapter, self.config.lora)
+        self.checkpointer.wait()  # a finished job's record implies its final checkpoint
+        record["finished_at"] = time.time()
+        (Path(self.config.out_dir) / "job.json").write_text(json.dumps(record, indent=2))
+        return self.adapter_dir
 
     # -- whole steps ----------------------------------------------------------------------------
     def train_step(self) -> dict:

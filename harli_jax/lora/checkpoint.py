@@ -13,7 +13,7 @@ Orbax writes each step into a temporary directory and renames it into place when
 kill during a save leaves the previous checkpoints loadable; leftover temporaries are deleted when
 the next `JobCheckpointer` opens the directory. Saves are asynchronous: `save` copies the state's
 arrays to new buffers on their devices (the caller may then donate or overwrite its own) and
-hands the copies to this checkpointer's writer thread, so a co-located job's checkpoint does not
+hands the copies to a writer thread, so a co-located job's checkpoint does not
 stall serving. On a 2-core CPU a synchronous Orbax save held the thread 191-231 ms, Orbax's own
 asynchronous one 20-68 ms (`bench/results/checkpoint-stall-cpu.json`), most of it Orbax's Python
 set-up of its background write. `wait` returns once the last save is on disk (and raises what
@@ -23,16 +23,18 @@ it raised); every read of the directory and `close` wait first.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
 _ARRAYS, _JSON = "arrays", "json"
+T = TypeVar("T")
 
 
 class JobCheckpointer:
@@ -50,8 +52,7 @@ class JobCheckpointer:
         # Orbax requires an absolute path.
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._last: Future[bool] | None = None
+        self._last: Future[bool] | None = None  # the last save's write
 
     def save(self, step: int, state: Mapping[str, Any]) -> bool:
         """Save `state` as `step`; returns False, writing nothing, if `step` is already saved.
@@ -67,7 +68,7 @@ class JobCheckpointer:
             # New buffers, no program to compile: ~1 ms on a CPU for a LoRA job's state.
             items[_ARRAYS] = ocp.args.StandardSave(jax.device_put(arrays, may_alias=False))
         args = ocp.args.Composite(**items)
-        self._last = self._writer.submit(self._manager.save, step, args=args)
+        self._last = in_thread(self._manager.save, step, args=args)
         return True
 
     def wait(self) -> None:
@@ -115,7 +116,7 @@ class JobCheckpointer:
         return state
 
     def close(self) -> None:
-        self._writer.shutdown()  # after the saves queued
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> JobCheckpointer:
@@ -128,6 +129,21 @@ class JobCheckpointer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def in_thread(work: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+    """Runs ``work`` in a new thread; the future holds what it returns or raises. The thread is
+    not a daemon: the interpreter waits for it before exiting, so a write it makes is whole."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work(*args, **kwargs))
+        except BaseException as error:
+            future.set_exception(error)
+
+    threading.Thread(target=run, name=getattr(work, "__name__", "writer")).start()
+    return future
 
 
 def _split(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
