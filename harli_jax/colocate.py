@@ -85,6 +85,7 @@ def calibrate(
     # Its steps are the job's: a checkpoint keeps them, and the first save of a process (Orbax
     # setting itself up in the writer thread, which contends for the GIL) is out of the run.
     job.checkpoint()
+    job.checkpointer.wait()
     if measure:
         calibrate_inference(llm, scheduler)
     return time.perf_counter() - start
