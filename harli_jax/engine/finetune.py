@@ -4,8 +4,10 @@ its adapter when done; advanced a whole step or one micro-step at a time.
 A job never loses an accepted step: a step counts once its optimiser update has run; a checkpoint
 (adapter, optimiser state, step, data position) is written every ``checkpoint_every`` steps and at
 the end, atomically; a job built over an existing output directory resumes from its last
-checkpoint. A step cut short (:meth:`FineTuneJob.abandon`, when the scheduler needs the device or
-memory back) is dropped whole and its batch is trained again later, never half-applied.
+checkpoint. Checkpoints and a finished job's adapter and record are written by threads of their
+own, off the engine loop (`saved` resolves once the last are on disk). A step cut short
+(:meth:`FineTuneJob.abandon`, when the scheduler needs the device or memory back) is dropped
+whole and its batch is trained again later, never half-applied.
 
 Co-located (:meth:`FineTuneJob.use_arena`), a step keeps its activations and gradient sums in
 arena pages; :meth:`FineTuneJob.yield_memory` abandons the open step and frees them at once (the

@@ -3,11 +3,14 @@ fine-tune throughput, over time.
 
 The loop thread records; any thread may read a :meth:`EngineMetrics.summary` or the raw samples
 (under the lock). TPOT here is the gap between consecutive output tokens of one request, the
-quantity a TPOT SLO bounds; "SLO attainment" is the share of those gaps within the SLO.
+quantity a TPOT SLO bounds; "SLO attainment" is the share of those gaps within the SLO, counted
+as they come. A summary holds the lock only to copy what it reads, and a live display reads only
+the recent samples (``recent``): the loop thread takes the same lock for every token.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -35,6 +38,7 @@ class EngineMetrics:
         self.finetune_steps_dropped = 0  # open steps the scheduler abandoned (batch retrained)
         self.output_tokens = 0
         self.requests_finished = 0
+        self._gaps_within = self._gaps_seen = 0  # every TPOT sample, kept or not
 
     def on_submit(self, request_id: str) -> None:
         with self.lock:
@@ -47,7 +51,10 @@ class EngineMetrics:
             if last is None:
                 self.ttft_s.append(now - self._arrival.get(request_id, now))
             else:
-                self.tpot_s.append((now, (now - last) / max(count, 1)))
+                gap = (now - last) / max(count, 1)
+                self.tpot_s.append((now, gap))
+                self._gaps_seen += 1
+                self._gaps_within += self.tpot_slo_s is not None and gap <= self.tpot_slo_s
             self._last_token[request_id] = now
             self.output_tokens += count
             if finished:
@@ -75,21 +82,24 @@ class EngineMetrics:
         with self.lock:
             self.finetune_steps_dropped += 1
 
-    def summary(self) -> dict[str, float]:
+    def summary(self, recent: int | None = None) -> dict[str, float]:
+        """Totals, SLO attainment over every TPOT sample, and TPOT/TTFT percentiles over the
+        kept samples, or the last ``recent`` of each."""
         with self.lock:
-            gaps = np.array([gap for _, gap in self.tpot_s])
-            ttft = np.array(self.ttft_s)
+            tpot, ttft = _last(self.tpot_s, recent), _last(self.ttft_s, recent)
             elapsed = self.clock() - self.start
             finetune_tokens, output_tokens = self.finetune_tokens, self.output_tokens
             dropped = self.finetune_steps_dropped
             finished = self.requests_finished
+            seen, within = self._gaps_seen, self._gaps_within
+        gaps = np.array([gap for _, gap in tpot])
 
-        def pct(values: np.ndarray, q: float) -> float:
-            return float(np.percentile(values, q) * 1e3) if values.size else float("nan")
+        def pct(values: list[float] | np.ndarray, q: float) -> float:
+            return float(np.percentile(values, q) * 1e3) if len(values) else float("nan")
 
         attainment = float("nan")
-        if self.tpot_slo_s is not None and gaps.size:
-            attainment = float(np.mean(gaps <= self.tpot_slo_s))
+        if self.tpot_slo_s is not None and seen:
+            attainment = within / seen
         return {
             "elapsed_s": elapsed,
             "requests_finished": finished,
@@ -103,3 +113,10 @@ class EngineMetrics:
             "finetune_tok_s": finetune_tokens / elapsed if elapsed > 0 else 0.0,
             "finetune_steps_dropped": dropped,
         }
+
+
+def _last(samples: deque, count: int | None) -> list:
+    """A copy of ``samples``, or of its last ``count``."""
+    if count is None or count >= len(samples):
+        return list(samples)
+    return list(itertools.islice(reversed(samples), count))[::-1]

@@ -22,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from harli_jax.lora.layout import HEAD, Leaves, Span
-from harli_jax.lora.plan import MicroStep, ProgramKey, TrainPlan, Unbound, row_chunks
+from harli_jax.lora.plan import MicroStep, ProgramKey, SpanCall, TrainPlan, Unbound, row_chunks
 from harli_jax.lora.programs import FIELDS, ArenaSlots, Batch
 from harli_jax.memory import arena as pages_io
 from harli_jax.memory.arena import Arena
@@ -60,16 +60,6 @@ def _start(
     arguments, replaced a clearing program and a transfer per chunk and field (20 at 4 chunks,
     ~1.7 ms of host time on a 2-core CPU)."""
     return pages_io.zero(arena, acc_pages), row_chunks(batch, token_chunks, jnp.split)
-
-
-class _SpanCall(NamedTuple):
-    """A span's forward or backward in a skeleton: its program and what it is called with
-    beside the arena and the step's own arguments."""
-
-    program: Callable
-    span: Span
-    fixed: tuple
-    chunk: int
 
 
 def _in_turn(program: Callable, arena: KVCache, *calls: tuple) -> KVCache:
@@ -271,7 +261,7 @@ class ArenaSteps:
                     run = functools.partial(self._head, key, span, program, fixed, chunk)
                     skeleton.append(Unbound(kind, key, run))
                     continue
-                call = _SpanCall(program, span, fixed, chunk)
+                call = SpanCall(program, span, fixed, chunk)
                 run = functools.partial(self._span_step, key, call)
                 fusable = call if span.place == "middle" else None
                 skeleton.append(Unbound(kind, key, run, fusable))
@@ -281,11 +271,11 @@ class ArenaSteps:
         self._skeletons[cut] = tuple(skeleton)
         return self._skeletons[cut]
 
-    def _span_step(self, key: ProgramKey, call: _SpanCall, plan: TrainPlan) -> KVCache:
+    def _span_step(self, key: ProgramKey, call: SpanCall, plan: TrainPlan) -> KVCache:
         """A span's forward or backward (``call``) on its row chunk of ``plan``'s step."""
         return self._run(plan, key, call.program, (), self._span_args(call, plan))
 
-    def _span_args(self, call: _SpanCall, plan: TrainPlan) -> tuple:
+    def _span_args(self, call: SpanCall, plan: TrainPlan) -> tuple:
         """What ``call``'s program takes beside the arena, for ``plan``'s step."""
         lora = self._trainer._p.lora.take(self._trainer._lora, call.span)
         return (lora, *call.fixed, *plan.args.chunks[call.chunk])

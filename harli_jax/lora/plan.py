@@ -38,6 +38,16 @@ class MicroStep(NamedTuple):
         return self.dispatch()
 
 
+class SpanCall(NamedTuple):
+    """A span's forward or backward in a skeleton: its program and what it is called with
+    beside the arena and the step's own arguments."""
+
+    program: Callable
+    span: Span
+    fixed: tuple
+    chunk: int
+
+
 class Unbound(NamedTuple):
     """A micro-step before it belongs to a plan: ``run(plan)`` dispatches it with the plan's
     per-step arguments (`TrainPlan.args`). ``call`` is set for a middle span's forward or
@@ -47,7 +57,7 @@ class Unbound(NamedTuple):
     kind: str
     key: ProgramKey
     run: Callable[[TrainPlan], Any]
-    call: Any = None
+    call: SpanCall | None = None
 
 
 class TrainPlan:
