@@ -15,7 +15,7 @@ import pytest
 
 from harli_jax import LLM
 from harli_jax.cli import main
-from harli_jax.colocate import run_colocated
+from harli_jax.colocate import run_colocated, while_training
 from harli_jax.demo_task import write_dataset
 from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob
 from harli_jax.engine.metrics import EngineMetrics
@@ -76,6 +76,19 @@ def test_every_request_is_served_and_training_follows_the_policy(llm, policy, tm
     families = {family for _, family, _ in report["timeline"]["programs"]}
     assert "inference" in families
     assert any(f.startswith("train/") for f in families) == (policy != "serve-only")
+
+
+def test_the_while_training_share_counts_only_the_samples_between_the_jobs_steps():
+    """A job that ends early leaves serve-only tokens, which the run's attainment counts and the
+    report's ``while_training`` does not: of the samples from its first step (t=1) to its last
+    (t=3), one of three is late; the samples before and after are not counted."""
+    tpot = [(0.5, 0.01), (1.0, 0.09), (2.0, 0.01), (3.0, 0.02), (4.0, 0.2)]
+    finetune = [(1.0, 100), (2.5, 100), (3.0, 100)]
+    report = while_training(tpot, finetune, slo_s=0.05)
+    assert report["tokens"] == 3
+    assert report["slo_attainment"] == pytest.approx(2 / 3)
+    assert report["tpot_p99_ms"] == pytest.approx(np.percentile([0.09, 0.01, 0.02], 99) * 1e3)
+    assert while_training(tpot, [], slo_s=0.05)["tokens"] == 0
 
 
 def test_an_idle_loop_trains_whole_steps_as_one_program_outside_the_arena(llm, tmp_path):
