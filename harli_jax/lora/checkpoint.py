@@ -14,9 +14,9 @@ kill during a save leaves the previous checkpoints loadable; leftover temporarie
 the next `JobCheckpointer` opens the directory. Saves are asynchronous: `save` copies the state's
 arrays to new buffers on their devices (the caller may then donate or overwrite its own) and
 hands the copies to a writer thread, so a co-located job's checkpoint does not
-stall serving: on a 2-core CPU it held the thread 2.3-4.1 ms, where Orbax's own asynchronous save
-held it 11-27 ms (once 135) and its synchronous one 73-99 ms
-(`bench/results/checkpoint-stall-cpu.json`). The write then delays a busy thread by 5-12 ms
+stall serving: on a 2-core CPU it held the thread 2.7-3.0 ms, where Orbax's own asynchronous save
+held it 12-30 ms (once 162) and its synchronous one 60-105 ms
+(`bench/results/checkpoint-stall-cpu.json`). The write then delays a busy thread by 3-11 ms
 at worst (the GIL); the scheduler fills no iteration while it goes on. `wait` returns once the
 last save is on disk (and raises what it raised); every read of the directory and `close` wait
 first.
