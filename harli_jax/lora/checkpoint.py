@@ -123,8 +123,10 @@ class JobCheckpointer:
         return state
 
     def close(self) -> None:
-        self.wait()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> JobCheckpointer:
         return self
