@@ -104,7 +104,8 @@ from bench.colocate_setup import (  # noqa: E402
     solo_decode_ms,
     write_data,
 )
-from bench.train import enable_compile_cache, ensure_checkpoint  # noqa: E402
+from bench.train import ensure_checkpoint  # noqa: E402
+from harli_jax.cli_common import enable_compile_cache  # noqa: E402
 from harli_jax.colocate import calibrate  # noqa: E402
 from harli_jax.engine.finetune import FineTuneJob  # noqa: E402
 from harli_jax.engine.metrics import EngineMetrics  # noqa: E402

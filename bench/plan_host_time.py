@@ -50,7 +50,7 @@ def measure(starts: int, warm: int, jax_cache: Path) -> dict:
         from bench.colocate_setup import IdTokenizer, write_data
     except ImportError:  # a tree from before session 17 keeps them in bench.colocate
         from bench.colocate import IdTokenizer, write_data
-    from bench.train import enable_compile_cache
+    from harli_jax.cli_common import enable_compile_cache
     from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob, granularities
     from harli_jax.lora import LoraConfig
     from harli_jax.memory.arena import Arena

@@ -54,6 +54,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from harli_jax.cli_common import enable_compile_cache  # noqa: E402
+
 LORA = dict(r=16, alpha=32, target_modules="all-linear")
 Point = tuple[int, int]  # (rows, seq_len)
 
@@ -68,15 +70,6 @@ def ensure_checkpoint(root: Path, shape: str) -> Path:
         save_random_checkpoint(directory, shape, "bfloat16")
         print(f"{shape}: wrote checkpoint in {time.perf_counter() - start:.0f} s", flush=True)
     return directory
-
-
-def enable_compile_cache(directory: Path) -> None:
-    """JAX's persistent compilation cache in `directory`, for every program however quick to
-    compile: a program compiled before (by an earlier run, or an identical program of a fresh
-    trainer) is loaded from disk instead of compiled again."""
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _point(row: dict) -> tuple[str, str]:

@@ -1,6 +1,11 @@
-"""`harli-jax generate`: prints text, and names the bad flag or file on a user mistake."""
+"""`harli-jax generate`: prints text, names the bad flag or file on a user mistake, and compiles
+into a persistent cache that a later run loads from."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 from harli_jax import LLM, SamplingParams
 from harli_jax.cli import main
@@ -42,3 +47,22 @@ def test_out_of_range_flag_is_named(checkpoint, capsys):
     argv = ["generate", "--model", str(checkpoint("llama")), "--prompt", "hi"]
     assert main([*argv, "--temperature", "-1"]) == 2
     assert "--temperature=-1" in capsys.readouterr().err
+
+
+def test_a_run_compiles_into_the_cache_a_later_run_loads_from(checkpoint, tmp_path):
+    """``--compile-cache DIR``: the first run writes its programs there; a second run writes
+    nothing new (it loaded them all) and prints the same text."""
+    cache = tmp_path / "cache"
+    argv = ["generate", "--model", str(checkpoint("llama")), "--prompt", "hi", "--max-tokens", "3"]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+    def run() -> str:
+        command = [sys.executable, "-m", "harli_jax.cli", *argv, "--compile-cache", str(cache)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        return done.stdout
+
+    first = run()
+    entries = set(os.listdir(cache))
+    assert entries
+    assert run() == first
+    assert set(os.listdir(cache)) == entries
