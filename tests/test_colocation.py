@@ -487,6 +487,22 @@ def test_harli_fills_nothing_while_the_jobs_checkpoint_is_written():
     assert iteration() and len(dispatched) == 1
 
 
+def test_a_fill_stops_once_a_checkpoint_starts_being_written():
+    """A step completed inside a fill may start its checkpoint's write: the fill dispatches
+    nothing after that, though its budget (20 ms) has room for many more 1 ms micro-steps."""
+    job, (micro,) = open_step(["fwd"])
+    scheduler, _ = scheduler_with_cuts(job, {0: [1.0]})
+    dispatched = []
+
+    def dispatch(job, micro, estimate):  # as if the micro-step completed a checkpointed step
+        dispatched.append(micro)
+        job.checkpoint_writing = True
+
+    scheduler.runner.dispatch = dispatch
+    assert scheduler._fill(job, time.perf_counter() + 0.020)
+    assert dispatched == [micro]
+
+
 def test_static_charges_a_queued_micro_step_to_its_budget():
     """Static's first micro-step of an iteration may be queued behind the inference step; its
     calibrated time still comes out of that iteration's fixed budget."""

@@ -25,8 +25,9 @@ iterations in a row (the load rose after it was cut) is dropped and its batch cu
 Where decode leaves enough idle time, training whole steps only there trains more than filling
 iterations, which stretches requests over that idle time:
 :class:`~harli_jax.sched.fill_gate.FillGate` decides which. While the job's checkpoint is written
-in the background, harli fills nothing: on a 2-core CPU the write slowed every program ~2.5x for
-~80 ms, past any margin the predictor keeps (on a GPU's host it contends for the GIL instead).
+in the background, harli fills nothing, and a fill in which one starts (its step's update ran)
+stops there: on a 2-core CPU the write slowed every program ~2.5x for ~80 ms, past any margin
+the predictor keeps (on a GPU's host it contends for the GIL instead).
 The baselines share all the machinery and differ only in that decision:
 
 - ``serve-only``: no fine-tuning at all;
@@ -320,10 +321,10 @@ class ColocationScheduler:
         programs, which the programs in flight hide but which a budget must still leave room
         for (on the H100, harli's median iteration once came out 5 ms over a 19 ms SLO). Each
         new step gets its cut from the budgets as they are then. The last programs are left in
-        flight for the next inference step to queue behind (:meth:`drain`). Returns whether it
-        dispatched any."""
+        flight for the next inference step to queue behind (:meth:`drain`). A checkpoint's write,
+        which a step completed in the fill may start, ends it. Returns whether it dispatched any."""
         ran = queued
-        while not job.done:
+        while not job.done and not job.checkpoint_writing:
             micro = self._next_micro_step(job, deadline)
             if micro is None:  # no time to start a step, or no arena pages for one now
                 break
