@@ -165,6 +165,22 @@ def test_the_fine_tuned_model_answers_as_its_saved_adapter_does(checkpoint, life
     assert not np.allclose(got.logprobs.token_logprobs, base.logprobs.token_logprobs)
 
 
+def test_a_job_whose_adapter_cannot_be_written_fails_and_is_not_served(life, monkeypatch):
+    """The adapter is written after the last step, off the engine loop; a write that fails (a
+    full disk) fails the job with its error, and no model is served that a restart would lose."""
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("harli_jax.engine.finetune.save_adapter", disk_full)
+    job = life.client.fine_tuning.jobs.create(
+        model=MODEL, training_file=upload(life.client), hyperparameters={"n_epochs": 1, **FAST}
+    )
+    done = finished(life.client, job.id)
+    assert done.status == "failed" and "No space left on device" in done.error.message
+    assert f"ft:{MODEL}:{job.id}" not in [model.id for model in life.client.models.list()]
+
+
 def test_metrics_count_the_tokens_the_job_trained(succeeded):
     assert succeeded.counted == succeeded.done.trained_tokens
 

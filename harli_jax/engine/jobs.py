@@ -231,18 +231,23 @@ class JobManager:
                 return
             self._set(info, trained_tokens=job.tokens_trained)
             self._event(info, "info", f"Trained {job.step} steps; final loss {job.losses[-1]:.4f}")
-            self._serve(info, (job.final_adapter, job.config.lora))
-            # Succeeded once its files are on disk (written off this thread).
-            job.saved.add_done_callback(
-                lambda saved: self._on_loop(info, functools.partial(self._succeed, saved=saved))
-            )
+            # Served (from memory) and succeeded once its files are on disk, written off this
+            # thread: a write that fails fails the job, and nothing unsaved is served.
+            adapter = (job.final_adapter, job.config.lora)
+            succeed = functools.partial(self._succeed, saved=job.saved, adapter=adapter)
+            job.saved.add_done_callback(lambda _: self._on_loop(info, succeed))
         except Exception as err:  # raised inside the scheduler's step, it would stop the loop
             self._fail(info, err)
         finally:
             self._promote()
 
-    def _succeed(self, info: JobInfo, saved: Future[Path]) -> None:
-        saved.result()  # a failed write fails the job
+    def _succeed(
+        self, info: JobInfo, saved: Future[Path], adapter: tuple[AdapterWeights, LoraConfig]
+    ) -> None:
+        if info.status in _ENDED:  # cancelled while its files were written
+            return
+        saved.result()  # raises what the write raised: the job fails
+        self._serve(info, adapter)
         if self._transition(info, status="succeeded", finished_at=int(time.time())):
             served = info.fine_tuned_model or "not served"
             self._event(info, "info", f"Job succeeded: {served}")
