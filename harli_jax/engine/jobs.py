@@ -8,7 +8,8 @@ Everything that touches the device (building the trainer, training, loading the 
 serving) happens on the engine's loop thread through :meth:`Engine.call_soon`; the server's
 threads only read and write records.
 
-A succeeded job's adapter is served as ``ft:<base>:<job id>`` before the job reads as succeeded.
+A succeeded job's adapter is served as ``ft:<base>:<job id>`` before the job reads as succeeded,
+from memory, once its files are on disk (a writer thread's: a write that fails fails the job).
 When every slot of the engine's adapter bank is taken, the job still succeeds (its adapter is on
 disk) but is not served, with a warning event: evicting a served adapter could pull it from under
 requests already decoding with it. A job that breaks fails alone; serving goes on.
