@@ -189,8 +189,10 @@ class FineTuneJob:
         return self.saved.result()
 
     def _write_final(self, record: dict) -> Path:
+        # After the final checkpoint's write, not beside it: one writer at a time takes the GIL
+        # from the engine loop. A finished job's record implies its final checkpoint.
+        self.checkpointer.wait()
         save_adapter(self.adapter_dir, self.final_adapter, self.config.lora)
-        self.checkpointer.wait()  # a finished job's record implies its final checkpoint
         record["finished_at"] = time.time()
         (Path(self.config.out_dir) / "job.json").write_text(json.dumps(record, indent=2))
         return self.adapter_dir
