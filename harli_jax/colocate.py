@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -238,9 +239,7 @@ def while_training(
     """TPOT samples (time, gap) from the first to the last fine-tune step ``finetune`` (time,
     tokens) records: their count, share within ``slo_s`` and p99. A job that ends early in the
     trace leaves serve-only tokens after it, which the whole run's attainment counts too."""
-    if not finetune:
-        return {"tokens": 0, "slo_attainment": float("nan"), "tpot_p99_ms": float("nan")}
-    first, last = finetune[0][0], finetune[-1][0]
+    first, last = (finetune[0][0], finetune[-1][0]) if finetune else (math.inf, -math.inf)
     gaps = np.array([gap for t, gap in tpot if first <= t <= last])
     if not gaps.size:
         return {"tokens": 0, "slo_attainment": float("nan"), "tpot_p99_ms": float("nan")}
@@ -269,11 +268,10 @@ def plot(report: dict, path: Path) -> None:
         edges = np.arange(0, ft[:, 0].max() + 2)
         tokens, _ = np.histogram(ft[:, 0], bins=edges, weights=ft[:, 1])
         bottom.step(edges[:-1], tokens, where="post")
+        for axis in (top, bottom):  # the stretch the job trained in
+            axis.axvspan(ft[0, 0], ft[-1, 0], color="tab:green", alpha=0.08)
     bottom.set_ylabel("fine-tune tok/s")
     bottom.set_xlabel("seconds")
-    if len(ft):  # the stretch the job trained in
-        for axis in (top, bottom):
-            axis.axvspan(ft[0, 0], ft[-1, 0], color="tab:green", alpha=0.08)
     training = report["while_training"]["slo_attainment"]
     fig.suptitle(
         f"policy {report['policy']}: SLO attainment {100 * report['slo_attainment']:.1f}% "
