@@ -108,9 +108,9 @@ class FineTuneJob:
         self.checkpointer = JobCheckpointer(Path(config.out_dir) / "checkpoints")
         self.losses: list[float] = []
         # The finished adapter (host copies), and when it, the record and the final checkpoint
-        # are on disk (`finalize`).
+        # are on disk; None until `finalize`.
         self.final_adapter: AdapterWeights | None = None
-        self.saved: Future[Path] = Future()
+        self.saved: Future[Path] | None = None
         self.tokens_trained = 0
         self._plan: TrainPlan | None = None
         self._data_before_plan: dict | None = None  # the data state the open step's batch left
@@ -184,7 +184,7 @@ class FineTuneJob:
     def wait_saved(self) -> Path:
         """The adapter's directory once a finished job's files are on disk (written now where
         this process did not finish the job: it resumed after its last step)."""
-        if self.final_adapter is None:
+        if self.saved is None:
             self.finalize()
         return self.saved.result()
 
