@@ -46,7 +46,7 @@ def iterations(programs: list) -> list[dict]:
                 inference_s=inference_s or 0.0,
                 train_s=sum(s or 0.0 for _, _, s in fill),
                 micro_steps=len(fill),
-                families=[name for _, name, _ in fill],
+                programs=[(name, s) for _, name, s in fill],
             )
         )
     return found
@@ -77,6 +77,35 @@ def summarise(run: dict, slo_ms: float) -> dict:
         micro_steps=float(np.median([i["micro_steps"] for i in filled])),
         tokens_per_train_ms=tokens / train_ms if train_ms else None,
         tokens_per_filled_iteration_ms=tokens / iteration_ms,
+        **margin_evidence(filled),
+    )
+
+
+def margin_evidence(filled: list[dict]) -> dict:
+    """How a fill's programs' measured seconds stray from their family's median (ms), one by one
+    and summed over a fill (fills whose programs were all timed): the 90th percentile of each,
+    the sum of the programs' 90th percentiles over a median fill (what margins priced per
+    program at that quantile add up to), and the correlation of consecutive programs' strays
+    (negative where one program's time takes from the next's: the host saw the first end late,
+    and the second starts from then). A fused variant's families mix program sizes, so its
+    figures say nothing."""
+    fills = [i["programs"] for i in filled if all(s for _, s in i["programs"])]
+    by_family = collections.defaultdict(list)
+    for name, seconds in (p for fill in fills for p in fill):
+        by_family[name].append(seconds)
+    median = {name: float(np.median(times)) for name, times in by_family.items()}
+    strays = [[1e3 * (s - median[name]) for name, s in fill] for fill in fills]
+    pairs = np.array([pair for fill in strays for pair in zip(fill, fill[1:])])
+    each = [x for fill in strays for x in fill]
+    if len(pairs) < 2:
+        return {}
+    each_p90 = float(np.percentile(each, 90))
+    return dict(
+        program_stray_p90_ms=each_p90,
+        fill_stray_p90_ms=float(np.percentile([sum(fill) for fill in strays], 90)),
+        fill_stray_p99_ms=float(np.percentile([sum(fill) for fill in strays], 99)),
+        summed_program_p90_ms=each_p90 * float(np.median([len(fill) for fill in strays])),
+        consecutive_stray_corr=float(np.corrcoef(pairs.T)[0, 1]),
     )
 
 
