@@ -2,9 +2,10 @@
 inference program, the fine-tune programs dispatched before the next, and the host time left;
 and it puts each late token on a cause."""
 
+import numpy as np
 import pytest
 
-from bench.fill_analysis import iterations, late_tokens, summarise
+from bench.fill_analysis import iterations, late_tokens, margin_evidence, summarise
 
 # (start, family, seconds): two filled iterations and one unfilled, then the last step; the
 # fill's last program was seen late (no time); calibration entries come before the trace (t < 0).
@@ -25,7 +26,7 @@ def test_an_iteration_runs_from_one_inference_program_to_the_next():
     assert [i["micro_steps"] for i in found] == [2, 1, 0]
     assert [i["seconds"] for i in found] == pytest.approx([0.006, 0.004, 0.003])
     assert found[0]["train_s"] == pytest.approx(0.003)
-    assert found[0]["families"] == ["train/fwd", "train/bwd"]
+    assert found[0]["programs"] == [("train/fwd", 0.001), ("train/bwd", 0.002)]
     assert found[1]["train_s"] == 0.0  # seen late: counted, not timed
 
 
@@ -42,6 +43,19 @@ def test_a_run_is_summarised_over_its_filled_iterations():
     assert row["micro_steps"] == 1.5
     assert row["tokens_per_train_ms"] == pytest.approx(300 / 3.0)  # the trace's tokens only
     assert row["tokens_per_filled_iteration_ms"] == pytest.approx(300 / 10.0)
+
+
+def test_strays_that_take_from_the_next_program_cancel_in_the_fill_sum():
+    # Each fill: four 1 ms forwards; the host sees one end d late, so the next starts d late
+    # and is measured d short: the fill's sum is exact, each program strays by +-d.
+    rng = np.random.default_rng(0)
+    filled = []
+    for d in rng.uniform(0.0, 0.0004, 200):
+        filled.append(dict(programs=[("train/fwd", s) for s in (1e-3 + d, 1e-3 - d) * 2]))
+    found = margin_evidence(filled)
+    assert found["consecutive_stray_corr"] < -0.3
+    assert found["fill_stray_p90_ms"] == pytest.approx(0.0, abs=1e-9)
+    assert found["summed_program_p90_ms"] > 0.5  # four programs' p90 of ~0.16 ms each
 
 
 def test_a_late_token_is_put_on_the_step_that_emitted_it():
