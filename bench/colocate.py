@@ -54,8 +54,9 @@ behind it), `unfilled` has harli queue a micro-step behind each inference step e
 fill gate leaves the iteration unfilled (`SchedulerConfig.queue_unfilled`), and `depthN` keeps
 N fine-tune programs in flight instead of 3 (`SchedulerConfig.inflight_depth`), `fuseN` has
 harli dispatch up to N adjacent middle spans' forwards (or backwards) as one program
-(`SchedulerConfig.fuse_spans`), and `qNN` prices each micro-step with the NNth percentile of its
-family's lateness instead of the 90th (`SchedulerConfig.micro_step_error_quantile`). Such a
+(`SchedulerConfig.fuse_spans`), `qNN` prices each micro-step with the NNth percentile of its
+family's lateness instead of the 90th (`SchedulerConfig.micro_step_error_quantile`), and `eNN`
+the inference step with the NNth instead of the 99th (`SchedulerConfig.error_quantile`). Such a
 run's rows are keyed by the whole name.
 
 `--bursty` replaces the Poisson arrivals of every trace by bursty ones (BurstGPT-like Gamma
@@ -256,8 +257,8 @@ def bench_shape(shape: str, args: argparse.Namespace, setup: Setup, results: Res
 
 def policy_config(spec: str, slo_s: float, static_budget_s: float) -> SchedulerConfig:
     """The scheduler configuration of a ``--policies`` entry: a policy, then variants after
-    colons (a cut's name, ``serial``, ``unfilled``, ``depthN``, ``fuseN`` or ``qNN``; see the
-    module docstring)."""
+    colons (a cut's name, ``serial``, ``unfilled``, ``depthN``, ``fuseN``, ``qNN`` or ``eNN``;
+    see the module docstring)."""
     name, *variants = spec.split(":")
     config = SchedulerConfig(name, slo_s, static_budget_s=static_budget_s)
     for variant in variants:
@@ -271,12 +272,14 @@ def policy_config(spec: str, slo_s: float, static_budget_s: float) -> SchedulerC
             config.fuse_spans = int(variant[4:])
         elif re.fullmatch(r"q\d\d", variant):
             config.micro_step_error_quantile = int(variant[1:]) / 100
+        elif re.fullmatch(r"e\d\d", variant):
+            config.error_quantile = int(variant[1:]) / 100
         elif re.fullmatch(r"\d+x\d+", variant):
             config.fixed_cut = variant
         else:
             raise ValueError(
                 f"{spec!r}: {variant!r} is not a cut (e.g. 1x22), serial, unfilled, depthN, "
-                "fuseN or qNN"
+                "fuseN, qNN or eNN"
             )
     return config
 
