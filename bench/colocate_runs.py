@@ -96,6 +96,7 @@ def run_one(
         elapsed_s=report["elapsed_s"],
         setup_s=ended - started - report["elapsed_s"],
         **({"timeline": report["timeline"]} if timeline else {}),
+        **({"predictions": predictor.logged(ended - report["elapsed_s"])} if timeline else {}),
     )
 
 

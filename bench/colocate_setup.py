@@ -64,28 +64,34 @@ class IdTokenizer:
 
 
 class LoggingPredictor(Predictor):
-    """A `Predictor` that also logs each inference step it learns from: (when, seconds, rows)."""
+    """A `Predictor` that also logs each run it learns from, with the prediction it was scored
+    against: (when, family, measured s, predicted s, rows, prefill tokens, after_train)."""
 
     def __init__(self, rates) -> None:
         super().__init__(rates)
-        self._inference_keys: set[str] = set()
-        self.inference_log: list[tuple[float, float, float]] = []
+        self._families_of: dict[str, str] = {}
+        self.log: list[tuple[float, str, float, float, float, float, float]] = []
 
     def register(self, key, family, cost) -> None:
         super().register(key, family, cost)
-        if family == "inference":
-            self._inference_keys.add(key)
+        self._families_of[key] = family
 
     def observe(self, key, measured_s, **features):
-        if key in self._inference_keys:
-            self.inference_log.append((time.perf_counter(), measured_s, features.get("rows", 0)))
-        return super().observe(key, measured_s, **features)
+        predicted_s = super().observe(key, measured_s, **features)
+        context = (features.get(name, 0.0) for name in ("rows", "prefill_tokens", "after_train"))
+        entry = (time.perf_counter(), self._families_of[key], measured_s, predicted_s, *context)
+        self.log.append(entry)
+        return predicted_s
 
     def since(self, start: float) -> tuple[float, float]:
         """Busy seconds of inference steps after `start`, and the mean batch of those decoding."""
-        steps = [(s, rows) for t, s, rows in self.inference_log if t >= start]
+        steps = [(e[2], e[4]) for e in self.log if e[0] >= start and e[1] == "inference"]
         batches = [rows for _, rows in steps if rows > 0]
         return sum(s for s, _ in steps), float(np.mean(batches)) if batches else 0.0
+
+    def logged(self, start: float) -> list[tuple]:
+        """The log's entries from `start` on, their times counted from it."""
+        return [(e[0] - start, *e[1:]) for e in self.log if e[0] >= start]
 
 
 def write_data(path: Path, vocab_size: int, seq_len: int, examples: int = 400) -> Path:

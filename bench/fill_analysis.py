@@ -6,7 +6,9 @@ run this prints, over the iterations that ran fine-tune work: their median lengt
 SLO, the inference program's, the fill's programs' (the seconds each was measured at, so a
 program the host saw late adds nothing), the rest (host time and device idle), micro-steps per
 fill, and fine-tune tokens per millisecond of train programs and per millisecond of iteration.
-It also counts each run's late tokens (TPOT over the SLO) by cause (`late_tokens`).
+It also counts each run's late tokens (TPOT over the SLO) by cause (`late_tokens`), and, where
+the run logged its predictions, how the predictor erred by program family and, for inference
+steps, by what came before them (`prediction_errors`).
 
     python3 bench/fill_analysis.py RESULT.json [--json OUT] [--strip OUT]
 
@@ -109,6 +111,30 @@ def margin_evidence(filled: list[dict]) -> dict:
     )
 
 
+def prediction_errors(run: dict) -> dict:
+    """How the predictor erred over a run (its ``predictions``: each learnt-from program's
+    family, measured and predicted seconds, rows, prefill tokens and whether fine-tune work ran
+    just before it): per train family, and for inference steps split by whether fine-tune work
+    came before them and whether they ran a prefill chunk. Each group's count, mean absolute
+    percentage error, and 50th/90th/99th percentiles of measured - predicted (ms)."""
+    groups = collections.defaultdict(list)
+    for _, family, measured, predicted, _, prefill, after_train in run["predictions"]:
+        if family == "inference":
+            family += " after train" if after_train else " after inference"
+            family += ", prefill" if prefill else ""
+        groups[family].append((measured, predicted))
+    found = {}
+    for name, pairs in sorted(groups.items()):
+        measured, predicted = np.array(pairs).T
+        late_ms = 1e3 * (measured - predicted)
+        found[name] = dict(
+            n=len(pairs),
+            mape=float(np.mean(np.abs(measured - predicted) / predicted)),
+            **{f"late_p{q}_ms": float(np.percentile(late_ms, q)) for q in (50, 90, 99)},
+        )
+    return dict(policy=run["policy"], load=run["load"], errors=found)
+
+
 LATE_RULE = (
     "A late token (TPOT over the SLO) is put on the inference program that emitted it (the "
     "last to start before the token): 'step alone over the SLO' if that program's seconds "
@@ -157,21 +183,30 @@ def main() -> None:
     timed = [run for run in result["runs"] if "timeline" in run]
     rows = [summarise(run, slo[run["model"]]) for run in timed]
     late = [late_tokens(run, slo[run["model"]]) for run in timed]
+    errors = [prediction_errors(run) for run in timed if "predictions" in run]
     for row in rows + late:
         print(
             ", ".join(
                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
             )
         )
+    for row in errors:
+        for name, group in row["errors"].items():
+            print(
+                f"policy {row['policy']}, load {row['load']}, {name}: "
+                + ", ".join(f"{k} {v:.3g}" for k, v in group.items())
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.strip:
         for run in result["runs"]:
             run.pop("timeline", None)
+            run.pop("predictions", None)
         # Runs stripped by an earlier invocation keep their summaries.
         result["fill_analysis"] = _merged(result.get("fill_analysis", []), rows)
         earlier = result.get("late_tokens", {}).get("runs", [])
         result["late_tokens"] = dict(rule=LATE_RULE, runs=_merged(earlier, late))
+        result["prediction_errors"] = _merged(result.get("prediction_errors", []), errors)
         args.strip.write_text(json.dumps(result, indent=1))
 
 

@@ -5,7 +5,13 @@ and it puts each late token on a cause."""
 import numpy as np
 import pytest
 
-from bench.fill_analysis import iterations, late_tokens, margin_evidence, summarise
+from bench.fill_analysis import (
+    iterations,
+    late_tokens,
+    margin_evidence,
+    prediction_errors,
+    summarise,
+)
 
 # (start, family, seconds): two filled iterations and one unfilled, then the last step; the
 # fill's last program was seen late (no time); calibration entries come before the trace (t < 0).
@@ -76,3 +82,27 @@ def test_a_late_token_is_put_on_the_step_that_emitted_it():
         "no fill before the step": 1,
     }
     assert found["steps_over_slo"] == 1
+
+
+def test_inference_errors_are_split_by_what_came_before_the_step():
+    # (when, family, measured s, predicted s, rows, prefill tokens, after_train)
+    predictions = [
+        (0.1, "inference", 0.0030, 0.0020, 8, 0, 1.0),
+        (0.2, "inference", 0.0020, 0.0020, 8, 0, 1.0),
+        (0.3, "inference", 0.0021, 0.0020, 8, 0, 0.0),
+        (0.4, "inference", 0.0050, 0.0040, 8, 512, 0.0),
+        (0.5, "train/fwd", 0.0009, 0.0010, 0, 0, 0.0),
+    ]
+    found = prediction_errors(dict(policy="harli", load="heavy", predictions=predictions))
+    errors = found["errors"]
+    assert set(errors) == {
+        "inference after train",
+        "inference after inference",
+        "inference after inference, prefill",
+        "train/fwd",
+    }
+    after_train = errors["inference after train"]
+    assert after_train["n"] == 2
+    assert after_train["mape"] == pytest.approx(np.mean([0.5, 0.0]))
+    assert after_train["late_p50_ms"] == pytest.approx(0.5)
+    assert errors["train/fwd"]["late_p99_ms"] == pytest.approx(-0.1)
