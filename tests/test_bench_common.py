@@ -247,6 +247,8 @@ def test_a_colocate_policy_entry_names_a_policy_and_its_variants():
     assert policy_config("harli:unfilled", 0.02, 0.005).queue_unfilled
     assert policy_config("harli:depth3", 0.02, 0.005).inflight_depth == 3
     assert policy_config("harli:fuse4", 0.02, 0.005).fuse_spans == 4
+    margins = policy_config("harli:e90:q50", 0.02, 0.005)
+    assert (margins.error_quantile, margins.micro_step_error_quantile) == (0.9, 0.5)
     with pytest.raises(ValueError, match="'fast' is not a cut"):
         policy_config("harli:fast", 0.02, 0.005)
     with pytest.raises(ValueError, match="policy must be one of"):
