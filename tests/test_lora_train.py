@@ -3,13 +3,12 @@ falls, steady state never compiles, and the frozen base weights are shared, neve
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compilations import counting_compilations
 from flax import nnx
 
 from harli_jax.lora.config import LoraConfig
@@ -65,22 +64,6 @@ def lora_model(base: nnx.Module) -> nnx.Module:
 
 def parameters(trainer: Trainer) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(trainer.lora)]
-
-
-@contextlib.contextmanager
-def counting_compilations():
-    """Counts XLA compilations (of any program, jitted or eager) inside the block."""
-    count = [0]
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.fixture(scope="module")

@@ -64,3 +64,11 @@ class AdapterBank:
     def unload(self, model: nnx.Module, name: str) -> None:
         clear_slot(model, self.slot(name))
         del self._slots[name]
+
+    def compile(self, model: nnx.Module) -> None:
+        """Compiles the program that writes a slot, by clearing a free one (already zero), so
+        that the first adapter loaded while serving (a finished fine-tune job's) compiles
+        nothing on the engine loop. With no slot free, one was written already."""
+        free = set(range(1, self.capacity + 1)) - set(self._slots.values())
+        if free:
+            clear_slot(model, min(free))

@@ -195,8 +195,12 @@ class EngineCore:
         """Serves adapter ``name`` from the next step on (replacing one of that name)."""
         if self.adapters is None:
             raise ValueError("this engine was built with max_loras=0: it serves no adapters")
+        self._write_bank(lambda model: self.adapters.load(model, name, weights, config))
+
+    def _write_bank(self, write: Callable[[nnx.Module], None]) -> None:
+        """Applies ``write`` to a model view of the state, then keeps the state it leaves."""
         model = nnx.merge(self.graphdef, self.state)
-        self.adapters.load(model, name, weights, config)
+        write(model)
         _, self.state = nnx.split(model)
 
     def new_request_id(self) -> str:
@@ -325,14 +329,16 @@ class EngineCore:
         workers: int | None = None,
     ) -> float:
         """Compiles, for every shape bucket, the sampler variants a plain request runs
-        (:data:`PRECOMPILED_VARIANTS`; others compile on first use), and runs each once; returns
-        the seconds it took.
+        (:data:`PRECOMPILED_VARIANTS`; others compile on first use), and runs each once, and
+        the adapter bank's slot write; returns the seconds it took.
 
         ``progress(done, total)`` counts shape buckets, on the calling thread; the programs
         compile in ``workers`` threads (default: one per CPU core; 1 compiles serially).
         """
         start = time.perf_counter()
         self.cache = self.programs.compile_all(self.weights, self.cache, progress, workers)
+        if self.adapters is not None:
+            self._write_bank(self.adapters.compile)
         return time.perf_counter() - start
 
     def _emit(

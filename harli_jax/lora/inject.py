@@ -17,10 +17,12 @@ which leaves ``(x @ A) @ B`` unchanged, so adapters of different ranks share one
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from harli_jax.lora.config import LoraConfig
@@ -263,22 +265,18 @@ def load_adapter_weights(
             f"it has {sorted(layers)[:4]}..."
         )
     padded = {path: _padded(path, layers[path], *weights[path], config) for path in weights}
-    for path, layer in layers.items():
-        if path in padded:
-            a, b = padded[path]
-            _write_slot(layer, slot, a, b, config.scaling)
-        else:
-            _write_slot(layer, slot, 0, 0, 0.0)
+    _write_slot(layers, slot, padded, config.scaling)
 
 
 def clear_slot(model: nnx.Module, slot: int) -> None:
     """Zeroes ``slot`` (A, B and its scaling) in every LoRA layer."""
-    for layer in _checked_layers(model, slot).values():
-        _write_slot(layer, slot, 0, 0, 0.0)
+    _write_slot(_checked_layers(model, slot), slot, {}, 0.0)
 
 
-def _padded(path: str, layer: LoraLinear, a, b, config: LoraConfig) -> tuple[jax.Array, jax.Array]:
-    a, b = jnp.asarray(a), jnp.asarray(b)
+def _padded(path: str, layer: LoraLinear, a, b, config: LoraConfig) -> tuple[np.ndarray, ...]:
+    """``a`` and ``b`` checked against ``layer`` and zero-padded to its bank's rank, on the host
+    (on the device each shape would compile a program of its own)."""
+    a, b = np.asarray(a), np.asarray(b)
     _, in_features, bank_rank = layer.lora_a.shape
     out_features = layer.lora_b.shape[-1]
     if (
@@ -298,14 +296,38 @@ def _padded(path: str, layer: LoraLinear, a, b, config: LoraConfig) -> tuple[jax
     if rank > bank_rank:
         raise ValueError(f"{path}: adapter rank {rank} exceeds the bank's rank {bank_rank}")
     pad = bank_rank - rank
-    return jnp.pad(a, ((0, 0), (0, pad))), jnp.pad(b, ((0, pad), (0, 0)))
+    return np.pad(a, ((0, 0), (0, pad))), np.pad(b, ((0, pad), (0, 0)))
 
 
-def _write_slot(layer: LoraLinear, slot: int, a, b, scaling: float) -> None:
-    dtype = layer.lora_a.dtype
-    layer.lora_a[...] = layer.lora_a[...].at[slot].set(jnp.asarray(a, dtype))
-    layer.lora_b[...] = layer.lora_b[...].at[slot].set(jnp.asarray(b, dtype))
-    layer.scaling[...] = layer.scaling[...].at[slot].set(scaling)
+def _write_slot(
+    layers: dict[str, LoraLinear],
+    slot: int,
+    padded: dict[str, tuple[np.ndarray, ...]],
+    scaling: float,
+) -> None:
+    """Writes ``slot`` of every layer's bank (``padded``'s A and B and ``scaling`` where it has
+    the layer, zeros elsewhere) in one program, the banks donated: one dispatch, and one
+    program per bank whatever the slot or the adapter's rank, where writing each layer's arrays
+    on their own dispatched three programs a layer and compiled some on first use (on the
+    engine loop's thread, while it served)."""
+    banks, rows = {}, {}
+    for path, layer in layers.items():
+        a_bank, b_bank = layer.lora_a[...], layer.lora_b[...]
+        banks[path] = (a_bank, b_bank, layer.scaling[...])
+        a, b = padded.get(path, (np.zeros(a_bank.shape[1:]), np.zeros(b_bank.shape[1:])))
+        scale = scaling if path in padded else 0.0
+        rows[path] = (a.astype(a_bank.dtype), b.astype(b_bank.dtype), np.float32(scale))
+    for path, (a_bank, b_bank, scales) in _set_rows(banks, rows, np.int32(slot)).items():
+        layer = layers[path]  # set_value: the old (donated) arrays cannot be read again
+        layer.lora_a.set_value(a_bank)
+        layer.lora_b.set_value(b_bank)
+        layer.scaling.set_value(scales)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_rows(banks: dict, rows: dict, slot: jax.Array) -> dict:
+    """Each bank array with row ``slot`` replaced by its entry of ``rows``."""
+    return jax.tree.map(lambda bank, row: bank.at[slot].set(row), banks, rows)
 
 
 def _checked_layers(model: nnx.Module, slot: int) -> dict[str, LoraLinear]:
