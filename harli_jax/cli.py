@@ -12,7 +12,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from harli_jax.cli_common import UsageError, add_model_args, flag_message, load_llm
+from harli_jax.cli_common import (
+    UsageError,
+    add_model_args,
+    compile_inference,
+    flag_message,
+    load_llm,
+)
 from harli_jax.cli_finetune import PARSERS
 from harli_jax.cli_profile import (
     add_profile_parser,
@@ -88,6 +94,9 @@ def _serve(args: argparse.Namespace) -> None:
     )
     if calibration is not None:  # jobs of the profiled LoRA shape start with known cuts
         jobs.scheduler.calibration = calibration
+    # Compiled on first use instead, a bucket's first request would wait for its program.
+    compile_s = compile_inference(llm.engine)
+    print(f"compiled {len(llm.engine.shape_buckets())} inference programs in {compile_s:.1f} s")
     engine = jobs.engine.start()
     app = create_app(
         engine,

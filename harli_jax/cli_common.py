@@ -1,5 +1,6 @@
-"""What every ``harli-jax`` sub-command shares: the user-error type, the model flags, and the
-persistent compilation cache every command that loads a model compiles into."""
+"""What every ``harli-jax`` sub-command shares: the user-error type, the model flags, the
+persistent compilation cache every command that loads a model compiles into, and compiling the
+inference programs at start-up with a progress bar."""
 
 from __future__ import annotations
 
@@ -81,3 +82,13 @@ def flag_message(message: str) -> str:
         message = message.replace(prefix, "--")
     head, _, tail = message.partition(" ")
     return head.replace("_", "-") + " " + tail
+
+
+def compile_inference(core, show: bool = True) -> float:
+    """Compiles every inference program of ``core`` (an `EngineCore`) before it serves, with a
+    progress bar over its shape buckets unless ``show`` is off; returns the seconds it took."""
+    from tqdm import tqdm
+
+    buckets = len(core.shape_buckets())
+    with tqdm(total=buckets, desc="compiling inference", unit="program", disable=not show) as bar:
+        return core.compile_all(lambda done, total: bar.update(1))

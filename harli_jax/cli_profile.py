@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harli_jax.cli_common import UsageError, add_model_args, load_llm
+from harli_jax.cli_common import UsageError, add_model_args, compile_inference, load_llm
 
 PROFILE_KIND = "harli-jax-profile"
 ENGINE_PRESETS = {
@@ -126,7 +126,6 @@ def _inference_pass(llm, scheduler, decode_steps: int = 4) -> None:
 
 
 def _profile(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
 
     from harli_jax.demo_task import write_dataset
     from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob
@@ -177,8 +176,7 @@ def _profile(args: argparse.Namespace) -> None:
         EngineMetrics(),
     )
     core = llm.engine
-    with tqdm(total=len(core.shape_buckets()), desc="compiling inference", unit="program") as bar:
-        compile_s = core.compile_all(lambda done, total: bar.update(1))
+    compile_s = compile_inference(core)
     print(f"compiled {len(core.shape_buckets())} inference programs in {compile_s:.1f} s")
     print("compiling and measuring every cut of the train step ...", flush=True)
     scheduler.runner.calibrate(job)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harli_jax.cli_common import compile_inference
 from harli_jax.engine.finetune import FineTuneJob
 from harli_jax.engine.loop import Engine, QueueFull, RequestStream
 from harli_jax.engine.metrics import EngineMetrics
@@ -69,17 +70,8 @@ def calibrate(
     """Compiles every program the run can use (each inference shape bucket, each cut of the train
     step) and, with ``measure``, measures them, before the clock starts. Returns the seconds it
     took. Without ``measure`` (the scheduler starts calibrated) it only compiles."""
-    from tqdm import tqdm
-
     start = time.perf_counter()
-    core = llm.engine
-    with tqdm(
-        total=len(core.shape_buckets()),
-        desc="compiling inference",
-        unit="program",
-        disable=progress is _quiet,
-    ) as bar:
-        core.compile_all(lambda done, total: bar.update(1))
+    compile_inference(llm.engine, show=progress is not _quiet)
     verb = "compiling and calibrating" if measure else "compiling"
     progress(f"{verb} the train step's micro-steps ...")
     scheduler.runner.calibrate(job, measure=measure, fuse_spans=scheduler.config.fuse_spans)
