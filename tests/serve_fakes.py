@@ -17,3 +17,6 @@ class NoJobs:
 
     def list(self):
         return []
+
+    def delete_model(self, model_id):
+        return False

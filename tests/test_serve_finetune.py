@@ -6,6 +6,7 @@ a restart of the server; a cancelled job stops training."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -179,6 +180,47 @@ def test_a_job_whose_adapter_cannot_be_written_fails_and_is_not_served(life, mon
     done = finished(life.client, job.id)
     assert done.status == "failed" and "No space left on device" in done.error.message
     assert f"ft:{MODEL}:{job.id}" not in [model.id for model in life.client.models.list()]
+
+
+def test_a_deleted_fine_tuned_model_is_not_served_and_stays_deleted(life):
+    """DELETE /v1/models/ft:...: the model is no longer listed or served; the job keeps its
+    record and its adapter files, and the deletion is recorded, so a restart does not serve the
+    model again."""
+    job = life.client.fine_tuning.jobs.create(
+        model=MODEL, training_file=upload(life.client), hyperparameters={"n_epochs": 1, **FAST}
+    )
+    name = finished(life.client, job.id).fine_tuned_model
+    assert name in [model.id for model in life.client.models.list()]
+
+    assert life.client.models.delete(name).deleted
+
+    assert name not in [model.id for model in life.client.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        served_answer(life.client, name)
+    assert life.client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == name
+    record = json.loads((life.state / "jobs" / job.id / "record.json").read_text())
+    assert record["model_deleted"] is True
+    assert (life.state / "jobs" / job.id / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_restart_serves_succeeded_jobs_models_but_not_deleted_ones(tmp_path, monkeypatch):
+    """The records a manager opens decide what it serves: a succeeded job's model again, unless
+    it was deleted."""
+    for job_id, deleted in (("ftjob-kept", False), ("ftjob-gone", True)):
+        folder = tmp_path / job_id
+        folder.mkdir()
+        record = dict(
+            id=job_id, status="succeeded", created_at=1, model=MODEL, training_file="t.jsonl",
+            hyperparameters={}, fine_tuned_model=f"ft:{MODEL}:{job_id}", model_deleted=deleted,
+            events=[],
+        )  # fmt: skip
+        (folder / "record.json").write_text(json.dumps(record))
+    monkeypatch.setattr("harli_jax.engine.jobs.load_adapter", lambda folder: ({}, None))
+    served = []
+    core = SimpleNamespace(load_adapter=lambda name, weights, config: served.append(name))
+    engine = SimpleNamespace(core=core, call_soon=lambda work: work())
+    JobManager(engine, SimpleNamespace(), MODEL, tmp_path)
+    assert served == [f"ft:{MODEL}:ftjob-kept"]
 
 
 def test_metrics_count_the_tokens_the_job_trained(succeeded):

@@ -4,12 +4,18 @@ same client: test_serve_finetune.py.)"""
 
 from __future__ import annotations
 
+import time
+
 import httpx
+import numpy as np
 import openai
 import pytest
+from flax import nnx
 
 from harli_jax import LLM, SamplingParams
 from harli_jax.engine.loop import Engine
+from harli_jax.lora.config import LoraConfig
+from harli_jax.lora.inject import lora_layers
 from harli_jax.serve import BackgroundServer, create_app
 
 MODEL = "tiny-llama"
@@ -188,3 +194,36 @@ def _scrape(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=10).text
     samples = [line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#")]
     return {name: float(value) for name, value in samples}
+
+
+def test_a_deleted_fine_tuned_model_is_no_longer_listed_or_served(served, client):
+    """DELETE /v1/models/{id}: a served adapter goes, the base model and unknown ids are
+    refused as OpenAI refuses them."""
+    _, engine, _ = served
+    model = nnx.merge(engine.core.graphdef, engine.core.state)
+    rng = np.random.default_rng(0)
+    weights = {
+        path: (
+            rng.normal(size=(layer.lora_a.shape[1], 4)),
+            rng.normal(size=(4, layer.lora_b.shape[2])),
+        )
+        for path, layer in lora_layers(model).items()
+        if path.endswith("q_proj")
+    }
+    config = LoraConfig(r=4, alpha=8, target_modules=("q_proj",))
+    engine.call_soon(lambda: engine.core.load_adapter("ft:tiny:x", weights, config))
+    deadline = time.monotonic() + 30
+    while "ft:tiny:x" not in engine.adapters() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.completions.create(model="ft:tiny:x", prompt=PROMPT, max_tokens=2).choices
+
+    deleted = client.models.delete("ft:tiny:x")
+
+    assert (deleted.id, deleted.deleted) == ("ft:tiny:x", True)
+    assert "ft:tiny:x" not in [m.id for m in client.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="ft:tiny:x", prompt=PROMPT, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete("ft:tiny:x")
+    with pytest.raises(openai.PermissionDeniedError):
+        client.models.delete(MODEL)

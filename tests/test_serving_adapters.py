@@ -8,9 +8,11 @@ import peft
 import pytest
 import torch
 from compilations import counting_compilations
+from flax import nnx
 from transformers import AutoModelForCausalLM
 
 from harli_jax import LLM, SamplingParams
+from harli_jax.lora.inject import lora_layers
 
 
 def make_peft_adapter(checkpoint_dir, out_dir, seed: int, r: int, targets: list[str]):
@@ -80,6 +82,30 @@ def test_adding_and_replacing_adapters_compiles_nothing(adapters):
         second = llm.generate([[5, 6, 7]], with_a)[0]
     assert compilations[0] == 0
     assert first.token_ids != second.token_ids
+
+
+def test_deleting_an_adapter_lets_the_requests_decoding_with_it_finish_with_it(adapters):
+    """A deleted adapter is refused to new requests at once; a stream already decoding with it
+    gives the tokens it would have given, and its slot is zeroed once that stream ends."""
+    ckpt, root, _ = adapters
+    llm = LLM(ckpt, dtype="float32")
+    llm.load_adapter("qv", root / "qv")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, adapter="qv")
+    (undisturbed,) = llm.generate([[5, 6, 7]], params)
+    core = llm.engine
+    core.add_request([5, 6, 7], params, "decoding")
+    outputs = core.step() + core.step() + core.step()
+
+    core.delete_adapter("qv")
+
+    with pytest.raises(ValueError, match="not loaded"):
+        core.add_request([5, 6, 7], params)
+    while core.has_unfinished():
+        outputs += core.step()
+    assert outputs[-1].token_ids == undisturbed.token_ids
+    bank = lora_layers(nnx.merge(core.graphdef, core.state))
+    assert not any(np.any(np.asarray(layer.lora_b[...][1])) for layer in bank.values())
+    assert core.adapters.retiring == set()
 
 
 def test_unknown_adapter_is_refused(checkpoint):

@@ -4,6 +4,8 @@ Serving keeps one LoRA bank over every linear layer (`inject_lora` with ``slots 
 slot 0 stays zero and means "no adapter"), so requests for different adapters share one decode
 batch and adding or replacing an adapter is a write into the bank's arrays: same shapes, no
 recompilation, the base weights untouched. Adapters of a rank below the bank's are zero-padded.
+A deleted adapter's slot is cleared only once the requests that asked for it have finished, so a
+deletion never changes a stream already decoding.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ class AdapterBank:
         self.capacity = capacity
         self.max_rank = max_rank
         self._slots: dict[str, int] = {}
+        # Slots of deleted adapters that requests which asked for them still decode with: each
+        # is cleared, and free again, once none is left (`clear_retired`).
+        self.retiring: set[int] = set()
 
     def inject(self, base: nnx.Module) -> nnx.Module:
         """A serving view of ``base`` (sharing its weights) with an empty bank in every linear."""
@@ -54,21 +59,33 @@ class AdapterBank:
             )
         slot = self._slots.get(name)
         if slot is None:
-            free = sorted(set(range(1, self.capacity + 1)) - set(self._slots.values()))
+            free = self._free()
             if not free:
                 raise ValueError(f"all {self.capacity} adapter slots are in use")
             slot = free[0]
         load_adapter_weights(model, weights, config, slot)
         self._slots[name] = slot
 
-    def unload(self, model: nnx.Module, name: str) -> None:
-        clear_slot(model, self.slot(name))
-        del self._slots[name]
+    def retire(self, name: str) -> None:
+        """Stops adapter ``name`` being asked for (KeyError naming it if it is not loaded); its
+        slot keeps its weights for the requests that asked for it until `clear_retired`."""
+        self.retiring.add(self._slots.pop(name))
+
+    def clear_retired(self, model: nnx.Module, in_use: set[int]) -> None:
+        """Zeroes and frees every retiring slot that no request uses (``in_use``) any more."""
+        for slot in sorted(self.retiring - in_use):
+            clear_slot(model, slot)
+            self.retiring.discard(slot)
 
     def compile(self, model: nnx.Module) -> None:
         """Compiles the program that writes a slot, by clearing a free one (already zero), so
         that the first adapter loaded while serving (a finished fine-tune job's) compiles
         nothing on the engine loop. With no slot free, one was written already."""
-        free = set(range(1, self.capacity + 1)) - set(self._slots.values())
+        free = self._free()
         if free:
-            clear_slot(model, min(free))
+            clear_slot(model, free[0])
+
+    def _free(self) -> list[int]:
+        """The slots neither loaded nor retiring, lowest first."""
+        taken = set(self._slots.values()) | self.retiring
+        return sorted(set(range(1, self.capacity + 1)) - taken)

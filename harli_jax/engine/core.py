@@ -197,6 +197,26 @@ class EngineCore:
             raise ValueError("this engine was built with max_loras=0: it serves no adapters")
         self._write_bank(lambda model: self.adapters.load(model, name, weights, config))
 
+    def delete_adapter(self, name: str) -> None:
+        """Stops serving adapter ``name``: requests for it are refused from now on, and its slot
+        is cleared once the requests that asked for it have finished. ValueError if it is not
+        loaded."""
+        if self.adapters is None:
+            raise ValueError("this engine was built with max_loras=0: it serves no adapters")
+        try:
+            self.adapters.retire(name)
+        except KeyError:
+            raise ValueError(f"adapter {name!r} is not loaded") from None
+        self._clear_retired()
+
+    def _clear_retired(self) -> None:
+        """Clears the slots of deleted adapters that no request uses any more."""
+        if self.adapters is None or not self.adapters.retiring:
+            return
+        in_use = {seq.adapter_slot for seq in (*self.batcher.running, *self.batcher.waiting)}
+        if self.adapters.retiring - in_use:
+            self._write_bank(lambda model: self.adapters.clear_retired(model, in_use))
+
     def _write_bank(self, write: Callable[[nnx.Module], None]) -> None:
         """Applies ``write`` to a model view of the state, then keeps the state it leaves."""
         model = nnx.merge(self.graphdef, self.state)
@@ -221,6 +241,7 @@ class EngineCore:
     def abort(self, request_id: str) -> None:
         """Drops a request and frees its pages at once (a client went away)."""
         self.batcher.abort(request_id)
+        self._clear_retired()
 
     def drain_queue_waits(self) -> list[float]:
         """Arrival-to-admission seconds of the requests admitted since the last call."""
@@ -280,6 +301,7 @@ class EngineCore:
                 seconds=end - device_free,
                 ended_at=end,
             )
+        self._clear_retired()
         return [output for outputs, _ in runs for output in outputs]
 
     def _run(

@@ -12,7 +12,9 @@ A succeeded job's adapter is served as ``ft:<base>:<job id>`` before the job rea
 from memory, once its files are on disk (a writer thread's: a write that fails fails the job).
 When every slot of the engine's adapter bank is taken, the job still succeeds (its adapter is on
 disk) but is not served, with a warning event: evicting a served adapter could pull it from under
-requests already decoding with it. A job that breaks fails alone; serving goes on.
+requests already decoding with it. Deleting a job's fine-tuned model stops serving it (requests
+already decoding with it finish with it) and is recorded, so that a restart does not serve it
+again. A job that breaks fails alone; serving goes on.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class JobInfo:
     hyperparameters: dict[str, Any]
     finished_at: int | None = None
     fine_tuned_model: str | None = None
+    model_deleted: bool = False  # its fine-tuned model was deleted: a restart does not serve it
     trained_tokens: int | None = None
     error: str | None = None
     events: list[JobEvent] = dataclasses.field(default_factory=list)
@@ -106,7 +109,7 @@ class JobManager:
             if info.status not in _ENDED:
                 self._event(info, "info", "Resuming after a restart")
                 self._on_loop(info, self._start)
-            elif info.status == "succeeded":
+            elif info.status == "succeeded" and not info.model_deleted:
                 self._on_loop(info, self._serve)
 
     @classmethod
@@ -168,6 +171,19 @@ class JobManager:
             self._event(info, "info", "Job cancelled")
         self._on_loop(info, self._drop)
         return info
+
+    def delete_model(self, model_id: str) -> bool:
+        """Stops serving the fine-tuned model ``model_id`` and records that it was deleted, so
+        that a restart does not serve it again (the job and its adapter files stay); False if
+        no job's model is ``model_id``."""
+        with self._lock:
+            owners = (i for i in self._jobs.values() if i.fine_tuned_model == model_id)
+            info = next((i for i in owners if not i.model_deleted), None)
+            if info is None:
+                return False
+            self._set(info, model_deleted=True)
+        self.engine.delete_adapter(model_id).result()
+        return True
 
     def events(self, job_id: str) -> list[JobEvent]:
         with self._lock:

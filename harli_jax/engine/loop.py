@@ -15,6 +15,7 @@ import gc
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 from typing import Protocol
 
 import jax
@@ -159,6 +160,23 @@ class Engine:
         device or the engine's state, e.g. loading an adapter or starting a fine-tune job)."""
         self._inbox.put(("call", fn))
         self._wake.set()
+
+    def delete_adapter(self, name: str) -> Future[None]:
+        """Stops serving adapter ``name`` (`EngineCore.delete_adapter`), on the loop thread; the
+        future resolves once requests for it are refused, or raises ValueError if it is not
+        loaded."""
+        deleted: Future[None] = Future()
+
+        def delete() -> None:
+            try:
+                self.core.delete_adapter(name)
+            except ValueError as err:
+                deleted.set_exception(err)
+            else:
+                deleted.set_result(None)
+
+        self.call_soon(delete)
+        return deleted
 
     def adapters(self) -> list[str]:
         """Names of the adapters requests may ask for."""

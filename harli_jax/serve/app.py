@@ -1,7 +1,8 @@
 """The FastAPI app: an OpenAI-compatible front door to one running `Engine`.
 
 `create_app` wires the routes (completions and chat in `completions`, files and fine-tuning jobs
-in `finetuning`, models, health and Prometheus metrics here) around an engine someone else
+in `finetuning`, models (listed, retrieved, a fine-tuned one deleted), health and Prometheus
+metrics here) around an engine someone else
 started, behind one ASGI gate that checks the API key and bounds the request body before any
 route runs. The app holds no device state and starts no threads: the engine's loop does the work.
 """
@@ -20,7 +21,13 @@ from harli_jax.serve import completions, errors, finetuning
 from harli_jax.serve.errors import APIError
 from harli_jax.serve.files import FileStore
 from harli_jax.serve.metrics import CONTENT_TYPE, ServerMetrics
-from harli_jax.serve.protocol import JobService, ModelCard, ModelList, ServingEngine
+from harli_jax.serve.protocol import (
+    JobService,
+    ModelCard,
+    ModelDeleted,
+    ModelList,
+    ServingEngine,
+)
 
 MiB = 2**20
 
@@ -78,6 +85,19 @@ def create_app(
             if card.id == model_id:
                 return card
         raise APIError(404, f"the model {model_id!r} does not exist", code="model_not_found")
+
+    @app.delete(
+        "/v1/models/{model_id:path}", response_model=ModelDeleted, responses=errors.ERROR_RESPONSES
+    )
+    def delete_model(model_id: str) -> ModelDeleted:
+        """Stops serving a fine-tuned model (an adapter); the base model cannot be deleted."""
+        if model_id == model_name:
+            raise APIError(403, f"the base model {model_id!r} cannot be deleted")
+        if model_id not in engine.adapters():
+            raise APIError(404, f"the model {model_id!r} does not exist", code="model_not_found")
+        if jobs is None or not jobs.delete_model(model_id):
+            engine.delete_adapter(model_id).result()
+        return ModelDeleted(id=model_id)
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -10,6 +10,7 @@ needs from the engine (`ServingEngine`, `EngineSnapshot`) and from the fine-tuni
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
@@ -218,6 +219,12 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
 # -- files and fine-tuning -------------------------------------------------------------------
 
 
@@ -350,6 +357,9 @@ class ServingEngine(Protocol):
     def adapters(self) -> list[str]:
         """Names of the adapters requests may name in `SamplingParams.adapter`."""
 
+    def delete_adapter(self, name: str) -> Future[None]:
+        """Stops serving adapter ``name``; resolves once requests for it are refused."""
+
     def metrics_snapshot(self) -> EngineSnapshot: ...
 
 
@@ -396,3 +406,6 @@ class JobService(Protocol):
 
     def events(self, job_id: str) -> list[JobEvent]:
         """Oldest first; KeyError if unknown."""
+
+    def delete_model(self, model_id: str) -> bool:
+        """Stops serving a job's fine-tuned model for good; False if no job's model it is."""
