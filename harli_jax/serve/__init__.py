@@ -2,7 +2,7 @@
 
 from harli_jax.serve.app import create_app
 from harli_jax.serve.background import BackgroundServer
-from harli_jax.serve.protocol import EngineSnapshot, JobEvent, JobInfo, JobService, ServingEngine
+from harli_jax.serve.contracts import EngineSnapshot, JobEvent, JobInfo, JobService, ServingEngine
 
 __all__ = [
     "BackgroundServer",

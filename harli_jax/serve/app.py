@@ -18,16 +18,11 @@ from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from harli_jax.serve import completions, errors, finetuning
+from harli_jax.serve.contracts import JobService, ServingEngine
 from harli_jax.serve.errors import APIError
 from harli_jax.serve.files import FileStore
 from harli_jax.serve.metrics import CONTENT_TYPE, ServerMetrics
-from harli_jax.serve.protocol import (
-    JobService,
-    ModelCard,
-    ModelDeleted,
-    ModelList,
-    ServingEngine,
-)
+from harli_jax.serve.protocol import ModelCard, ModelDeleted, ModelList
 
 MiB = 2**20
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from harli_jax.engine.output import RequestOutput, TokenLogprob
 from harli_jax.engine.sampling import SamplingParams
+from harli_jax.serve.contracts import ServingEngine
 from harli_jax.serve.errors import ERROR_RESPONSES, APIError
 from harli_jax.serve.generation import Generation
 from harli_jax.serve.metrics import ServerMetrics
@@ -38,7 +39,6 @@ from harli_jax.serve.protocol import (
     CompletionRequest,
     CompletionResponse,
     SamplingRequest,
-    ServingEngine,
     TopLogprob,
     Usage,
 )

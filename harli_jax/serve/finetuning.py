@@ -17,6 +17,7 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from harli_jax.lora.data import DataError
+from harli_jax.serve.contracts import JobInfo, JobService
 from harli_jax.serve.errors import ERROR_RESPONSES, APIError
 from harli_jax.serve.files import FileStore
 from harli_jax.serve.protocol import (
@@ -29,8 +30,6 @@ from harli_jax.serve.protocol import (
     FineTuningJobList,
     FineTuningJobRequest,
     JobError,
-    JobInfo,
-    JobService,
 )
 
 T = TypeVar("T")

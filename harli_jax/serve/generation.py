@@ -20,9 +20,9 @@ from starlette.requests import Request
 from harli_jax.engine.loop import QueueFull, RequestStream
 from harli_jax.engine.output import RequestOutput
 from harli_jax.engine.sampling import SamplingParams
+from harli_jax.serve.contracts import ServingEngine
 from harli_jax.serve.errors import APIError
 from harli_jax.serve.metrics import ChoiceClock, ServerMetrics
-from harli_jax.serve.protocol import ServingEngine
 
 RETRY_AFTER_S = 1
 
