@@ -314,8 +314,10 @@ def _write_slot(
     for path, layer in layers.items():
         a_bank, b_bank = layer.lora_a[...], layer.lora_b[...]
         banks[path] = (a_bank, b_bank, layer.scaling[...])
-        a, b = padded.get(path, (np.zeros(a_bank.shape[1:]), np.zeros(b_bank.shape[1:])))
-        scale = scaling if path in padded else 0.0
+        if path in padded:
+            (a, b), scale = padded[path], scaling
+        else:
+            a, b, scale = np.zeros(a_bank.shape[1:]), np.zeros(b_bank.shape[1:]), 0.0
         rows[path] = (a.astype(a_bank.dtype), b.astype(b_bank.dtype), np.float32(scale))
     for path, (a_bank, b_bank, scales) in _set_rows(banks, rows, np.int32(slot)).items():
         layer = layers[path]  # set_value: the old (donated) arrays cannot be read again
