@@ -102,10 +102,11 @@ def margin_evidence(filled: list[dict]) -> dict:
     if len(pairs) < 2:
         return {}
     each_p90 = float(np.percentile(each, 90))
+    summed = [sum(fill) for fill in strays]
     return dict(
         program_stray_p90_ms=each_p90,
-        fill_stray_p90_ms=float(np.percentile([sum(fill) for fill in strays], 90)),
-        fill_stray_p99_ms=float(np.percentile([sum(fill) for fill in strays], 99)),
+        fill_stray_p90_ms=float(np.percentile(summed, 90)),
+        fill_stray_p99_ms=float(np.percentile(summed, 99)),
         summed_program_p90_ms=each_p90 * float(np.median([len(fill) for fill in strays])),
         consecutive_stray_corr=float(np.corrcoef(pairs.T)[0, 1]),
     )

@@ -126,7 +126,6 @@ def _inference_pass(llm, scheduler, decode_steps: int = 4) -> None:
 
 
 def _profile(args: argparse.Namespace) -> None:
-
     from harli_jax.demo_task import write_dataset
     from harli_jax.engine.finetune import FineTuneConfig, FineTuneJob
     from harli_jax.engine.metrics import EngineMetrics
