@@ -14,8 +14,11 @@ kernel through Pallas' interpreter, this covers the compiled Triton kernel).
 3. Several decode steps in one program (`make_decode_steps`) against as many single steps.
 4. The batch-1 step with one-row projections as a multiply-reduce (`llama.matvec`, the GPU path)
    against the same step with them through the GEMM, as in (2).
+5. Prefill chunks (fresh, and after a cached prefix) with attention through cuDNN
+   (`llama.flash_attend`, the GPU path) against the XLA path (`llama.attend`), as in (2).
 
-    python3 bench/check_gpu.py [--out results.json]      # exit status 1 if any check fails
+    python3 bench/check_gpu.py [--out results.json] [--kernels-only | --prefill-only]
+    # exit status 1 if any check fails
 """
 
 from __future__ import annotations
@@ -154,6 +157,35 @@ def _matvec_case(model: Llama) -> dict:
     return _same_draws(fast, slow)
 
 
+def _prefill_case(model: Llama, batch: int, prefix: int, chunk: int) -> dict:
+    """A chunk of ``chunk`` tokens per row after ``prefix`` cached ones (the cache random), its
+    attention through cuDNN against the XLA path."""
+    rng = np.random.default_rng(prefix + chunk)
+    width = (prefix + chunk) // 16
+    table = 1 + np.arange(batch * width).reshape(batch, width)
+    positions = np.broadcast_to(np.arange(prefix, prefix + chunk), (batch, chunk))
+    slots = np.take_along_axis(table, positions // 16, axis=1) * 16 + positions % 16
+    sampler = SamplerInputs.build(
+        [SamplingParams(temperature=0.0)] * batch, [0] * batch, [0] * batch, batch
+    )
+    args = (
+        jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, chunk)), jnp.int32),
+        jnp.asarray(positions, jnp.int32),
+        PagedBatch(jnp.asarray(slots, jnp.int32), jnp.asarray(table, jnp.int32)),
+        jnp.full(batch, chunk - 1, jnp.int32),
+        SamplerInputs(*(jnp.asarray(x) for x in sampler)),
+        None,  # no adapter slots
+    )
+    drawn = {}
+    for path in ("cudnn", "xla"):
+        os.environ["HARLI_PREFILL_ATTENTION"] = path  # read when the step is traced
+        graphdef, state = nnx.split(model)
+        cache = _fresh_cache(model, batch * width + 1, prefix)
+        _, drawn[path] = make_forward_step(graphdef)(state, cache, *args)
+    del os.environ["HARLI_PREFILL_ATTENTION"]
+    return _same_draws(drawn["cudnn"], drawn["xla"])
+
+
 def _same_draws(fast, slow) -> dict:
     """Two steps' outputs agree: chosen and top log-probs within 0.05."""
     # bf16 near-ties may flip a greedy choice; then the two choices' log-probs are close too.
@@ -195,14 +227,21 @@ def _multi_step_case(model: Llama, steps: int = 6) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--kernels-only", action="store_true", help="only checks of part 1")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--kernels-only", action="store_true", help="only checks of part 1")
+    only.add_argument("--prefill-only", action="store_true", help="only checks of part 5")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}")
     results = []
-    for i, (name, *case) in enumerate(KERNEL_CASES):
-        results.append(dict(check=f"kernel {name}") | _kernel_case(jax.random.key(i), *case))
+    if not args.prefill_only:
+        for i, (name, *case) in enumerate(KERNEL_CASES):
+            results.append(dict(check=f"kernel {name}") | _kernel_case(jax.random.key(i), *case))
     if not args.kernels_only:
         model = _random_model()
+        for batch, prefix, chunk in ((1, 0, 256), (3, 96, 128), (2, 1000, 24)):
+            check = f"prefill b{batch} {chunk} after {prefix}: cudnn vs xla"
+            results.append(dict(check=check) | _prefill_case(model, batch, prefix, chunk))
+    if not (args.kernels_only or args.prefill_only):
         for batch in (1, 8):
             results.append(dict(check=f"engine step b{batch}") | _engine_step_case(model, batch))
         results.append(dict(check="6 steps in one program") | _multi_step_case(model))

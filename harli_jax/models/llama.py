@@ -9,6 +9,8 @@ or through a :class:`KVCache` with a :class:`PagedBatch` saying where this step'
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -74,6 +76,39 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) ->
     scores = jnp.where(mask[:, None, None], scores * head_dim**-0.5, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
+    return out.reshape(batch, tokens, heads * head_dim)
+
+
+def use_cudnn_attention(q: jax.Array, keys: jax.Array) -> bool:
+    """Whether a cached prefill chunk attends through cuDNN's flash attention.
+
+    The XLA path (`attend`) writes the chunk's [heads, T, S] scores and probabilities to memory
+    and reads them back; cuDNN keeps them on chip. ``HARLI_PREFILL_ATTENTION`` (``auto`` |
+    ``cudnn`` | ``xla``) chooses; ``auto`` takes cuDNN on a single GPU (across a mesh the
+    partitioner would have to split its custom call) for the shapes it runs: 16-bit operands and
+    a head dim that is a multiple of 8, at most 128.
+    """
+    choice = os.environ.get("HARLI_PREFILL_ATTENTION", "auto")
+    if choice not in ("auto", "cudnn", "xla"):
+        raise ValueError(f"HARLI_PREFILL_ATTENTION={choice!r}: expected auto, cudnn or xla")
+    if choice == "auto":
+        choice = "cudnn" if jax.default_backend() == "gpu" and jax.device_count() == 1 else ""
+    head_dim = q.shape[-1]
+    return (
+        choice == "cudnn"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and keys.dtype == q.dtype
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    )
+
+
+def flash_attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
+    """`attend` through cuDNN's fused kernel (the mask becomes an additive bias there)."""
+    batch, tokens, heads, head_dim = q.shape
+    out = jax.nn.dot_product_attention(
+        q, keys, values, mask=mask[:, None], implementation="cudnn"
+    )
     return out.reshape(batch, tokens, heads * head_dim)
 
 
@@ -146,6 +181,8 @@ class Attention(nnx.Module):
             keys, values = cache.read(layer, paged.page_table)
             key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (batch, keys.shape[1]))
             mask = causal_mask(positions, key_pos, cfg.sliding_window)
+            if use_cudnn_attention(q, keys):
+                return self.o_proj(flash_attend(q, keys, values, mask)), cache
         return self.o_proj(attend(q, keys, values, mask)), cache
 
 

@@ -1,0 +1,144 @@
+"""Prefill attention: cuDNN's flash attention against the XLA path, in one process on one GPU.
+
+A prefill chunk attends to its row's cached pages and to itself. The XLA path (`llama.attend`)
+writes the [heads, T, S] scores and probabilities to memory and reads them back; cuDNN's fused
+kernel (`llama.flash_attend`, ``HARLI_PREFILL_ATTENTION``) keeps them on chip. Each case times
+the model's forward step (the engine's program body: RoPE, the cache write, every layer, the LM
+head on the last token, sampling) traced once per path, with a random bf16 model of the shape
+and a cache of random contents, and checks that the two paths agree: the last token's
+log-probabilities, largest absolute gap.
+
+Cases: fresh prompts (1 x 2048, 8 x 512, 1 x 512) and chunks after a cached prefix (one 512-token
+chunk after 1,536 cached tokens, four after 512: the chunked prefill the engine runs).
+
+    python3 bench/prefill.py --out bench/results        # writes prefill-<device>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench.common import device_name, write_result  # noqa: E402
+from bench.decode_bench import (  # noqa: E402
+    PAGE_SIZE,
+    VARIANT,
+    _engine,
+    _median,
+    _step_args,
+    load_model,
+)
+from harli_jax.engine.steps import make_forward_step  # noqa: E402
+from harli_jax.memory.kv_cache import KVCache  # noqa: E402
+
+PATHS = ("xla", "cudnn")
+# (batch, cached prefix tokens, chunk tokens)
+CASES = [(1, 0, 2048), (8, 0, 512), (1, 0, 512), (1, 1536, 512), (4, 512, 512)]
+SAMPLES, CHAIN = 7, 5
+
+
+@contextlib.contextmanager
+def prefill_attention(path: str) -> Iterator[None]:
+    """Traces cached prefill attention through ``path`` (read when the step is traced)."""
+    before = os.environ.get("HARLI_PREFILL_ATTENTION")
+    os.environ["HARLI_PREFILL_ATTENTION"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["HARLI_PREFILL_ATTENTION"]
+        else:
+            os.environ["HARLI_PREFILL_ATTENTION"] = before
+
+
+def _chunk_inputs(batch: int, prefix: int, chunk: int, vocab: int) -> tuple:
+    """Host inputs of a chunk of ``chunk`` tokens per row after ``prefix`` cached ones: each row
+    owns consecutive pages after the scratch page."""
+    rng = np.random.default_rng(prefix + chunk)
+    per_row = (prefix + chunk) // PAGE_SIZE
+    table = np.arange(1, 1 + batch * per_row, dtype=np.int32).reshape(batch, per_row)
+    positions = np.broadcast_to(np.arange(prefix, prefix + chunk, dtype=np.int32), (batch, chunk))
+    slots = np.take_along_axis(table, positions // PAGE_SIZE, axis=1) * PAGE_SIZE
+    tokens = rng.integers(0, vocab, (batch, chunk)).astype(np.int32)
+    last = np.full(batch, chunk - 1, np.int32)
+    return tokens, positions, slots + positions % PAGE_SIZE, table, last
+
+
+def _last_logprobs(graphdef, state, cache: KVCache, args: tuple) -> jax.Array:
+    """Log-probabilities at each row's last chunk token (cache not donated: both paths read the
+    same one)."""
+
+    @jax.jit
+    def run(state, cache, tokens, positions, paged):
+        model = nnx.merge(graphdef, state)
+        hidden, _ = model(tokens, positions, cache, paged)
+        return jax.nn.log_softmax(model.logits(hidden[:, -1]), axis=-1)
+
+    tokens, positions, paged, *_ = args
+    return run(state, cache, tokens, positions, paged)
+
+
+def _time(step, state, cache: KVCache, args: tuple) -> tuple[KVCache, float]:
+    """(cache, median ms a step) over chained calls of ``step`` (the cache donated)."""
+    for _ in range(2):
+        cache, out = step(state, cache, *args, variant=VARIANT)
+    jax.block_until_ready((cache, out))
+    samples = []
+    for _ in range(SAMPLES):
+        start = time.perf_counter()
+        for _ in range(CHAIN):
+            cache, out = step(state, cache, *args, variant=VARIANT)
+        jax.block_until_ready((cache, out))
+        samples.append((time.perf_counter() - start) / CHAIN * 1e3)
+    return cache, _median(samples)
+
+
+def run_case(model, batch: int, prefix: int, chunk: int) -> dict:
+    engine = _engine(model, batch, prefix + chunk)
+    args, _ = _step_args(_chunk_inputs(batch, prefix, chunk, engine.model_config.vocab_size))
+    graphdef, state = engine.graphdef, engine.state
+    row: dict = dict(batch=batch, prefix=prefix, chunk=chunk)
+    logprobs = {}
+    for path in PATHS:
+        with prefill_attention(path):
+            logprobs[path] = np.asarray(_last_logprobs(graphdef, state, engine.cache, args))
+            step = make_forward_step(graphdef)
+            engine.cache, ms = _time(step, state, engine.cache, args)
+        row[f"{path}_ms"] = ms
+        row[f"{path}_tok_s"] = batch * chunk / ms * 1e3
+    row["xla_over_cudnn"] = row["xla_ms"] / row["cudnn_ms"]
+    row["max_logprob_gap"] = float(np.max(np.abs(logprobs["xla"] - logprobs["cudnn"])))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="tinyllama-1.1b")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    model, _ = load_model(args.shape, None)
+    rows = []
+    for batch, prefix, chunk in CASES:
+        try:
+            rows.append(dict(model=args.shape, **run_case(model, batch, prefix, chunk)))
+        except Exception as err:  # reported; the other cases still count
+            print(f"{batch}x{chunk} after {prefix}: {type(err).__name__}: {str(err)[:300]}")
+    command = "python3 " + shlex.join(["bench/prefill.py", *sys.argv[1:]])
+    write_result(args.out / f"prefill-{device_name()}.json", rows, command)
+
+
+if __name__ == "__main__":
+    main()
