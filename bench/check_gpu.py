@@ -178,11 +178,11 @@ def _prefill_case(model: Llama, batch: int, prefix: int, chunk: int) -> dict:
     )
     drawn = {}
     for path in ("cudnn", "xla"):
-        os.environ["HARLI_PREFILL_ATTENTION"] = path  # read when the step is traced
+        os.environ["HARLI_ATTENTION"] = path  # read when the step is traced
         graphdef, state = nnx.split(model)
         cache = _fresh_cache(model, batch * width + 1, prefix)
         _, drawn[path] = make_forward_step(graphdef)(state, cache, *args)
-    del os.environ["HARLI_PREFILL_ATTENTION"]
+    del os.environ["HARLI_ATTENTION"]
     return _same_draws(drawn["cudnn"], drawn["xla"])
 
 

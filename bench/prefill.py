@@ -2,7 +2,7 @@
 
 A prefill chunk attends to its row's cached pages and to itself. The XLA path (`llama.attend`)
 writes the [heads, T, S] scores and probabilities to memory and reads them back; cuDNN's fused
-kernel (`llama.flash_attend`, ``HARLI_PREFILL_ATTENTION``) keeps them on chip. Each case times
+kernel (`llama.flash_attend`, ``HARLI_ATTENTION``) keeps them on chip. Each case times
 the model's forward step (the engine's program body: RoPE, the cache write, every layer, the LM
 head on the last token, sampling) traced once per path, with a random bf16 model of the shape
 and a cache of random contents, and checks that the two paths agree: the last token's
@@ -53,15 +53,15 @@ SAMPLES, CHAIN = 7, 5
 @contextlib.contextmanager
 def prefill_attention(path: str) -> Iterator[None]:
     """Traces cached prefill attention through ``path`` (read when the step is traced)."""
-    before = os.environ.get("HARLI_PREFILL_ATTENTION")
-    os.environ["HARLI_PREFILL_ATTENTION"] = path
+    before = os.environ.get("HARLI_ATTENTION")
+    os.environ["HARLI_ATTENTION"] = path
     try:
         yield
     finally:
         if before is None:
-            del os.environ["HARLI_PREFILL_ATTENTION"]
+            del os.environ["HARLI_ATTENTION"]
         else:
-            os.environ["HARLI_PREFILL_ATTENTION"] = before
+            os.environ["HARLI_ATTENTION"] = before
 
 
 def _chunk_inputs(batch: int, prefix: int, chunk: int, vocab: int) -> tuple:

@@ -79,20 +79,22 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) ->
     return out.reshape(batch, tokens, heads * head_dim)
 
 
-def use_cudnn_attention(q: jax.Array, keys: jax.Array) -> bool:
-    """Whether a cached prefill chunk attends through cuDNN's flash attention.
+def use_cudnn_attention(q: jax.Array, keys: jax.Array, *, cached: bool) -> bool:
+    """Whether attention over several tokens a row goes through cuDNN's fused kernel.
 
-    The XLA path (`attend`) writes the chunk's [heads, T, S] scores and probabilities to memory
-    and reads them back; cuDNN keeps them on chip. ``HARLI_PREFILL_ATTENTION`` (``auto`` |
-    ``cudnn`` | ``xla``) chooses; ``auto`` takes cuDNN on a single GPU (across a mesh the
-    partitioner would have to split its custom call) for the shapes it runs: 16-bit operands and
-    a head dim that is a multiple of 8, at most 128.
+    The XLA path (`attend`) writes the [heads, T, S] scores and probabilities to memory and reads
+    them back; cuDNN keeps them on chip. ``HARLI_ATTENTION`` (``auto`` | ``cudnn`` | ``xla``)
+    chooses. ``auto`` takes cuDNN for ``cached`` attention (prefill chunks reading the paged
+    cache) on a single GPU (across a mesh the partitioner would have to split its custom call);
+    ``cudnn`` also for attention within a batch (training, scoring), where it has not been timed
+    against XLA. Either way only for the shapes cuDNN runs: 16-bit operands, a head dim that is a
+    multiple of 8 up to 128, and even lengths (its backward pass with a mask needs them).
     """
-    choice = os.environ.get("HARLI_PREFILL_ATTENTION", "auto")
+    choice = os.environ.get("HARLI_ATTENTION", "auto")
     if choice not in ("auto", "cudnn", "xla"):
-        raise ValueError(f"HARLI_PREFILL_ATTENTION={choice!r}: expected auto, cudnn or xla")
-    if choice == "auto":
-        choice = "cudnn" if jax.default_backend() == "gpu" and jax.device_count() == 1 else ""
+        raise ValueError(f"HARLI_ATTENTION={choice!r}: expected auto, cudnn or xla")
+    if choice == "auto" and cached and jax.default_backend() == "gpu" and jax.device_count() == 1:
+        choice = "cudnn"
     head_dim = q.shape[-1]
     return (
         choice == "cudnn"
@@ -100,15 +102,15 @@ def use_cudnn_attention(q: jax.Array, keys: jax.Array) -> bool:
         and keys.dtype == q.dtype
         and head_dim % 8 == 0
         and head_dim <= 128
+        and q.shape[1] % 2 == 0
+        and keys.shape[1] % 2 == 0
     )
 
 
 def flash_attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
     """`attend` through cuDNN's fused kernel (the mask becomes an additive bias there)."""
     batch, tokens, heads, head_dim = q.shape
-    out = jax.nn.dot_product_attention(
-        q, keys, values, mask=mask[:, None], implementation="cudnn"
-    )
+    out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="cudnn")
     return out.reshape(batch, tokens, heads * head_dim)
 
 
@@ -181,8 +183,8 @@ class Attention(nnx.Module):
             keys, values = cache.read(layer, paged.page_table)
             key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (batch, keys.shape[1]))
             mask = causal_mask(positions, key_pos, cfg.sliding_window)
-            if use_cudnn_attention(q, keys):
-                return self.o_proj(flash_attend(q, keys, values, mask)), cache
+        if use_cudnn_attention(q, keys, cached=cache is not None):
+            return self.o_proj(flash_attend(q, keys, values, mask)), cache
         return self.o_proj(attend(q, keys, values, mask)), cache
 
 
