@@ -14,8 +14,10 @@ kernel through Pallas' interpreter, this covers the compiled Triton kernel).
 3. Several decode steps in one program (`make_decode_steps`) against as many single steps.
 4. The batch-1 step with one-row projections as a multiply-reduce (`llama.matvec`, the GPU path)
    against the same step with them through the GEMM, as in (2).
-5. Prefill chunks (fresh, and after a cached prefix) with attention through cuDNN
-   (`llama.flash_attend`, the GPU path) against the XLA path (`llama.attend`), as in (2).
+5. Attention through cuDNN (`llama.flash_attend`, opt-in: ``HARLI_ATTENTION=cudnn``) against
+   the XLA path (`llama.attend`): prefill chunks (fresh, and after a cached prefix) as in (2),
+   and the gradient of a packed batch's loss (two examples a row, as training packs them):
+   loss within 1e-2, every parameter's gradient within 2e-2 relative error.
 
     python3 bench/check_gpu.py [--out results.json] [--kernels-only | --prefill-only]
     # exit status 1 if any check fails
@@ -186,6 +188,38 @@ def _prefill_case(model: Llama, batch: int, prefix: int, chunk: int) -> dict:
     return _same_draws(drawn["cudnn"], drawn["xla"])
 
 
+def _training_case(model: Llama) -> dict:
+    """The gradient of a packed batch's next-token loss with attention through cuDNN against
+    the XLA path."""
+    rng = np.random.default_rng(5)
+    rows, length = 2, 128
+    tokens = jnp.asarray(rng.integers(0, model.config.vocab_size, (rows, length + 1)), jnp.int32)
+    segments = jnp.asarray(np.repeat([[1] * 80 + [2] * 48], rows, axis=0), jnp.int32)
+    positions = jnp.where(segments == 1, jnp.arange(length), jnp.arange(length) - 80)
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        m = nnx.merge(graphdef, state)
+        hidden, _ = m(tokens[:, :-1], positions, segment_ids=segments)
+        logprobs = jax.nn.log_softmax(m.logits(hidden), axis=-1)
+        return -jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1).mean()
+
+    got = {}
+    for path in ("cudnn", "xla"):
+        os.environ["HARLI_ATTENTION"] = path  # read when the loss is traced
+        got[path] = jax.jit(jax.value_and_grad(loss))(state)
+    del os.environ["HARLI_ATTENTION"]
+    (fast_loss, fast), (slow_loss, slow) = got["cudnn"], got["xla"]
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+    worst = max(jax.tree.leaves(jax.tree.map(rel, fast, slow)))
+    gap = abs(float(fast_loss) - float(slow_loss))
+    return dict(rel_err=worst, xla_rel_err=None, ok=gap < 1e-2 and worst < 2e-2)
+
+
 def _same_draws(fast, slow) -> dict:
     """Two steps' outputs agree: chosen and top log-probs within 0.05."""
     # bf16 near-ties may flip a greedy choice; then the two choices' log-probs are close too.
@@ -241,6 +275,7 @@ def main() -> None:
         for batch, prefix, chunk in ((1, 0, 256), (3, 96, 128), (2, 1000, 24)):
             check = f"prefill b{batch} {chunk} after {prefix}: cudnn vs xla"
             results.append(dict(check=check) | _prefill_case(model, batch, prefix, chunk))
+        results.append(dict(check="packed batch gradient: cudnn vs xla") | _training_case(model))
     if not (args.kernels_only or args.prefill_only):
         for batch in (1, 8):
             results.append(dict(check=f"engine step b{batch}") | _engine_step_case(model, batch))

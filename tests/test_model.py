@@ -118,24 +118,21 @@ def test_projection_matches_a_float64_product_on_the_matvec_path(monkeypatch, ro
     np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-3)
 
 
-def test_attention_takes_cudnn_on_a_single_gpu_for_cached_chunks_unless_forced(monkeypatch):
-    """cuDNN's fused attention (checked against the XLA path on the GPU by bench/check_gpu.py) is
-    chosen by default for prefill chunks on one GPU; forced, for batch attention too; only for
-    16-bit operands, head dims it supports and even lengths."""
-    import jax
+def test_attention_takes_cudnn_only_when_asked_and_for_shapes_it_runs(monkeypatch):
+    """cuDNN's fused attention (compared with the XLA path on a GPU by bench/check_gpu.py) is
+    opt-in, and only for 16-bit operands, head dims it supports and even lengths."""
     import jax.numpy as jnp
 
     from harli_jax.models.llama import use_cudnn_attention
 
-    def chosen(dtype=jnp.bfloat16, head_dim=64, tokens=4, cached=True):
+    def chosen(dtype=jnp.bfloat16, head_dim=64, tokens=4):
         q = jnp.zeros((1, tokens, 8, head_dim), dtype)
-        return use_cudnn_attention(q, q, cached=cached)
+        return use_cudnn_attention(q, q)
 
     monkeypatch.delenv("HARLI_ATTENTION", raising=False)
-    assert chosen() is (jax.default_backend() == "gpu" and jax.device_count() == 1)
-    assert not chosen(cached=False)
+    assert not chosen()
     monkeypatch.setenv("HARLI_ATTENTION", "cudnn")
-    assert chosen() and chosen(jnp.float16, 128) and chosen(cached=False)
+    assert chosen() and chosen(jnp.float16, 128)
     assert not chosen(jnp.float32) and not chosen(head_dim=160) and not chosen(head_dim=60)
     assert not chosen(tokens=3)
     monkeypatch.setenv("HARLI_ATTENTION", "xla")

@@ -79,22 +79,20 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) ->
     return out.reshape(batch, tokens, heads * head_dim)
 
 
-def use_cudnn_attention(q: jax.Array, keys: jax.Array, *, cached: bool) -> bool:
-    """Whether attention over several tokens a row goes through cuDNN's fused kernel.
+def use_cudnn_attention(q: jax.Array, keys: jax.Array) -> bool:
+    """Whether attention over several tokens a row (prefill chunks, training, scoring) goes
+    through cuDNN's fused kernel.
 
     The XLA path (`attend`) writes the [heads, T, S] scores and probabilities to memory and reads
-    them back; cuDNN keeps them on chip. ``HARLI_ATTENTION`` (``auto`` | ``cudnn`` | ``xla``)
-    chooses. ``auto`` takes cuDNN for ``cached`` attention (prefill chunks reading the paged
-    cache) on a single GPU (across a mesh the partitioner would have to split its custom call);
-    ``cudnn`` also for attention within a batch (training, scoring), where it has not been timed
-    against XLA. Either way only for the shapes cuDNN runs: 16-bit operands, a head dim that is a
-    multiple of 8 up to 128, and even lengths (its backward pass with a mask needs them).
+    them back; cuDNN keeps them on chip. ``HARLI_ATTENTION`` (``xla``, the default, or ``cudnn``)
+    chooses: cuDNN's path has not yet run on a GPU here (bench/check_gpu.py part 5 compares it
+    with XLA's, bench/attention.py times both), so it is not the default. Only for the shapes
+    cuDNN runs: 16-bit operands, a head dim that is a multiple of 8 up to 128, and even lengths
+    (its backward pass with a mask needs them).
     """
-    choice = os.environ.get("HARLI_ATTENTION", "auto")
-    if choice not in ("auto", "cudnn", "xla"):
-        raise ValueError(f"HARLI_ATTENTION={choice!r}: expected auto, cudnn or xla")
-    if choice == "auto" and cached and jax.default_backend() == "gpu" and jax.device_count() == 1:
-        choice = "cudnn"
+    choice = os.environ.get("HARLI_ATTENTION", "xla")
+    if choice not in ("cudnn", "xla"):
+        raise ValueError(f"HARLI_ATTENTION={choice!r}: expected xla or cudnn")
     head_dim = q.shape[-1]
     return (
         choice == "cudnn"
@@ -183,7 +181,7 @@ class Attention(nnx.Module):
             keys, values = cache.read(layer, paged.page_table)
             key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (batch, keys.shape[1]))
             mask = causal_mask(positions, key_pos, cfg.sliding_window)
-        if use_cudnn_attention(q, keys, cached=cache is not None):
+        if use_cudnn_attention(q, keys):
             return self.o_proj(flash_attend(q, keys, values, mask)), cache
         return self.o_proj(attend(q, keys, values, mask)), cache
 
