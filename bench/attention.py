@@ -21,92 +21,48 @@ head on the last token, sampling) traced once per path, with a random bf16 model
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import functools
 import shlex
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import device_name, write_result  # noqa: E402
 from bench.decode_bench import (  # noqa: E402
-    PAGE_SIZE,
     VARIANT,
     _engine,
-    _median,
     _step_args,
+    _time_chained,
+    chunk_inputs,
+    environ,
     load_model,
 )
 from bench.train import ours_tok_s  # noqa: E402
 from harli_jax.engine.steps import make_forward_step  # noqa: E402
-from harli_jax.memory.kv_cache import KVCache  # noqa: E402
 
 PATHS = ("xla", "cudnn")
 # (batch, cached prefix tokens, chunk tokens)
 PREFILL_CASES = [(1, 0, 2048), (8, 0, 512), (1, 1536, 512), (4, 512, 512)]
 TRAIN_POINTS = [(4, 512), (16, 512)]  # (rows, tokens a row)
-SAMPLES, CHAIN = 7, 5
-
-
-@contextlib.contextmanager
-def attention(path: str) -> Iterator[None]:
-    """Traces attention over many tokens through ``path`` (read when a program is traced)."""
-    before = os.environ.get("HARLI_ATTENTION")
-    os.environ["HARLI_ATTENTION"] = path
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["HARLI_ATTENTION"]
-        else:
-            os.environ["HARLI_ATTENTION"] = before
-
-
-def _chunk_inputs(batch: int, prefix: int, chunk: int, vocab: int) -> tuple:
-    """Host inputs of a chunk of ``chunk`` tokens per row after ``prefix`` cached ones: each row
-    owns consecutive pages after the scratch page."""
-    rng = np.random.default_rng(prefix + chunk)
-    per_row = (prefix + chunk) // PAGE_SIZE
-    table = np.arange(1, 1 + batch * per_row, dtype=np.int32).reshape(batch, per_row)
-    positions = np.broadcast_to(np.arange(prefix, prefix + chunk, dtype=np.int32), (batch, chunk))
-    slots = np.take_along_axis(table, positions // PAGE_SIZE, axis=1) * PAGE_SIZE
-    tokens = rng.integers(0, vocab, (batch, chunk)).astype(np.int32)
-    last = np.full(batch, chunk - 1, np.int32)
-    return tokens, positions, slots + positions % PAGE_SIZE, table, last
-
-
-def _time(step, state, cache: KVCache, args: tuple) -> tuple[KVCache, float]:
-    """(cache, median ms a step) over chained calls of ``step`` (the cache donated)."""
-    for _ in range(2):
-        cache, out = step(state, cache, *args, variant=VARIANT)
-    jax.block_until_ready((cache, out))
-    samples = []
-    for _ in range(SAMPLES):
-        start = time.perf_counter()
-        for _ in range(CHAIN):
-            cache, out = step(state, cache, *args, variant=VARIANT)
-        jax.block_until_ready((cache, out))
-        samples.append((time.perf_counter() - start) / CHAIN * 1e3)
-    return cache, _median(samples)
 
 
 def prefill_row(model, batch: int, prefix: int, chunk: int) -> dict:
     engine = _engine(model, batch, prefix + chunk)
-    args, _ = _step_args(_chunk_inputs(batch, prefix, chunk, engine.model_config.vocab_size))
-    graphdef, state = engine.graphdef, engine.state
+    rng = np.random.default_rng(prefix + chunk)
+    vocab = engine.model_config.vocab_size
+    args, _ = _step_args(chunk_inputs(batch, prefix, chunk, vocab, rng))
     row: dict = dict(kind="prefill", batch=batch, prefix=prefix, chunk=chunk)
     for path in PATHS:
-        with attention(path):
-            step = make_forward_step(graphdef)
-            engine.cache, ms = _time(step, state, engine.cache, args)
-        row[f"{path}_ms"] = ms
+        with environ("HARLI_ATTENTION", path):
+            step = functools.partial(
+                make_forward_step(engine.graphdef), engine.state, variant=VARIANT
+            )
+            engine.cache, timing = _time_chained(step, engine.cache, args)
+        ms = row[f"{path}_ms"] = timing["ours_ms"]
         row[f"{path}_tok_s"] = batch * chunk / ms * 1e3
     row["xla_over_cudnn"] = row["xla_ms"] / row["cudnn_ms"]
     return row
@@ -116,7 +72,7 @@ def train_row(model, point: tuple[int, int]) -> dict:
     rows, seq_len = point
     row: dict = dict(kind="train", batch=rows, prefix=0, chunk=seq_len)
     for path in PATHS:
-        with attention(path):
+        with environ("HARLI_ATTENTION", path):
             tok_s = ours_tok_s(model, point, steps=8, warmup=2)
         row[f"{path}_tok_s"] = tok_s
         row[f"{path}_ms"] = None if tok_s is None else rows * seq_len / tok_s * 1e3

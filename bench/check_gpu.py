@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import format_table  # noqa: E402
+from bench.decode_bench import environ  # noqa: E402
 from harli_jax.engine.sampling import SamplerInputs, SamplingParams  # noqa: E402
 from harli_jax.engine.steps import make_decode_steps, make_forward_step  # noqa: E402
 from harli_jax.kernels.paged_attention import (  # noqa: E402
@@ -180,11 +181,10 @@ def _prefill_case(model: Llama, batch: int, prefix: int, chunk: int) -> dict:
     )
     drawn = {}
     for path in ("cudnn", "xla"):
-        os.environ["HARLI_ATTENTION"] = path  # read when the step is traced
-        graphdef, state = nnx.split(model)
-        cache = _fresh_cache(model, batch * width + 1, prefix)
-        _, drawn[path] = make_forward_step(graphdef)(state, cache, *args)
-    del os.environ["HARLI_ATTENTION"]
+        with environ("HARLI_ATTENTION", path):
+            graphdef, state = nnx.split(model)
+            cache = _fresh_cache(model, batch * width + 1, prefix)
+            _, drawn[path] = make_forward_step(graphdef)(state, cache, *args)
     return _same_draws(drawn["cudnn"], drawn["xla"])
 
 
@@ -206,9 +206,8 @@ def _training_case(model: Llama) -> dict:
 
     got = {}
     for path in ("cudnn", "xla"):
-        os.environ["HARLI_ATTENTION"] = path  # read when the loss is traced
-        got[path] = jax.jit(jax.value_and_grad(loss))(state)
-    del os.environ["HARLI_ATTENTION"]
+        with environ("HARLI_ATTENTION", path):
+            got[path] = jax.jit(jax.value_and_grad(loss))(state)
     (fast_loss, fast), (slow_loss, slow) = got["cudnn"], got["xla"]
 
     def rel(a, b):

@@ -179,20 +179,31 @@ def projection(kind: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _attention(choice: str, tuning: Tuning | None) -> Iterator[None]:
-    """Traces the model with decode attention ``choice`` and kernel ``tuning`` (both are read
-    when the step is traced)."""
-    before = os.environ.get("HARLI_DECODE_ATTENTION"), paged_attention.DEFAULT_TUNING
-    os.environ["HARLI_DECODE_ATTENTION"] = choice
-    paged_attention.DEFAULT_TUNING = tuning or before[1]
+def environ(name: str, value: str) -> Iterator[None]:
+    """Sets environment variable ``name`` to ``value`` for the block (the model reads its
+    attention choices when a program is traced), then restores it."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
-        paged_attention.DEFAULT_TUNING = before[1]
-        if before[0] is None:
-            del os.environ["HARLI_DECODE_ATTENTION"]
+        if before is None:
+            del os.environ[name]
         else:
-            os.environ["HARLI_DECODE_ATTENTION"] = before[0]
+            os.environ[name] = before
+
+
+@contextlib.contextmanager
+def _attention(choice: str, tuning: Tuning | None) -> Iterator[None]:
+    """Traces the model with decode attention ``choice`` and kernel ``tuning`` (both are read
+    when the step is traced)."""
+    before = paged_attention.DEFAULT_TUNING
+    paged_attention.DEFAULT_TUNING = tuning or before
+    try:
+        with environ("HARLI_DECODE_ATTENTION", choice):
+            yield
+    finally:
+        paged_attention.DEFAULT_TUNING = before
 
 
 def _greedy_step(graphdef: nnx.GraphDef) -> Callable:
@@ -343,17 +354,25 @@ def _time_engine(engine: EngineCore, batch: int, context: int, rng, steps: int =
     return dict(engine_ms=_median(times[warmup:]), engine_first_s=times[0] / 1e3)
 
 
+def chunk_inputs(batch: int, prefix: int, chunk: int, vocab: int, rng) -> tuple:
+    """Host inputs of a prefill chunk of ``chunk`` tokens a row after ``prefix`` cached ones
+    (tokens, positions, slots, table, last): each row owns consecutive pages after the scratch
+    page."""
+    per_row = (prefix + chunk) // PAGE_SIZE
+    table = np.arange(1, 1 + batch * per_row, dtype=np.int32).reshape(batch, per_row)
+    positions = np.broadcast_to(np.arange(prefix, prefix + chunk, dtype=np.int32), (batch, chunk))
+    slots = np.take_along_axis(table, positions // PAGE_SIZE, axis=1) * PAGE_SIZE
+    tokens = rng.integers(0, vocab, (batch, chunk)).astype(np.int32)
+    last = np.full(batch, chunk - 1, np.int32)
+    return tokens, positions, slots + positions % PAGE_SIZE, table, last
+
+
 def time_prefill(model: Llama, batch: int, length: int) -> float | None:
     """Tokens/s of the engine's forward step on ``batch`` fresh prompts of ``length`` tokens."""
     rng = np.random.default_rng(length)
     engine = _engine(model, batch, length)
-    per_row = length // PAGE_SIZE
-    table = np.arange(1, 1 + batch * per_row, dtype=np.int32).reshape(batch, per_row)
-    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
-    slots = np.take_along_axis(table, positions // PAGE_SIZE, axis=1) * PAGE_SIZE
-    tokens = rng.integers(0, engine.model_config.vocab_size, (batch, length)).astype(np.int32)
-    last = np.full(batch, length - 1, np.int32)
-    _, (inputs,) = _step_args((tokens, positions, slots + positions % PAGE_SIZE, table, last))
+    vocab = engine.model_config.vocab_size
+    _, (inputs,) = _step_args(chunk_inputs(batch, 0, length, vocab, rng))
     times = []
     try:
         for _ in range(6):
