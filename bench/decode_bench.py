@@ -83,6 +83,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full-sampler": dict(attention="pallas", sampler=FULL),
     f"multi{MULTI_STEPS}": dict(attention="pallas", steps=MULTI_STEPS),
 }
+# How XLA updates a step's command buffer (CUDA graph) when buffer addresses change between
+# calls: by default every node that touches a moved buffer is updated before each launch. The
+# other modes give buffers fixed virtual addresses so nodes need no update; the names differ
+# between XLA versions (NEVER_UPDATE and CAPTURE_CMD_NEVER_UPDATE in jaxlib 0.10, later
+# SKIP_TEMP or VMM_PERSISTENT_TEMP, pinning temporaries only), so a name this jaxlib lacks is an
+# error row. Each is checked against the program compiled without it (``matches_default``).
+VARIANTS |= {
+    f"cb-{mode.lower().replace('_', '-')}": dict(
+        attention="pallas", options={"xla_gpu_command_buffer_update_mode": mode}
+    )
+    for mode in ("NEVER_UPDATE", "CAPTURE_CMD_NEVER_UPDATE", "SKIP_TEMP", "VMM_PERSISTENT_TEMP")
+}
 
 
 def load_model(name: str, checkpoint: Path | None) -> tuple[Llama, float]:
@@ -286,6 +298,12 @@ def _variant(engine: EngineCore, name: str, inputs: tuple, profile: bool):
     cache, timing = _time_chained(step, engine.cache, args, spec.get("steps", 1))
     timing["compile_s"] = compile_s
     info: dict[str, Any] = {}
+    if "options" in spec:  # the same inputs and cache through the program without the options
+        default = lowered.compile()
+        cache, expected = default(state, cache, *args)
+        cache, got = step(cache, *args)
+        same = jax.tree.map(np.array_equal, jax.device_get(expected), jax.device_get(got))
+        info["matches_default"] = all(jax.tree.leaves(same))
     if profile:
         info["hlo"] = decode_profile.hlo_summary(compiled.as_text())
         cache, info["kernels"] = _kernel_profile(step, cache, args, spec.get("steps", 1))
