@@ -64,6 +64,8 @@ def post(url: str, path: str, **kwargs) -> httpx.Response:
         ("temperature", "hot"),
         ("temperature", -0.5),
         ("top_p", 0),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", "high"),
         ("n", 0),
         ("logprobs", 6),
         ("stop", 7),

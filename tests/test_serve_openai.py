@@ -98,6 +98,19 @@ def test_n_seeded_choices_sample_with_seed_plus_i(served, client):
     assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == expected
 
 
+def test_penalties_reach_the_engine(served, client):
+    _, engine, tokenizer = served
+    prompt_ids = tokenizer.encode(PROMPT)
+    penalties = dict(presence_penalty=1.5, frequency_penalty=1)  # an int, as JSON allows
+    plain = library(engine, prompt_ids, max_tokens=16, temperature=0.0)
+    expected = library(engine, prompt_ids, max_tokens=16, temperature=0.0, **penalties)
+    assert expected.text != plain.text  # else this test could not tell them apart
+    got = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, **penalties
+    )
+    assert got.choices[0].text == expected.text
+
+
 def test_stop_string_ends_the_text_before_it(served, client):
     _, engine, tokenizer = served
     full = library(engine, tokenizer.encode(PROMPT), max_tokens=12, temperature=0.0).text

@@ -21,7 +21,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from harli_jax.engine.sampling import FULL, GREEDY, PLAIN, SamplerInputs, SamplerVariant
+from harli_jax.engine.sampling import (
+    FULL,
+    GREEDY,
+    PLAIN,
+    Penalties,
+    SamplerInputs,
+    SamplerVariant,
+)
 from harli_jax.engine.sequence import Sequence
 from harli_jax.engine.step_inputs import pack_inputs
 from harli_jax.engine.steps import bucket, make_engine_step
@@ -145,14 +152,20 @@ class StepPrograms:
         slots[:n] = np.where(real, page * page_size + pos % page_size, slots[:n])
         last[:n] = sizes - 1
         params = [s.params for s in seqs]
-        sampler = SamplerInputs.build(
-            params, [s.seed for s in seqs], [len(s.output.token_ids) for s in seqs], rows
-        )
+        generated = [len(s.output.token_ids) for s in seqs]
+        sampler = SamplerInputs.build(params, [s.seed for s in seqs], generated, rows)
+        variant = SamplerVariant.of(params, generated)
+        penalties = None
+        if variant.penalty_window:
+            outputs = [s.output.token_ids if p.penalized else [] for s, p in zip(seqs, params)]
+            penalties = Penalties.build(params, outputs, rows, variant.penalty_window)
         adapter_slots = np.zeros(rows, np.int32)
         adapter_slots[:n] = [s.adapter_slot for s in seqs]
-        inputs = pack_inputs(tokens, positions, slots, table, last, sampler, adapter_slots)
+        inputs = pack_inputs(
+            tokens, positions, slots, table, last, sampler, adapter_slots, penalties
+        )
         shape = (rows, width, table.shape[1])
-        return _step(weights, cache, inputs, shape, SamplerVariant.of(params))
+        return _step(weights, cache, inputs, shape, variant)
 
     def _blank_step(
         self, weights: Weights, cache: KVCache, shape: Shape, variant: SamplerVariant

@@ -35,6 +35,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return per token, 0..5
+    # OpenAI's: each token's logit loses presence_penalty once it has been generated and
+    # frequency_penalty for every time it has been (the output so far, not the prompt).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     adapter: str | None = None
 
     def __post_init__(self):
@@ -48,10 +52,16 @@ class SamplingParams:
             "top_p": 0 < self.top_p <= 1,
             "top_k": self.top_k >= -1,
             "logprobs": self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS,
+            "presence_penalty": -2 <= self.presence_penalty <= 2,
+            "frequency_penalty": -2 <= self.frequency_penalty <= 2,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is out of range")
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 class SamplerInputs(NamedTuple):
@@ -76,6 +86,35 @@ class SamplerInputs(NamedTuple):
         )
 
 
+class Penalties(NamedTuple):
+    """Per-row presence and frequency penalties with each row's output so far: device arrays."""
+
+    presence: jax.Array  # [batch] float32
+    frequency: jax.Array  # [batch] float32
+    output_ids: jax.Array  # [batch, window] int32: the tokens generated so far, -1 after them
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], outputs: list[list[int]], batch: int, window: int):
+        """Pads to ``batch`` rows and ``window`` tokens a row (padding rows are not penalized)."""
+        pad = batch - len(params)
+        output_ids = np.full((batch, window), -1, np.int32)
+        for row, ids in enumerate(outputs):
+            output_ids[row, : len(ids)] = ids
+        return cls(
+            presence=np.array([p.presence_penalty for p in params] + [0.0] * pad, np.float32),
+            frequency=np.array([p.frequency_penalty for p in params] + [0.0] * pad, np.float32),
+            output_ids=output_ids,
+        )
+
+
+def penalty_window(params: list[SamplingParams], output_lengths: list[int]) -> int:
+    """The output tokens a row of a batch's program holds for penalties: 0 when no request is
+    penalized, else the longest penalized output padded to a power of two (at least 64), so
+    that a penalized request recompiles its programs only as its output doubles."""
+    longest = max((n for p, n in zip(params, output_lengths) if p.penalized), default=-1)
+    return 0 if longest < 0 else max(64, 1 << (longest - 1).bit_length())
+
+
 class SamplerVariant(NamedTuple):
     """Static flags: which parts of the sampler a batch's program compiles in (hashable, so it is
     a static argument of the jitted step and part of the program key)."""
@@ -83,23 +122,32 @@ class SamplerVariant(NamedTuple):
     restrict: bool = True  # top-k/top-p: a sort over the vocabulary
     draw: bool = True  # temperature > 0: random bits over [batch, vocab]; else argmax only
     top_logprobs: bool = True  # the TOP_LOGPROBS best alternatives: a top_k over the vocabulary
+    penalty_window: int = 0  # output tokens a row holds for penalties (penalty_window); 0: none
 
     @classmethod
-    def of(cls, params: list[SamplingParams]) -> SamplerVariant:
-        """The cheapest variant that gives every request of a batch what it asks for."""
+    def of(
+        cls, params: list[SamplingParams], output_lengths: list[int] | None = None
+    ) -> SamplerVariant:
+        """The cheapest variant that gives every request of a batch what it asks for;
+        ``output_lengths``: the tokens each has generated so far (for penalties)."""
         drawing = [p for p in params if p.temperature > 0]
         return cls(
             # Restriction only changes draws: a greedy row takes the argmax of all logits.
             restrict=needs_restriction(drawing),
             draw=bool(drawing),
             top_logprobs=any((p.logprobs or 0) >= 1 for p in params),
+            penalty_window=penalty_window(params, output_lengths or [0] * len(params)),
         )
 
     @property
     def suffix(self) -> str:
-        """The program key's suffix: the parts compiled in, e.g. "/draw", "/draw-topkp-top"."""
+        """The program key's suffix: the parts compiled in, e.g. "/draw", "/draw-topkp-top",
+        "/greedy-pen64"."""
         parts = {"draw": self.draw, "topkp": self.draw and self.restrict, "top": self.top_logprobs}
-        return "/" + ("-".join(name for name, on in parts.items() if on) or "greedy")
+        names = [name for name, on in parts.items() if on] or ["greedy"]
+        if self.penalty_window:
+            names.append(f"pen{self.penalty_window}")
+        return "/" + "-".join(names)
 
 
 FULL = SamplerVariant()
@@ -136,14 +184,37 @@ def needs_restriction(params: list[SamplingParams]) -> bool:
     return any(p.top_k > 0 or p.top_p < 1 for p in params)
 
 
-def sample(logits: jax.Array, inputs: SamplerInputs, variant: SamplerVariant = FULL) -> Sampled:
+def penalize(logits: jax.Array, penalties: Penalties) -> jax.Array:
+    """``logits`` less each row's presence penalty on every token it has generated and its
+    frequency penalty times how often (OpenAI's formula)."""
+    batch, vocab = logits.shape
+    ids = jnp.where(penalties.output_ids < 0, vocab, penalties.output_ids)  # padding: dropped
+    counts = jnp.zeros((batch, vocab), jnp.float32)
+    counts = counts.at[jnp.arange(batch)[:, None], ids].add(1.0, mode="drop")
+    return (
+        logits
+        - penalties.frequency[:, None] * counts
+        - penalties.presence[:, None] * (counts > 0).astype(jnp.float32)
+    )
+
+
+def sample(
+    logits: jax.Array,
+    inputs: SamplerInputs,
+    variant: SamplerVariant = FULL,
+    penalties: Penalties | None = None,
+) -> Sampled:
     """Draws one token per row of ``logits`` [batch, vocab] (float32).
 
     ``variant`` (static) says which parts to compile in; the engine derives it on the host from
     the batch's requests (:meth:`SamplerVariant.of`). Whatever the variant, a row gets the same
     token and logprob as under the full sampler, provided the variant covers what it asked for.
+    ``penalties`` (required when ``variant.penalty_window``) change which token is chosen, not
+    the logprobs reported: those stay the log-softmax of the model's own logits.
     """
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    if variant.penalty_window:
+        logits = penalize(logits, penalties)
     greedy = jnp.argmax(logits, axis=-1)
     tokens = greedy.astype(jnp.int32)
     if variant.draw:

@@ -16,7 +16,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from harli_jax.engine.sampling import FULL, Sampled, SamplerInputs, SamplerVariant, pack, sample
+from harli_jax.engine.sampling import (
+    FULL,
+    Penalties,
+    Sampled,
+    SamplerInputs,
+    SamplerVariant,
+    pack,
+    sample,
+)
 from harli_jax.engine.step_inputs import unpack_inputs
 from harli_jax.lora.inject import set_slots
 from harli_jax.memory.kv_cache import KVCache, PagedBatch
@@ -43,12 +51,12 @@ def state_arrays(state: nnx.State) -> tuple[jax.Array, ...]:
 
 
 def forward_step(graphdef: nnx.GraphDef) -> ForwardStep:
-    """``step(state, cache, tokens, positions, paged, last, sampler, slot_ids, variant=FULL)``
-    ``-> (cache, Sampled)``, not jitted.
+    """``step(state, cache, tokens, positions, paged, last, sampler, slot_ids, variant=FULL,
+    penalties=None) -> (cache, Sampled)``, not jitted.
 
     ``last`` [rows] is the index of each row's last real token; ``slot_ids`` [rows] each row's
     adapter slot (None for a model without a LoRA bank); ``variant`` (a :class:`SamplerVariant`)
-    picks the sampler's parts.
+    picks the sampler's parts; ``penalties`` those of a variant with a ``penalty_window``.
     """
 
     def step(
@@ -61,13 +69,14 @@ def forward_step(graphdef: nnx.GraphDef) -> ForwardStep:
         sampler,
         slot_ids,
         variant: SamplerVariant = FULL,
+        penalties: Penalties | None = None,
     ):
         model = nnx.merge(graphdef, state)
         if slot_ids is not None:
             set_slots(model, slot_ids)
         hidden, cache = model(tokens, positions, cache, paged)
         rows = jnp.arange(tokens.shape[0])
-        return cache, sample(model.logits(hidden[rows, last]), sampler, variant)
+        return cache, sample(model.logits(hidden[rows, last]), sampler, variant, penalties)
 
     return step
 
@@ -91,8 +100,10 @@ def make_engine_step(
 
     def step(weights, cache, inputs, width: int, variant: SamplerVariant = FULL):
         state = jax.tree.unflatten(state_def, weights)
-        *arrays, slot_ids = unpack_inputs(inputs, width)
-        cache, sampled = body(state, cache, *arrays, slot_ids if lora else None, variant)
+        *arrays, slot_ids, penalties = unpack_inputs(inputs, width, variant.penalty_window)
+        cache, sampled = body(
+            state, cache, *arrays, slot_ids if lora else None, variant, penalties=penalties
+        )
         return cache, pack(sampled)
 
     return jax.jit(step, donate_argnums=(1,), static_argnames=("width", "variant"))

@@ -235,6 +235,8 @@ def _choices(
                         stop_token_ids=stop_token_ids,
                         ignore_eos=body.ignore_eos,
                         logprobs=logprobs,
+                        presence_penalty=body.presence_penalty,
+                        frequency_penalty=body.frequency_penalty,
                         adapter=adapter,
                     )
                 )

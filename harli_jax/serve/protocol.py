@@ -50,6 +50,8 @@ class SamplingRequest(_Request):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16, description="choices per prompt")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = Field(None, description="choice i of a prompt samples with seed + i")
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
     stream: bool = False
