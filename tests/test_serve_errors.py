@@ -84,6 +84,29 @@ def test_a_chat_message_with_an_unknown_role_is_422(url):
     assert error["param"] == "messages.0.role"
 
 
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/completions", "logit_bias", {"50256": -100}),
+        ("/v1/completions", "best_of", 3),
+        ("/v1/completions", "echo", True),
+        ("/v1/completions", "suffix", "!"),
+        ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("/v1/chat/completions", "tool_choice", "required"),
+    ],
+)
+def test_an_openai_field_the_server_does_not_implement_is_refused_not_ignored(
+    url, path, field, value
+):
+    body = {"model": MODEL, field: value} | ({"prompt": "hi"} if "chat" not in path else CHAT)
+    error = error_of(post(url, path, json=body), 422)
+    assert error["param"] == field and "not support" in error["message"]
+
+
 def test_malformed_json_is_400(url):
     response = post(
         url, "/v1/completions", content=b'{"model": ', headers={"content-type": "application/json"}

@@ -111,6 +111,19 @@ def test_penalties_reach_the_engine(served, client):
     assert got.choices[0].text == expected.text
 
 
+def test_unimplemented_openai_fields_that_ask_for_nothing_are_accepted(served, client):
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    asks_nothing = dict(logit_bias={}, best_of=1, echo=False)
+    inert = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, **asks_nothing
+    )
+    assert inert.choices[0].text == plain.choices[0].text
+    chat = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=4, response_format={"type": "text"}, tools=[]
+    )
+    assert chat.choices[0].message.content is not None
+
+
 def test_stop_string_ends_the_text_before_it(served, client):
     _, engine, tokenizer = served
     full = library(engine, tokenizer.encode(PROMPT), max_tokens=12, temperature=0.0).text

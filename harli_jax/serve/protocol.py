@@ -1,7 +1,10 @@
 """The wire format of the OpenAI-compatible API.
 
 Request models are strict (``"5"`` is not an int, ``true`` is not a number), as OpenAI's API is,
-and ignore fields they do not know, as OpenAI-compatible servers do. Response models carry what
+and ignore fields they do not know, as OpenAI-compatible servers do. Fields of OpenAI's API that
+would change the answer and that this server does not implement (``logit_bias``, ``tools``,
+``response_format``, ...) are refused (422 naming the field) unless they ask for nothing: a
+client must not get an answer that silently ignored them. Response models carry what
 the official ``openai`` client reads. What the routes need from the engine and the job manager
 is in `harli_jax.serve.contracts`.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from harli_jax.engine.sampling import TOP_LOGPROBS
 
@@ -19,6 +22,18 @@ FinishReason = Literal["stop", "length"]
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def _unsupported(*inert: Any) -> Any:
+    """The type of an OpenAI field this server does not implement: only ``None`` or one of the
+    ``inert`` values (those that ask for nothing, e.g. an empty ``logit_bias``) pass."""
+
+    def check(value: Any) -> Any:
+        if value is not None and value not in inert:
+            raise ValueError("this server does not support it; leave it out")
+        return value
+
+    return Annotated[Any, AfterValidator(check)]
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -58,6 +73,7 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension (as vLLM's): generate past EOS")
     user: str | None = None
+    logit_bias: _unsupported({}) = None
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -78,6 +94,9 @@ class CompletionRequest(SamplingRequest):
         description="text, a batch of texts, token ids, or a batch of token id lists"
     )
     logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS, description="top alternatives")
+    best_of: _unsupported(1) = None
+    echo: _unsupported(False) = None
+    suffix: _unsupported("") = None
 
 
 class ContentPart(_Request):
@@ -112,6 +131,11 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, description="wins over max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+    response_format: _unsupported({"type": "text"}) = None
+    tools: _unsupported([]) = None
+    tool_choice: _unsupported("none") = None
+    functions: _unsupported([]) = None
+    function_call: _unsupported("none") = None
 
 
 class Usage(BaseModel):
