@@ -66,6 +66,8 @@ def post(url: str, path: str, **kwargs) -> httpx.Response:
         ("top_p", 0),
         ("presence_penalty", 2.5),
         ("frequency_penalty", "high"),
+        ("logit_bias", {"7": 250}),
+        ("logit_bias", {"the": 1}),
         ("n", 0),
         ("logprobs", 6),
         ("stop", 7),
@@ -90,7 +92,6 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 @pytest.mark.parametrize(
     ("path", "field", "value"),
     [
-        ("/v1/completions", "logit_bias", {"50256": -100}),
         ("/v1/completions", "best_of", 3),
         ("/v1/completions", "echo", True),
         ("/v1/completions", "suffix", "!"),

@@ -98,15 +98,21 @@ def test_n_seeded_choices_sample_with_seed_plus_i(served, client):
     assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == expected
 
 
-def test_penalties_reach_the_engine(served, client):
+@pytest.mark.parametrize(
+    ("wire", "params"),
+    [
+        (dict(presence_penalty=1.5, frequency_penalty=1), {}),  # an int, as JSON allows
+        (dict(logit_bias={"40": 5, "41": -100}), dict(logit_bias={40: 5.0, 41: -100.0})),
+    ],
+)
+def test_penalties_and_logit_bias_reach_the_engine(served, client, wire, params):
     _, engine, tokenizer = served
     prompt_ids = tokenizer.encode(PROMPT)
-    penalties = dict(presence_penalty=1.5, frequency_penalty=1)  # an int, as JSON allows
     plain = library(engine, prompt_ids, max_tokens=16, temperature=0.0)
-    expected = library(engine, prompt_ids, max_tokens=16, temperature=0.0, **penalties)
+    expected = library(engine, prompt_ids, max_tokens=16, temperature=0.0, **(params or wire))
     assert expected.text != plain.text  # else this test could not tell them apart
     got = client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, **penalties
+        model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, **wire
     )
     assert got.choices[0].text == expected.text
 

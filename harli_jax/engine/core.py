@@ -178,6 +178,8 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must lie in [0, {vocab})")
         self.adapter_slot(params.adapter)
 
     def adapter_slot(self, name: str | None) -> int:

@@ -25,7 +25,7 @@ from harli_jax.engine.sampling import (
     FULL,
     GREEDY,
     PLAIN,
-    Penalties,
+    LogitBias,
     SamplerInputs,
     SamplerVariant,
 )
@@ -154,16 +154,12 @@ class StepPrograms:
         params = [s.params for s in seqs]
         generated = [len(s.output.token_ids) for s in seqs]
         sampler = SamplerInputs.build(params, [s.seed for s in seqs], generated, rows)
-        variant = SamplerVariant.of(params, generated)
-        penalties = None
-        if variant.penalty_window:
-            outputs = [s.output.token_ids if p.penalized else [] for s, p in zip(seqs, params)]
-            penalties = Penalties.build(params, outputs, rows, variant.penalty_window)
+        biases = [s.params.bias(s.output.token_ids) for s in seqs]
+        variant = SamplerVariant.of(params, max(map(len, biases)))
+        bias = LogitBias.build(biases, rows, variant.bias_window) if variant.bias_window else None
         adapter_slots = np.zeros(rows, np.int32)
         adapter_slots[:n] = [s.adapter_slot for s in seqs]
-        inputs = pack_inputs(
-            tokens, positions, slots, table, last, sampler, adapter_slots, penalties
-        )
+        inputs = pack_inputs(tokens, positions, slots, table, last, sampler, adapter_slots, bias)
         shape = (rows, width, table.shape[1])
         return _step(weights, cache, inputs, shape, variant)
 

@@ -13,6 +13,7 @@ them. A device-side branch would instead copy its predicate to the host and stal
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import NamedTuple
 
 import jax
@@ -39,6 +40,7 @@ class SamplingParams:
     # frequency_penalty for every time it has been (the output so far, not the prompt).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); a dict too
     adapter: str | None = None
 
     def __post_init__(self):
@@ -46,6 +48,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = dict(self.logit_bias)
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias.items()))
         checks = {
             "max_tokens": self.max_tokens >= 1,
             "temperature": self.temperature >= 0,
@@ -54,14 +58,21 @@ class SamplingParams:
             "logprobs": self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS,
             "presence_penalty": -2 <= self.presence_penalty <= 2,
             "frequency_penalty": -2 <= self.frequency_penalty <= 2,
+            "logit_bias": all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias),
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is out of range")
 
-    @property
-    def penalized(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0
+    def bias(self, output: list[int]) -> dict[int, float]:
+        """What this request adds to each token's logit after generating ``output``: its logit
+        bias plus its penalties; empty for most requests."""
+        bias = dict(self.logit_bias)
+        if self.presence_penalty or self.frequency_penalty:
+            for token, count in Counter(output).items():
+                penalty = self.presence_penalty + self.frequency_penalty * count
+                bias[token] = bias.get(token, 0.0) - penalty
+        return bias
 
 
 class SamplerInputs(NamedTuple):
@@ -86,33 +97,28 @@ class SamplerInputs(NamedTuple):
         )
 
 
-class Penalties(NamedTuple):
-    """Per-row presence and frequency penalties with each row's output so far: device arrays."""
+class LogitBias(NamedTuple):
+    """Per-row additions to the logits, sparse: device arrays."""
 
-    presence: jax.Array  # [batch] float32
-    frequency: jax.Array  # [batch] float32
-    output_ids: jax.Array  # [batch, window] int32: the tokens generated so far, -1 after them
+    token_ids: jax.Array  # [batch, window] int32; -1: no entry
+    values: jax.Array  # [batch, window] float32
 
     @classmethod
-    def build(cls, params: list[SamplingParams], outputs: list[list[int]], batch: int, window: int):
-        """Pads to ``batch`` rows and ``window`` tokens a row (padding rows are not penalized)."""
-        pad = batch - len(params)
-        output_ids = np.full((batch, window), -1, np.int32)
-        for row, ids in enumerate(outputs):
-            output_ids[row, : len(ids)] = ids
-        return cls(
-            presence=np.array([p.presence_penalty for p in params] + [0.0] * pad, np.float32),
-            frequency=np.array([p.frequency_penalty for p in params] + [0.0] * pad, np.float32),
-            output_ids=output_ids,
-        )
+    def build(cls, biases: list[dict[int, float]], batch: int, window: int) -> LogitBias:
+        """Pads to ``batch`` rows and ``window`` entries a row (padding rows get none)."""
+        token_ids = np.full((batch, window), -1, np.int32)
+        values = np.zeros((batch, window), np.float32)
+        for row, bias in enumerate(biases):
+            token_ids[row, : len(bias)] = list(bias)
+            values[row, : len(bias)] = list(bias.values())
+        return cls(token_ids, values)
 
 
-def penalty_window(params: list[SamplingParams], output_lengths: list[int]) -> int:
-    """The output tokens a row of a batch's program holds for penalties: 0 when no request is
-    penalized, else the longest penalized output padded to a power of two (at least 64), so
-    that a penalized request recompiles its programs only as its output doubles."""
-    longest = max((n for p, n in zip(params, output_lengths) if p.penalized), default=-1)
-    return 0 if longest < 0 else max(64, 1 << (longest - 1).bit_length())
+def bias_window(entries: int) -> int:
+    """The entries a row of a batch's program holds for its logit bias: 0 when no row has any,
+    else the most a row has padded to a power of two (at least 64), so that a penalized request
+    recompiles its programs only as the distinct tokens of its output double."""
+    return 0 if entries == 0 else max(64, 1 << (entries - 1).bit_length())
 
 
 class SamplerVariant(NamedTuple):
@@ -122,31 +128,29 @@ class SamplerVariant(NamedTuple):
     restrict: bool = True  # top-k/top-p: a sort over the vocabulary
     draw: bool = True  # temperature > 0: random bits over [batch, vocab]; else argmax only
     top_logprobs: bool = True  # the TOP_LOGPROBS best alternatives: a top_k over the vocabulary
-    penalty_window: int = 0  # output tokens a row holds for penalties (penalty_window); 0: none
+    bias_window: int = 0  # logit-bias entries a row holds (:func:`bias_window`); 0: none
 
     @classmethod
-    def of(
-        cls, params: list[SamplingParams], output_lengths: list[int] | None = None
-    ) -> SamplerVariant:
+    def of(cls, params: list[SamplingParams], bias_entries: int = 0) -> SamplerVariant:
         """The cheapest variant that gives every request of a batch what it asks for;
-        ``output_lengths``: the tokens each has generated so far (for penalties)."""
+        ``bias_entries``: the most logit-bias entries a row has (:meth:`SamplingParams.bias`)."""
         drawing = [p for p in params if p.temperature > 0]
         return cls(
             # Restriction only changes draws: a greedy row takes the argmax of all logits.
             restrict=needs_restriction(drawing),
             draw=bool(drawing),
             top_logprobs=any((p.logprobs or 0) >= 1 for p in params),
-            penalty_window=penalty_window(params, output_lengths or [0] * len(params)),
+            bias_window=bias_window(bias_entries),
         )
 
     @property
     def suffix(self) -> str:
         """The program key's suffix: the parts compiled in, e.g. "/draw", "/draw-topkp-top",
-        "/greedy-pen64"."""
+        "/greedy-bias64"."""
         parts = {"draw": self.draw, "topkp": self.draw and self.restrict, "top": self.top_logprobs}
         names = [name for name, on in parts.items() if on] or ["greedy"]
-        if self.penalty_window:
-            names.append(f"pen{self.penalty_window}")
+        if self.bias_window:
+            names.append(f"bias{self.bias_window}")
         return "/" + "-".join(names)
 
 
@@ -184,37 +188,31 @@ def needs_restriction(params: list[SamplingParams]) -> bool:
     return any(p.top_k > 0 or p.top_p < 1 for p in params)
 
 
-def penalize(logits: jax.Array, penalties: Penalties) -> jax.Array:
-    """``logits`` less each row's presence penalty on every token it has generated and its
-    frequency penalty times how often (OpenAI's formula)."""
+def add_bias(logits: jax.Array, bias: LogitBias) -> jax.Array:
+    """``logits`` plus each row's sparse bias."""
     batch, vocab = logits.shape
-    ids = jnp.where(penalties.output_ids < 0, vocab, penalties.output_ids)  # padding: dropped
-    counts = jnp.zeros((batch, vocab), jnp.float32)
-    counts = counts.at[jnp.arange(batch)[:, None], ids].add(1.0, mode="drop")
-    return (
-        logits
-        - penalties.frequency[:, None] * counts
-        - penalties.presence[:, None] * (counts > 0).astype(jnp.float32)
-    )
+    token_ids = jnp.where(bias.token_ids < 0, vocab, bias.token_ids)  # no entry: dropped
+    return logits.at[jnp.arange(batch)[:, None], token_ids].add(bias.values, mode="drop")
 
 
 def sample(
     logits: jax.Array,
     inputs: SamplerInputs,
     variant: SamplerVariant = FULL,
-    penalties: Penalties | None = None,
+    bias: LogitBias | None = None,
 ) -> Sampled:
     """Draws one token per row of ``logits`` [batch, vocab] (float32).
 
     ``variant`` (static) says which parts to compile in; the engine derives it on the host from
     the batch's requests (:meth:`SamplerVariant.of`). Whatever the variant, a row gets the same
     token and logprob as under the full sampler, provided the variant covers what it asked for.
-    ``penalties`` (required when ``variant.penalty_window``) change which token is chosen, not
-    the logprobs reported: those stay the log-softmax of the model's own logits.
+    ``bias`` (required when ``variant.bias_window``: logit bias and penalties) changes which
+    token is chosen, not the logprobs reported: those stay the log-softmax of the model's own
+    logits.
     """
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
-    if variant.penalty_window:
-        logits = penalize(logits, penalties)
+    if variant.bias_window:
+        logits = add_bias(logits, bias)
     greedy = jnp.argmax(logits, axis=-1)
     tokens = greedy.astype(jnp.int32)
     if variant.draw:

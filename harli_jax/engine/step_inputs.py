@@ -6,9 +6,9 @@ compiled call one by one, each is a host-to-device copy of its own: on the H100'
 the call 3.7 ms where the same program on device arrays launched in 1.5 ms (TinyLlama, batch 16).
 Here they travel as one int32 array ``[rows, 3 * width + pages + 7]``, each row's fields side by
 side; float32 and uint32 settings are bit-cast into it, as :func:`~harli_jax.engine.sampling.pack`
-does for the samples coming back. A batch with penalized requests appends each row's presence
-and frequency penalties and its output so far (``2 + window`` columns, the window being static
-in the program: its sampler variant's ``penalty_window``).
+does for the samples coming back. A batch with a logit bias (penalties included) appends each
+row's entries, token ids then values (``2 * window`` columns, the window being static in the
+program: its sampler variant's ``bias_window``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from harli_jax.engine.sampling import Penalties, SamplerInputs
+from harli_jax.engine.sampling import LogitBias, SamplerInputs
 from harli_jax.memory.kv_cache import PagedBatch
 
 _PER_ROW = 7  # last, temperature, top_k, top_p, seed, step, adapter slot
@@ -31,9 +31,9 @@ def pack_inputs(
     last: np.ndarray,
     sampler: SamplerInputs,
     adapter_slots: np.ndarray,
-    penalties: Penalties | None = None,
+    bias: LogitBias | None = None,
 ) -> np.ndarray:
-    """The int32 ``[rows, 3 * width + pages + 7 (+ 2 + window)]`` array of one step (numpy in,
+    """The int32 ``[rows, 3 * width + pages + 7 (+ 2 * window)]`` array of one step (numpy in,
     numpy out)."""
     per_row = (
         last,
@@ -45,23 +45,22 @@ def pack_inputs(
         adapter_slots,
     )
     columns = [tokens, positions, slots, table, np.stack(per_row, axis=1)]
-    if penalties is not None:
-        rates = np.stack([penalties.presence, penalties.frequency], axis=1).view(np.int32)
-        columns += [rates, penalties.output_ids]
+    if bias is not None:
+        columns += [bias.token_ids, bias.values.view(np.int32)]
     return np.concatenate(columns, axis=1)
 
 
 def unpack_inputs(
     inputs: jax.Array, width: int, window: int = 0
-) -> tuple[jax.Array, jax.Array, PagedBatch, jax.Array, SamplerInputs, jax.Array, Penalties | None]:
+) -> tuple[jax.Array, jax.Array, PagedBatch, jax.Array, SamplerInputs, jax.Array, LogitBias | None]:
     """The inverse of :func:`pack_inputs` inside a program: ``(tokens, positions, paged, last,
-    sampler, adapter_slots, penalties)``; ``width`` (static) is the step's tokens per row,
-    ``window`` (static) the output tokens a row holds for penalties (0: none, and no penalties)."""
+    sampler, adapter_slots, bias)``; ``width`` (static) is the step's tokens per row, ``window``
+    (static) the logit-bias entries a row holds (0: none, and no bias)."""
     as_float = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float32)  # noqa: E731
-    penalties = None
+    bias = None
     if window:
-        rates, inputs = inputs[:, -2 - window :], inputs[:, : -2 - window]
-        penalties = Penalties(as_float(rates[:, 0]), as_float(rates[:, 1]), rates[:, 2:])
+        entries, inputs = inputs[:, -2 * window :], inputs[:, : -2 * window]
+        bias = LogitBias(entries[:, :window], as_float(entries[:, window:]))
     pages = inputs.shape[1] - 3 * width - _PER_ROW
     tokens, positions, slots = (inputs[:, i * width : (i + 1) * width] for i in range(3))
     table = inputs[:, 3 * width : 3 * width + pages]
@@ -75,4 +74,4 @@ def unpack_inputs(
         jax.lax.bitcast_convert_type(seed, jnp.uint32),
         step,
     )
-    return tokens, positions, PagedBatch(slots, table), last, sampler, adapter_slots, penalties
+    return tokens, positions, PagedBatch(slots, table), last, sampler, adapter_slots, bias

@@ -18,7 +18,7 @@ from flax import nnx
 
 from harli_jax.engine.sampling import (
     FULL,
-    Penalties,
+    LogitBias,
     Sampled,
     SamplerInputs,
     SamplerVariant,
@@ -52,11 +52,11 @@ def state_arrays(state: nnx.State) -> tuple[jax.Array, ...]:
 
 def forward_step(graphdef: nnx.GraphDef) -> ForwardStep:
     """``step(state, cache, tokens, positions, paged, last, sampler, slot_ids, variant=FULL,
-    penalties=None) -> (cache, Sampled)``, not jitted.
+    bias=None) -> (cache, Sampled)``, not jitted.
 
     ``last`` [rows] is the index of each row's last real token; ``slot_ids`` [rows] each row's
     adapter slot (None for a model without a LoRA bank); ``variant`` (a :class:`SamplerVariant`)
-    picks the sampler's parts; ``penalties`` those of a variant with a ``penalty_window``.
+    picks the sampler's parts; ``bias`` is the logit bias of a variant with a ``bias_window``.
     """
 
     def step(
@@ -69,14 +69,14 @@ def forward_step(graphdef: nnx.GraphDef) -> ForwardStep:
         sampler,
         slot_ids,
         variant: SamplerVariant = FULL,
-        penalties: Penalties | None = None,
+        bias: LogitBias | None = None,
     ):
         model = nnx.merge(graphdef, state)
         if slot_ids is not None:
             set_slots(model, slot_ids)
         hidden, cache = model(tokens, positions, cache, paged)
         rows = jnp.arange(tokens.shape[0])
-        return cache, sample(model.logits(hidden[rows, last]), sampler, variant, penalties)
+        return cache, sample(model.logits(hidden[rows, last]), sampler, variant, bias)
 
     return step
 
@@ -100,10 +100,8 @@ def make_engine_step(
 
     def step(weights, cache, inputs, width: int, variant: SamplerVariant = FULL):
         state = jax.tree.unflatten(state_def, weights)
-        *arrays, slot_ids, penalties = unpack_inputs(inputs, width, variant.penalty_window)
-        cache, sampled = body(
-            state, cache, *arrays, slot_ids if lora else None, variant, penalties=penalties
-        )
+        *arrays, slot_ids, bias = unpack_inputs(inputs, width, variant.bias_window)
+        cache, sampled = body(state, cache, *arrays, slot_ids if lora else None, variant, bias=bias)
         return cache, pack(sampled)
 
     return jax.jit(step, donate_argnums=(1,), static_argnames=("width", "variant"))

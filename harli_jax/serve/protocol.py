@@ -2,7 +2,7 @@
 
 Request models are strict (``"5"`` is not an int, ``true`` is not a number), as OpenAI's API is,
 and ignore fields they do not know, as OpenAI-compatible servers do. Fields of OpenAI's API that
-would change the answer and that this server does not implement (``logit_bias``, ``tools``,
+would change the answer and that this server does not implement (``tools``,
 ``response_format``, ...) are refused (422 naming the field) unless they ask for nothing: a
 client must not get an answer that silently ignored them. Response models carry what
 the official ``openai`` client reads. What the routes need from the engine and the job manager
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from harli_jax.engine.sampling import TOP_LOGPROBS
 
@@ -73,7 +73,16 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension (as vLLM's): generate past EOS")
     user: str | None = None
-    logit_bias: _unsupported({}) = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (a string, as JSON keys are) -> added to its logit"
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is not None and not all(key.isdigit() for key in bias):
+            raise ValueError("keys must be token ids")
+        return bias
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
