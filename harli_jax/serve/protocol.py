@@ -26,7 +26,7 @@ class _Request(BaseModel):
 
 def _unsupported(*inert: Any) -> Any:
     """The type of an OpenAI field this server does not implement: only ``None`` or one of the
-    ``inert`` values (those that ask for nothing, e.g. an empty ``logit_bias``) pass."""
+    ``inert`` values (those that ask for nothing, e.g. an empty ``tools`` list) pass."""
 
     def check(value: Any) -> Any:
         if value is not None and value not in inert:
