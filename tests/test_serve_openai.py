@@ -130,6 +130,24 @@ def test_unimplemented_openai_fields_that_ask_for_nothing_are_accepted(served, c
     assert chat.choices[0].message.content is not None
 
 
+def test_top_k_as_vllms_extension_reaches_the_engine(served, client):
+    _, engine, tokenizer = served
+    prompt_ids = tokenizer.encode(PROMPT)
+    expected = library(engine, prompt_ids, max_tokens=8, temperature=1.0, top_k=2, seed=5).text
+    got = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=8, seed=5, extra_body={"top_k": 2}
+    )
+    assert got.choices[0].text == expected
+    unrestricted = [
+        library(engine, prompt_ids, max_tokens=8, temperature=1.0, seed=s).text for s in range(5, 9)
+    ]
+    restricted = [
+        library(engine, prompt_ids, max_tokens=8, temperature=1.0, top_k=2, seed=s).text
+        for s in range(5, 9)
+    ]
+    assert unrestricted != restricted  # else this test could not tell top_k was dropped
+
+
 def test_stop_string_ends_the_text_before_it(served, client):
     _, engine, tokenizer = served
     full = library(engine, tokenizer.encode(PROMPT), max_tokens=12, temperature=0.0).text

@@ -72,6 +72,10 @@ class SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension (as vLLM's): generate past EOS")
+    top_k: int = Field(0, ge=-1, description="extension (as vLLM's): 0 or -1 is off")
+    # vLLM's extensions this server does not implement: refused unless they ask for nothing.
+    min_p: _unsupported(0, 0.0) = None
+    repetition_penalty: _unsupported(1, 1.0) = None
     user: str | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, description="token id (a string, as JSON keys are) -> added to its logit"
