@@ -9,7 +9,8 @@
 #
 # cudnn:    cuDNN's fused attention against XLA's: agreement (check_gpu.py part 5), then both
 #           timed in one process (attention.py).
-# cmdbuf:   decode.py's command-buffer update-mode variants at the TinyLlama shape.
+# cmdbuf:   decode.py's command-buffer update-mode variants at the TinyLlama shape, then the
+#           engine's whole step (engine_ms) under the fastest mode whose output matched.
 # colocate: harli with the inference step's margin at the 90th percentile (harli:e90) beside
 #           harli, static and serve-only on the same traces; fill_analysis strips the timelines.
 set -u
@@ -41,10 +42,26 @@ for what in "$@"; do
         part attention 240 python3 bench/attention.py --out "$OUT"
         ;;
     cmdbuf)
-        part cmdbuf 150 python3 bench/decode.py --part ours --models tinyllama-1.1b \
-            --init-random tinyllama-1.1b --batches 1,32 --contexts 1024 --no-prefill \
-            --variants kernel,cb-never-update,cb-capture-cmd-never-update,cb-skip-temp,cb-vmm-persistent-temp \
-            --out "$OUT/decode-cmdbuf.json"
+        decode=(python3 bench/decode.py --part ours --models tinyllama-1.1b
+            --init-random tinyllama-1.1b --batches 1,32 --contexts 1024 --no-prefill)
+        part cmdbuf 150 "${decode[@]}" --out "$OUT/decode-cmdbuf.json" --variants \
+            kernel,cb-never-update,cb-capture-cmd-never-update,cb-skip-temp,cb-vmm-persistent-temp
+        # The mode whose synced step was fastest, on every row, with the default's output: the
+        # whole engine (engine_ms) under it, in a second process (XLA_FLAGS is read at start).
+        mode=$(python3 - "$OUT/decode-cmdbuf.json" 2>/dev/null <<'PICK'
+import json, statistics, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+names = {k for r in rows for k in r if k.startswith("cb-")}
+fine = [n for n in names if all(r.get(n, {}).get("matches_default") for r in rows)]
+best = min(fine, key=lambda n: statistics.mean(r[n]["ours_sync_ms"] for r in rows), default="")
+print(best[3:].upper().replace("-", "_"))
+PICK
+        )
+        echo "== fastest matching update mode: ${mode:-none}"
+        if [[ -n $mode ]]; then
+            XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=$mode" \
+                part cmdbuf-engine 120 "${decode[@]}" --out "$OUT/decode-cmdbuf-$mode.json"
+        fi
         ;;
     colocate)
         part colocate 520 python3 bench/colocate.py --duration 8 --page-size 128 \
