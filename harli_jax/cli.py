@@ -41,6 +41,8 @@ def _generate(args: argparse.Namespace) -> None:
             top_p=args.top_p,
             top_k=args.top_k,
             seed=args.seed,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
         )
     except ValueError as err:
         raise UsageError(flag_message(str(err))) from None
@@ -58,6 +60,8 @@ def _generate_parser(sub) -> Callable:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
     return _generate
 
 

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from harli_jax import LLM, SamplingParams
 from harli_jax.cli import main
 
@@ -43,10 +45,11 @@ def test_missing_checkpoint_directory_is_named(tmp_path, capsys):
     assert "nope/config.json: not found" in err and "Traceback" not in err
 
 
-def test_out_of_range_flag_is_named(checkpoint, capsys):
+@pytest.mark.parametrize(("flag", "value"), [("--temperature", "-1"), ("--frequency-penalty", "3")])
+def test_out_of_range_flag_is_named(checkpoint, capsys, flag, value):
     argv = ["generate", "--model", str(checkpoint("llama")), "--prompt", "hi"]
-    assert main([*argv, "--temperature", "-1"]) == 2
-    assert "--temperature=-1" in capsys.readouterr().err
+    assert main([*argv, flag, value]) == 2
+    assert f"{flag}={float(value)}" in capsys.readouterr().err
 
 
 def test_a_run_compiles_into_the_cache_a_later_run_loads_from(checkpoint, tmp_path):
