@@ -75,6 +75,12 @@ def test_greedy_tokens_match_one_device(measured, tp):
 
 
 @pytest.mark.parametrize("tp", [2, 4])
+def test_logit_bias_and_penalties_choose_the_same_tokens_as_one_device(measured, tp):
+    assert measured["llama", tp]["biased"] == measured["llama", 1]["biased"]
+    assert measured["llama", 1]["biased"] != measured["llama", 1]["greedy"]  # the bias bites
+
+
+@pytest.mark.parametrize("tp", [2, 4])
 def test_q_proj_weight_is_split_over_heads(measured, tp):
     q = measured["llama", tp]["q_proj"]
     assert q["spec"] == ("tp", None)
@@ -174,12 +180,20 @@ def _measure(out: Path, llama_dir: Path, qwen2_dir: Path) -> None:
 
     # Short enough to stay within one page per sequence: one prefill and one decode program.
     greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    biased = SamplingParams(
+        max_tokens=5,
+        temperature=0.0,
+        ignore_eos=True,
+        frequency_penalty=1.5,
+        logit_bias={7: 3.0, 99: -100.0},
+    )
     results = {("qwen2", tp): {"logits": load(qwen2_dir, tp).logits(SEQUENCES)} for tp in QWEN2_TP}
     for tp in LLAMA_TP:
         llm = load(llama_dir, tp)
         results["llama", tp] = {
             "logits": llm.logits(SEQUENCES),
             "greedy": [done.token_ids for done in llm.generate(SEQUENCES, greedy)],
+            "biased": [done.token_ids for done in llm.generate(SEQUENCES, biased)],
         }
         if tp > 1:
             results["llama", tp]["q_proj"] = _placement(
