@@ -75,7 +75,9 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(checkpoint):
     assert [o.token_ids for o in first] != [o.token_ids for o in other]
 
 
-def _support(logits: np.ndarray, top_k: int, top_p: float, draws: int = 400) -> set[int]:
+def _support(
+    logits: np.ndarray, top_k: int, top_p: float, min_p: float = 0.0, draws: int = 400
+) -> set[int]:
     batch = np.repeat(logits[None], draws, axis=0)
     inputs = SamplerInputs(
         temperature=np.ones(draws, np.float32),
@@ -83,6 +85,7 @@ def _support(logits: np.ndarray, top_k: int, top_p: float, draws: int = 400) -> 
         top_p=np.full(draws, top_p, np.float32),
         seed=np.arange(draws, dtype=np.uint32),
         step=np.zeros(draws, np.int32),
+        min_p=np.full(draws, min_p, np.float32),
     )
     return set(np.asarray(sample(batch, inputs).tokens).tolist())
 
@@ -98,6 +101,15 @@ def test_top_p_restricts_the_support_to_the_nucleus():
     # Smallest set whose mass reaches 0.75: {0, 1, 2} (0.4 + 0.3 < 0.75 <= 0.9).
     assert _support(logits, top_k=0, top_p=0.75) == {0, 1, 2}
     assert _support(logits, top_k=2, top_p=0.95) == {0, 1}
+
+
+def test_min_p_keeps_the_tokens_at_least_that_share_of_the_likeliest():
+    probs = np.array([0.4, 0.3, 0.2, 0.06, 0.04], np.float64)
+    logits = np.log(probs).astype(np.float32)
+    # p / p_max: 1, 0.75, 0.5, 0.15, 0.1.
+    assert _support(logits, top_k=0, top_p=1.0, min_p=0.4) == {0, 1, 2}
+    assert _support(logits, top_k=0, top_p=1.0, min_p=0.12) == {0, 1, 2, 3}
+    assert _support(logits, top_k=2, top_p=1.0, min_p=0.12) == {0, 1}
 
 
 def test_stop_string_ends_the_output_and_is_not_part_of_it(checkpoint):

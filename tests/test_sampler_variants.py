@@ -44,8 +44,9 @@ BATCHES = {
     GREEDY: [SamplingParams(temperature=0.0)] * ROWS,
     PLAIN: [SamplingParams(temperature=t) for t in (0.0, 0.7, 1.0, 1.3) * 2],
     SamplerVariant(restrict=True, draw=True, top_logprobs=False): [
-        SamplingParams(temperature=0.8, top_k=k, top_p=p)
-        for k, p in ((0, 1.0), (5, 1.0), (0, 0.6), (3, 0.9)) * 2
+        SamplingParams(temperature=0.8, top_k=k, top_p=p, min_p=m)
+        for k, p, m in ((0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.6, 0.0), (3, 0.9, 0.0))
+        + ((0, 1.0, 0.2), (4, 1.0, 0.05), (0, 0.7, 0.3), (0, 1.0, 0.0))
     ],
     SamplerVariant(restrict=False, draw=False, top_logprobs=True): [
         SamplingParams(temperature=0.0, logprobs=n) for n in (0, 1, 5, 2) * 2

@@ -69,6 +69,7 @@ def post(url: str, path: str, **kwargs) -> httpx.Response:
         ("logit_bias", {"7": 250}),
         ("logit_bias", {"the": 1}),
         ("top_k", -2),
+        ("min_p", 1.5),
         ("n", 0),
         ("logprobs", 6),
         ("stop", 7),
@@ -100,7 +101,6 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
         ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
         ("/v1/chat/completions", "tool_choice", "required"),
         ("/v1/completions", "repetition_penalty", 1.2),
-        ("/v1/chat/completions", "min_p", 0.05),
     ],
 )
 def test_an_openai_field_the_server_does_not_implement_is_refused_not_ignored(

@@ -130,22 +130,28 @@ def test_unimplemented_openai_fields_that_ask_for_nothing_are_accepted(served, c
     assert chat.choices[0].message.content is not None
 
 
-def test_top_k_as_vllms_extension_reaches_the_engine(served, client):
+@pytest.mark.parametrize("extension", [{"top_k": 2}, {"min_p": 0.3}])
+def test_vllms_sampling_extensions_reach_the_engine(served, client, extension):
     _, engine, tokenizer = served
     prompt_ids = tokenizer.encode(PROMPT)
-    expected = library(engine, prompt_ids, max_tokens=8, temperature=1.0, top_k=2, seed=5).text
-    got = client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=8, seed=5, extra_body={"top_k": 2}
-    )
-    assert got.choices[0].text == expected
+    seeds = range(5, 9)
+    expected = [
+        library(engine, prompt_ids, max_tokens=8, temperature=1.0, seed=s, **extension).text
+        for s in seeds
+    ]
     unrestricted = [
-        library(engine, prompt_ids, max_tokens=8, temperature=1.0, seed=s).text for s in range(5, 9)
+        library(engine, prompt_ids, max_tokens=8, temperature=1.0, seed=s).text for s in seeds
     ]
-    restricted = [
-        library(engine, prompt_ids, max_tokens=8, temperature=1.0, top_k=2, seed=s).text
-        for s in range(5, 9)
+    assert expected != unrestricted  # else this test could not tell the field was dropped
+    got = [
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=8, seed=s, extra_body=extension
+        )
+        .choices[0]
+        .text
+        for s in seeds
     ]
-    assert unrestricted != restricted  # else this test could not tell top_k was dropped
+    assert got == expected
 
 
 def test_stop_string_ends_the_text_before_it(served, client):

@@ -31,6 +31,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0  # keep tokens at least this share of the likeliest one's probability
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -55,6 +56,7 @@ class SamplingParams:
             "temperature": self.temperature >= 0,
             "top_p": 0 < self.top_p <= 1,
             "top_k": self.top_k >= -1,
+            "min_p": 0 <= self.min_p <= 1,
             "logprobs": self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS,
             "presence_penalty": -2 <= self.presence_penalty <= 2,
             "frequency_penalty": -2 <= self.frequency_penalty <= 2,
@@ -83,6 +85,7 @@ class SamplerInputs(NamedTuple):
     top_p: jax.Array  # float32
     seed: jax.Array  # uint32
     step: jax.Array  # int32, index of the token being drawn within its request
+    min_p: jax.Array  # float32; 0 means off
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int], batch: int):
@@ -94,6 +97,7 @@ class SamplerInputs(NamedTuple):
             top_p=np.array([p.top_p for p in params] + [1.0] * pad, np.float32),
             seed=np.array(seeds + [0] * pad, np.uint32),
             step=np.array(steps + [0] * pad, np.int32),
+            min_p=np.array([p.min_p for p in params] + [0.0] * pad, np.float32),
         )
 
 
@@ -125,7 +129,7 @@ class SamplerVariant(NamedTuple):
     """Static flags: which parts of the sampler a batch's program compiles in (hashable, so it is
     a static argument of the jitted step and part of the program key)."""
 
-    restrict: bool = True  # top-k/top-p: a sort over the vocabulary
+    restrict: bool = True  # top-k/top-p (a sort over the vocabulary) and min-p
     draw: bool = True  # temperature > 0: random bits over [batch, vocab]; else argmax only
     top_logprobs: bool = True  # the TOP_LOGPROBS best alternatives: a top_k over the vocabulary
     bias_window: int = 0  # logit-bias entries a row holds (:func:`bias_window`); 0: none
@@ -168,8 +172,10 @@ class Sampled(NamedTuple):
     top_logprobs: jax.Array | None  # [batch, TOP_LOGPROBS]
 
 
-def _restrict(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Masks logits outside top-k, then outside the top-p nucleus of what top-k left (HF order)."""
+def _restrict(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Masks logits outside top-k, then outside the top-p nucleus of what top-k left (HF order),
+    then those less likely than ``min_p`` times the likeliest token: p / p_max >= min_p is
+    s - s_max >= log(min_p) on the scaled logits, whatever the earlier masks renormalised."""
     vocab = scaled.shape[-1]
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
     rank = jnp.arange(vocab)
@@ -180,12 +186,14 @@ def _restrict(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Arra
     keep = (mass_before < top_p[:, None]) & (rank[None, :] < k[:, None])
     kept = jnp.maximum(jnp.sum(keep, axis=-1), 1)
     threshold = jnp.take_along_axis(ordered, (kept - 1)[:, None], axis=-1)
+    threshold = jnp.maximum(threshold, ordered[:, :1] + jnp.log(min_p)[:, None])
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
 def needs_restriction(params: list[SamplingParams]) -> bool:
-    """Whether any request of a batch asks for top-k or top-p (the sort that costs time)."""
-    return any(p.top_k > 0 or p.top_p < 1 for p in params)
+    """Whether any request of a batch asks for top-k, top-p (the sort that costs time) or
+    min-p."""
+    return any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params)
 
 
 def add_bias(logits: jax.Array, bias: LogitBias) -> jax.Array:
@@ -219,8 +227,9 @@ def sample(
         scaled = logits / jnp.maximum(inputs.temperature, 1e-6)[:, None]
         restricted = scaled
         if variant.restrict:
-            wants = ((inputs.top_k > 0) | (inputs.top_p < 1))[:, None]
-            restricted = jnp.where(wants, _restrict(scaled, inputs.top_k, inputs.top_p), scaled)
+            wants = ((inputs.top_k > 0) | (inputs.top_p < 1) | (inputs.min_p > 0))[:, None]
+            kept = _restrict(scaled, inputs.top_k, inputs.top_p, inputs.min_p)
+            restricted = jnp.where(wants, kept, scaled)
         keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(
             inputs.seed, inputs.step
         )

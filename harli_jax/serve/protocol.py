@@ -73,8 +73,8 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension (as vLLM's): generate past EOS")
     top_k: int = Field(0, ge=-1, description="extension (as vLLM's): 0 or -1 is off")
-    # vLLM's extensions this server does not implement: refused unless they ask for nothing.
-    min_p: _unsupported(0, 0.0) = None
+    min_p: float = Field(0.0, ge=0, le=1, description="extension (as vLLM's): 0 is off")
+    # vLLM's extension this server does not implement: refused unless it asks for nothing.
     repetition_penalty: _unsupported(1, 1.0) = None
     user: str | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
