@@ -118,3 +118,33 @@ def test_a_logit_bias_beyond_the_vocabulary_is_refused(checkpoint):
     vocab = llm.engine.model_config.vocab_size
     with pytest.raises(ValueError, match="logit_bias"):
         llm.generate(PROMPTS[:1], SamplingParams(logit_bias={vocab: 1.0}))
+
+
+def test_min_tokens_holds_the_stop_token_back_as_transformers_min_new_tokens_does(checkpoint):
+    ckpt = checkpoint("llama")
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    llm = LLM(ckpt, dtype="float32")
+    greedy = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+    free = llm.generate(PROMPTS[:1], SamplingParams(**greedy))[0].token_ids
+    stop = free[2]  # a stop token the free run emits third
+    early = llm.generate(PROMPTS[:1], SamplingParams(**greedy, stop_token_ids=(stop,)))[0]
+    assert len(early.token_ids) <= 3 and early.finish_reason == "stop"
+    held = SamplingParams(**greedy, stop_token_ids=(stop,), min_tokens=6)
+    out = llm.generate(PROMPTS[:1], held)[0]
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    ref = hf.generate(ids, max_new_tokens=12, min_new_tokens=6, eos_token_id=stop, do_sample=False)[
+        0, ids.shape[1] :
+    ]
+    assert out.token_ids == ref.tolist()
+    assert len(out.token_ids) >= 6
+
+
+def test_a_stop_string_does_not_end_the_output_before_min_tokens(checkpoint):
+    llm = LLM(checkpoint("llama"), dtype="float32")
+    greedy = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+    free = llm.generate(PROMPTS[:1], SamplingParams(**greedy))[0]
+    stop = free.text[2:5]
+    assert llm.generate(PROMPTS[:1], SamplingParams(**greedy, stop=[stop]))[0].text != free.text
+    held = llm.generate(PROMPTS[:1], SamplingParams(**greedy, stop=[stop], min_tokens=12))[0]
+    assert (held.text, held.finish_reason) == (free.text, "length")

@@ -70,6 +70,7 @@ def post(url: str, path: str, **kwargs) -> httpx.Response:
         ("logit_bias", {"the": 1}),
         ("top_k", -2),
         ("min_p", 1.5),
+        ("min_tokens", -1),
         ("n", 0),
         ("logprobs", 6),
         ("stop", 7),

@@ -3,13 +3,15 @@
 Owns the rules a user of the OpenAI API expects: a stop string ends the output and is not part of
 it; text is streamed only once it can no longer turn out to be the start of a stop string or half
 of a multi-byte character; EOS and ``stop_token_ids`` end with reason ``"stop"``, ``max_tokens``
-or the context limit with ``"length"``. Text is decoded incrementally (a short window per token,
-as in vLLM), so a token costs the same at any output length.
+or the context limit with ``"length"``; no stop counts before ``min_tokens`` (until then the stop
+tokens are kept out of the draw). Text is decoded incrementally (a short window per token, as in
+vLLM), so a token costs the same at any output length.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from harli_jax.engine.sampling import SamplingParams
 
@@ -60,6 +62,14 @@ class OutputBuilder:
         self._prefix = self._read = 0
         self.finish_reason: str | None = None
 
+    def logit_bias(self) -> dict[int, float]:
+        """What the next token's logits get added (:meth:`SamplingParams.bias`), the stop
+        tokens ruled out while the output is shorter than ``min_tokens``."""
+        bias = self._params.bias(self.token_ids)
+        if len(self.token_ids) < self._params.min_tokens:
+            bias |= dict.fromkeys(self._stop_ids, -math.inf)
+        return bias
+
     def append(self, token_id: int, logprob: float, top: dict[int, float], at_context_limit: bool):
         """Adds one sampled token; returns (new text safe to stream, finish reason or None)."""
         self.token_ids.append(token_id)
@@ -71,7 +81,8 @@ class OutputBuilder:
             self.finish_reason = "length"
         if self._tokenizer is not None:
             self.text += self._decode_new()
-            self._apply_stop_strings()
+            if len(self.token_ids) >= self._params.min_tokens:
+                self._apply_stop_strings()
         return self._release(), self.finish_reason
 
     def _decode_new(self) -> str:

@@ -154,7 +154,7 @@ class StepPrograms:
         params = [s.params for s in seqs]
         generated = [len(s.output.token_ids) for s in seqs]
         sampler = SamplerInputs.build(params, [s.seed for s in seqs], generated, rows)
-        biases = [p.bias(s.output.token_ids) for p, s in zip(params, seqs)]
+        biases = [s.output.logit_bias() for s in seqs]
         variant = SamplerVariant.of(params, max(map(len, biases)))
         bias = LogitBias.build(biases, rows, variant.bias_window) if variant.bias_window else None
         adapter_slots = np.zeros(rows, np.int32)

@@ -28,6 +28,7 @@ class SamplingParams:
     """What a request asks of generation; the field names follow vLLM's ``SamplingParams``."""
 
     max_tokens: int = 16
+    min_tokens: int = 0  # no stop (EOS, stop_token_ids, stop strings) before this many tokens
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
@@ -53,6 +54,7 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias.items()))
         checks = {
             "max_tokens": self.max_tokens >= 1,
+            "min_tokens": 0 <= self.min_tokens <= self.max_tokens,
             "temperature": self.temperature >= 0,
             "top_p": 0 < self.top_p <= 1,
             "top_k": self.top_k >= -1,

@@ -232,6 +232,7 @@ def _choices(
                         top_p=body.top_p,
                         top_k=body.top_k,
                         min_p=body.min_p,
+                        min_tokens=body.min_tokens,
                         seed=None if body.seed is None else (body.seed + i) % _SEED_SPACE,
                         stop=body.stop_strings,
                         stop_token_ids=stop_token_ids,
