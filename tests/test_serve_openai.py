@@ -154,6 +154,25 @@ def test_vllms_sampling_extensions_reach_the_engine(served, client, extension):
     assert got == expected
 
 
+def test_stop_token_ids_as_vllms_extension_end_the_output(served, client):
+    _, engine, tokenizer = served
+    prompt_ids = tokenizer.encode(PROMPT)
+    free = library(engine, prompt_ids, max_tokens=12, temperature=0.0, ignore_eos=True)
+    stop = free.token_ids[3]
+    expected = library(
+        engine, prompt_ids, max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=[stop]
+    )
+    assert expected.finish_reason == "stop" and len(expected.token_ids) <= 4
+    got = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True, "stop_token_ids": [stop]},
+    )
+    assert (got.choices[0].text, got.choices[0].finish_reason) == (expected.text, "stop")
+
+
 def test_stop_string_ends_the_text_before_it(served, client):
     _, engine, tokenizer = served
     full = library(engine, tokenizer.encode(PROMPT), max_tokens=12, temperature=0.0).text

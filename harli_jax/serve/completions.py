@@ -235,7 +235,7 @@ def _choices(
                         min_tokens=body.min_tokens,
                         seed=None if body.seed is None else (body.seed + i) % _SEED_SPACE,
                         stop=body.stop_strings,
-                        stop_token_ids=stop_token_ids,
+                        stop_token_ids=stop_token_ids + tuple(body.stop_token_ids or ()),
                         ignore_eos=body.ignore_eos,
                         logprobs=logprobs,
                         presence_penalty=body.presence_penalty,

@@ -75,6 +75,9 @@ class SamplingRequest(_Request):
     top_k: int = Field(0, ge=-1, description="extension (as vLLM's): 0 or -1 is off")
     min_p: float = Field(0.0, ge=0, le=1, description="extension (as vLLM's): 0 is off")
     min_tokens: int = Field(0, ge=0, description="extension (as vLLM's): no stop before these")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="extension (as vLLM's): token ids that end the output"
+    )
     # vLLM's extension this server does not implement: refused unless it asks for nothing.
     repetition_penalty: _unsupported(1, 1.0) = None
     user: str | None = None
