@@ -86,15 +86,17 @@ def _kernel_case(key, batch, heads, kv_heads, head_dim, page_size, width, window
     exact, k_exact, v_exact = paged_decode_attention_reference(*upcast, *tail)
     xla = paged_decode_attention_reference(q, k, v, k_cache, v_cache, *tail)[0]
 
-    def rel(x, reference):
-        x = x.astype(jnp.float32)
-        return float(jnp.linalg.norm(x - reference) / jnp.linalg.norm(reference))
-
-    err, xla_err = rel(out, exact), rel(xla, exact)
-    cache_err = max(rel(k_out, k_exact), rel(v_out, v_exact))
+    err, xla_err = _rel_err(out, exact), _rel_err(xla, exact)
+    cache_err = max(_rel_err(k_out, k_exact), _rel_err(v_out, v_exact))
     nan = bool(jnp.isnan(out.astype(jnp.float32)).any())
     ok = err < 1e-2 and not nan and err < 2 * xla_err and cache_err < 1e-2
     return dict(rel_err=err, xla_rel_err=xla_err, cache_rel_err=cache_err, ok=ok)
+
+
+def _rel_err(x, reference) -> float:
+    """||x - reference|| / ||reference||, in float32."""
+    x, reference = np.asarray(x, np.float32), np.asarray(reference, np.float32)
+    return float(np.linalg.norm(x - reference) / max(np.linalg.norm(reference), 1e-12))
 
 
 def _random_model(layers: int = 4) -> Llama:
@@ -209,12 +211,7 @@ def _training_case(model: Llama) -> dict:
         with environ("HARLI_ATTENTION", path):
             got[path] = jax.jit(jax.value_and_grad(loss))(state)
     (fast_loss, fast), (slow_loss, slow) = got["cudnn"], got["xla"]
-
-    def rel(a, b):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
-
-    worst = max(jax.tree.leaves(jax.tree.map(rel, fast, slow)))
+    worst = max(jax.tree.leaves(jax.tree.map(_rel_err, fast, slow)))
     gap = abs(float(fast_loss) - float(slow_loss))
     return dict(rel_err=worst, xla_rel_err=None, ok=gap < 1e-2 and worst < 2e-2)
 
