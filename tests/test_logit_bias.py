@@ -6,6 +6,8 @@ processor."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,7 +44,7 @@ def test_biased_logits_follow_openais_formula():
         SamplingParams(presence_penalty=1.0, logit_bias={2: 100.0}),
         SamplingParams(presence_penalty=-0.5, frequency_penalty=-1.5),
     ]
-    biases = [p.bias(output) for p, output in zip(params, outputs)]
+    biases = [p.bias(Counter(output)) for p, output in zip(params, outputs)]
     got = np.asarray(add_bias(jnp.asarray(logits), LogitBias.build(biases, 4, 64)))
     for row, (output, p) in enumerate(zip(outputs, params)):
         want = openai_biased(logits[row], output, p)
@@ -54,7 +56,7 @@ def test_only_a_biased_batch_compiles_the_bias_in_and_its_window_doubles():
     assert SamplerVariant.of([SamplingParams()], 0).bias_window == 0
     assert SamplerVariant.of([SamplingParams()], 3).bias_window == 64
     assert SamplerVariant.of([SamplingParams()], 65).bias_window == 128
-    assert SamplingParams(frequency_penalty=0.1).bias([]) == {}  # nothing generated yet
+    assert SamplingParams(frequency_penalty=0.1).bias(Counter()) == {}  # nothing generated yet
 
 
 class OpenAIBias(LogitsProcessor):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 
 from harli_jax.engine.sampling import SamplingParams
 
@@ -54,6 +55,7 @@ class OutputBuilder:
         )
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
         self.token_ids: list[int] = []
+        self._counts: Counter[int] = Counter()  # of token_ids, for the penalties
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.text = ""
         self._emitted = 0
@@ -65,7 +67,7 @@ class OutputBuilder:
     def logit_bias(self) -> dict[int, float]:
         """What the next token's logits get added (:meth:`SamplingParams.bias`), the stop
         tokens ruled out while the output is shorter than ``min_tokens``."""
-        bias = self._params.bias(self.token_ids)
+        bias = self._params.bias(self._counts)
         if len(self.token_ids) < self._params.min_tokens:
             bias |= dict.fromkeys(self._stop_ids, -math.inf)
         return bias
@@ -73,6 +75,7 @@ class OutputBuilder:
     def append(self, token_id: int, logprob: float, top: dict[int, float], at_context_limit: bool):
         """Adds one sampled token; returns (new text safe to stream, finish reason or None)."""
         self.token_ids.append(token_id)
+        self._counts[token_id] += 1
         if self.logprobs is not None:
             self.logprobs.append(TokenLogprob(token_id, logprob, top))
         if token_id in self._stop_ids:

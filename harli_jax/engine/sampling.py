@@ -13,7 +13,7 @@ them. A device-side branch would instead copy its predicate to the host and stal
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -68,12 +68,12 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is out of range")
 
-    def bias(self, output: list[int]) -> dict[int, float]:
-        """What this request adds to each token's logit after generating ``output``: its logit
-        bias plus its penalties; empty for most requests."""
+    def bias(self, generated: Mapping[int, int]) -> dict[int, float]:
+        """What this request adds to each token's logit once it has generated each token of
+        ``generated`` that many times: its logit bias plus its penalties; empty for most."""
         bias = dict(self.logit_bias)
         if self.presence_penalty or self.frequency_penalty:
-            for token, count in Counter(output).items():
+            for token, count in generated.items():
                 penalty = self.presence_penalty + self.frequency_penalty * count
                 bias[token] = bias.get(token, 0.0) - penalty
         return bias
