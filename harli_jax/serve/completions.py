@@ -240,7 +240,7 @@ def _choices(
                         logprobs=logprobs,
                         presence_penalty=body.presence_penalty,
                         frequency_penalty=body.frequency_penalty,
-                        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
+                        logit_bias=body.logit_bias or (),  # SamplingParams makes keys ints
                         adapter=adapter,
                     )
                 )
