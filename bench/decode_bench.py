@@ -304,6 +304,7 @@ def _variant(engine: EngineCore, name: str, inputs: tuple, profile: bool):
         cache, got = step(cache, *args)
         same = jax.tree.map(np.array_equal, jax.device_get(expected), jax.device_get(got))
         info["matches_default"] = all(jax.tree.leaves(same))
+        info["options"] = spec["options"]
     if profile:
         info["hlo"] = decode_profile.hlo_summary(compiled.as_text())
         cache, info["kernels"] = _kernel_profile(step, cache, args, spec.get("steps", 1))

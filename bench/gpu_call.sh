@@ -50,11 +50,11 @@ for what in "$@"; do
         # whole engine (engine_ms) under it, in a second process (XLA_FLAGS is read at start).
         mode=$(python3 - "$OUT/decode-cmdbuf.json" 2>/dev/null <<'PICK'
 import json, statistics, sys
-rows = json.load(open(sys.argv[1]))["rows"]
+rows = list(json.load(open(sys.argv[1]))["details"].values())  # each row's variants
 names = {k for r in rows for k in r if k.startswith("cb-")}
 fine = [n for n in names if all(r.get(n, {}).get("matches_default") for r in rows)]
 best = min(fine, key=lambda n: statistics.mean(r[n]["ours_sync_ms"] for r in rows), default="")
-print(best[3:].upper().replace("-", "_"))
+print(rows[0][best]["options"]["xla_gpu_command_buffer_update_mode"] if best else "")
 PICK
         )
         echo "== fastest matching update mode: ${mode:-none}"
