@@ -35,6 +35,14 @@ def openai_biased(logits: np.ndarray, output: list[int], params: SamplingParams)
     )
 
 
+@pytest.fixture(scope="module")
+def llama(checkpoint) -> tuple[LLM, AutoModelForCausalLM, AutoTokenizer]:
+    """Ours, transformers' model and the tokenizer, of one checkpoint, loaded once."""
+    ckpt = checkpoint("llama")
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    return LLM(ckpt, dtype="float32"), hf, AutoTokenizer.from_pretrained(ckpt)
+
+
 def test_biased_logits_follow_openais_formula():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4, 50)).astype(np.float32)  # the last row: padding
@@ -80,12 +88,9 @@ class OpenAIBias(LogitsProcessor):
         dict(logit_bias={5: 4.0, 17: 2.5, 30: -100.0}),
     ],
 )
-def test_greedy_generation_with_a_bias_equals_transformers(checkpoint, asked):
-    ckpt = checkpoint("llama")
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+def test_greedy_generation_with_a_bias_equals_transformers(llama, asked):
+    llm, hf, tokenizer = llama
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, **asked)
-    llm = LLM(ckpt, dtype="float32")
     outs = llm.generate(PROMPTS, params)
     plain = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
     assert [o.token_ids for o in outs] != [o.token_ids for o in plain]  # the bias bites
@@ -115,18 +120,15 @@ def test_a_bias_out_of_range_names_the_field(bad):
         SamplingParams(**bad)
 
 
-def test_a_logit_bias_beyond_the_vocabulary_is_refused(checkpoint):
-    llm = LLM(checkpoint("llama"), dtype="float32")
+def test_a_logit_bias_beyond_the_vocabulary_is_refused(llama):
+    llm = llama[0]
     vocab = llm.engine.model_config.vocab_size
     with pytest.raises(ValueError, match="logit_bias"):
         llm.generate(PROMPTS[:1], SamplingParams(logit_bias={vocab: 1.0}))
 
 
-def test_min_tokens_holds_the_stop_token_back_as_transformers_min_new_tokens_does(checkpoint):
-    ckpt = checkpoint("llama")
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    llm = LLM(ckpt, dtype="float32")
+def test_min_tokens_holds_the_stop_token_back_as_transformers_min_new_tokens_does(llama):
+    llm, hf, tokenizer = llama
     greedy = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
     free = llm.generate(PROMPTS[:1], SamplingParams(**greedy))[0].token_ids
     stop = free[2]  # a stop token the free run emits third
@@ -142,8 +144,8 @@ def test_min_tokens_holds_the_stop_token_back_as_transformers_min_new_tokens_doe
     assert len(out.token_ids) >= 6
 
 
-def test_a_stop_string_does_not_end_the_output_before_min_tokens(checkpoint):
-    llm = LLM(checkpoint("llama"), dtype="float32")
+def test_a_stop_string_does_not_end_the_output_before_min_tokens(llama):
+    llm = llama[0]
     greedy = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
     free = llm.generate(PROMPTS[:1], SamplingParams(**greedy))[0]
     stop = free.text[2:5]
